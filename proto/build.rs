@@ -1,0 +1,13 @@
+//! Generates the `certfleet.v1` code with the protoc that `protoc-bin-vendored`
+//! ships, so a plain `cargo build` needs no system protoc.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    tonic_prost_build::configure().compile_with_config(
+        config,
+        &["certfleet/v1/agent.proto", "certfleet/v1/admin.proto"],
+        &["."],
+    )?;
+    Ok(())
+}

@@ -1,0 +1,30 @@
+//! certfleet's contract between its processes.
+//!
+//! - [`pb`] is the generated `certfleet.v1` gRPC code: the agent's service
+//!   (`Agent`) and the coordinator's admin service (`Admin`).
+//! - [`challenge`] holds the HTTP-01 domain types (token, key authorization)
+//!   and their checks. Both sides use them: the coordinator before it sends,
+//!   the agent on everything it receives, because gRPC input is untrusted.
+//! - [`bundle`] validates a PEM certificate chain and key: the coordinator
+//!   checks what the CA returned, and agents will check what they install.
+//!
+//! Wire types stay here. Conversions to domain types are `TryFrom` impls with
+//! typed errors, so prost's `Option`s and unchecked strings never reach the
+//! daemons' logic.
+#![forbid(unsafe_code)]
+
+pub mod bundle;
+pub mod challenge;
+
+/// Generated `certfleet.v1` messages, clients and servers.
+#[allow(unreachable_pub, clippy::all, clippy::pedantic, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("certfleet.v1");
+}
+
+/// Largest gRPC message either side encodes or decodes, in bytes.
+///
+/// Sized for the largest legitimate message: a 100-SAN chain plus key, or
+/// [`challenge::MAX_TOKENS_PER_REQUEST`] tokens, each far below this. tonic's
+/// own 4 MiB default is not a policy, so every server and client sets this.
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
