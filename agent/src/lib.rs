@@ -1,1 +1,80 @@
+//! certfleet's per-node agent.
+//!
+//! The agent is the only certfleet process that touches a node. It runs as a
+//! systemd service and offers the coordinator one gRPC service (`Agent`):
+//!
+//! - [`tokens`] holds the HTTP-01 responses placed for an order, drops them
+//!   after a TTL even if nobody removes them, and (in webroot mode) mirrors
+//!   them as files under a web server's root.
+//! - [`http01`] is the standalone responder: a tiny HTTP server that answers
+//!   only `GET /.well-known/acme-challenge/{token}`.
+//! - [`service`] is the gRPC service: it checks every request (tokens are
+//!   untrusted input) and turns it into calls on [`tokens`].
+//! - [`config`] is the agent's own config, validated before anything starts.
+//!
+//! Everything the agent may do on its node comes from its own config: the
+//! coordinator names tokens, never paths.
+#![forbid(unsafe_code)]
 
+pub mod config;
+pub mod http01;
+pub mod service;
+pub mod tokens;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::{Config, Http01Mode};
+use crate::tokens::Tokens;
+
+/// The agent's listeners, bound by the caller so tests can pass port 0.
+pub struct Listeners {
+    /// The gRPC listener the coordinator calls.
+    pub grpc: TcpListener,
+    /// The standalone HTTP-01 listener; `None` in webroot mode.
+    pub http01: Option<TcpListener>,
+}
+
+/// Runs the agent until `shutdown` completes.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let tokens = Arc::new(Tokens::new(&config.http01));
+    let stop = CancellationToken::new();
+
+    let sweeper = tokio::spawn(Arc::clone(&tokens).sweep_until(stop.clone().cancelled_owned()));
+    let http = match (listeners.http01, &config.http01.mode) {
+        (Some(listener), Http01Mode::Standalone { .. }) => {
+            info!(addr = %listener.local_addr()?, "HTTP-01 responder listening");
+            Some(tokio::spawn(http01::serve(
+                listener,
+                Arc::clone(&tokens),
+                stop.clone().cancelled_owned(),
+            )))
+        }
+        _ => None,
+    };
+    info!(addr = %listeners.grpc.local_addr()?, node = %config.node, "gRPC listening");
+    let grpc = tokio::spawn(service::serve(
+        TcpListenerStream::new(listeners.grpc),
+        service::AgentService::new(config.node.clone(), config.http01.mode.name(), tokens),
+        stop.clone().cancelled_owned(),
+    ));
+
+    shutdown.await;
+    info!("shutting down");
+    stop.cancel();
+    grpc.await??;
+    if let Some(http) = http {
+        http.await??;
+    }
+    sweeper.await?;
+    Ok(())
+}

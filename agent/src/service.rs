@@ -1,0 +1,127 @@
+//! The agent's gRPC service (`certfleet.v1.Agent`).
+//!
+//! Every request is untrusted: its tokens pass the shared checks in
+//! `certfleet_proto::challenge` before anything happens, and a refusal says
+//! which entry was wrong and why. [`serve`] is the one place the agent's gRPC
+//! server is set up (limits, timeouts, and later mTLS).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use certfleet_proto::MAX_MESSAGE_BYTES;
+use certfleet_proto::challenge::{InvalidChallenge, parse_place_request, parse_token_list};
+use certfleet_proto::pb;
+use certfleet_proto::pb::agent_server::{Agent, AgentServer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_stream::Stream;
+use tonic::transport::server::Connected;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::tokens::{PlaceError, Tokens};
+
+/// Longest any one call may take before the agent gives up on it.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most calls one connection may have in flight at once.
+pub const MAX_CONCURRENT_REQUESTS: usize = 64;
+
+pub struct AgentService {
+    node: String,
+    mode: &'static str,
+    tokens: Arc<Tokens>,
+}
+
+impl AgentService {
+    pub fn new(node: String, mode: &'static str, tokens: Arc<Tokens>) -> Self {
+        Self { node, mode, tokens }
+    }
+}
+
+/// Serves the agent's gRPC service on `incoming` until `shutdown` completes.
+pub async fn serve<S, IO, E>(
+    incoming: S,
+    service: AgentService,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error>
+where
+    S: Stream<Item = Result<IO, E>> + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tonic::transport::Server::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .concurrency_limit_per_connection(MAX_CONCURRENT_REQUESTS)
+        .add_service(
+            AgentServer::new(service)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
+
+fn invalid(err: InvalidChallenge) -> Status {
+    warn!(error = %err, "refused request");
+    Status::invalid_argument(err.to_string())
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn place_tokens(
+        &self,
+        request: Request<pb::PlaceTokensRequest>,
+    ) -> Result<Response<pb::PlaceTokensResponse>, Status> {
+        let request = request.into_inner();
+        let batch = parse_place_request(request.tokens).map_err(invalid)?;
+        let ttl = (request.ttl_seconds > 0).then(|| Duration::from_secs(request.ttl_seconds.into()));
+        let placed = self.tokens.place(batch, ttl).await.map_err(|e| match e {
+            PlaceError::Full { .. } => Status::resource_exhausted(e.to_string()),
+            PlaceError::Write { .. } => Status::internal(e.to_string()),
+        })?;
+        info!(placed, "placed tokens");
+        Ok(Response::new(pb::PlaceTokensResponse {
+            placed: placed as u32,
+        }))
+    }
+
+    async fn remove_tokens(
+        &self,
+        request: Request<pb::RemoveTokensRequest>,
+    ) -> Result<Response<pb::RemoveTokensResponse>, Status> {
+        let tokens = parse_token_list(&request.into_inner().tokens).map_err(invalid)?;
+        let removed = self.tokens.remove(&tokens).await;
+        info!(removed, "removed tokens");
+        Ok(Response::new(pb::RemoveTokensResponse {
+            removed: removed as u32,
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        _request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        let tokens = self
+            .tokens
+            .list()
+            .into_iter()
+            .map(|(token, left)| pb::PlacedToken {
+                token: token.to_string(),
+                expires_in_seconds: left.as_secs().try_into().unwrap_or(u32::MAX),
+            })
+            .collect();
+        Ok(Response::new(pb::ListTokensResponse { tokens }))
+    }
+
+    async fn get_status(
+        &self,
+        _request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        Ok(Response::new(pb::GetStatusResponse {
+            node: self.node.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            http01_mode: self.mode.to_owned(),
+            tokens: self.tokens.len() as u32,
+        }))
+    }
+}
