@@ -1,0 +1,181 @@
+//! The ACME side: the HTTP client instant-acme talks through, and the
+//! account, created on first use and kept under `<state>/acme/`.
+//!
+//! The client trusts the system's roots plus any `acme.extra_roots` (Pebble's
+//! root in tests), through rustls with the aws-lc-rs provider.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use instant_acme::{
+    Account, AccountCredentials, BodyWrapper, BytesResponse, HttpClient, NewAccount,
+};
+use sha2::{Digest, Sha256};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tokio::sync::OnceCell;
+use tracing::info;
+
+use crate::config::AcmeConfig;
+use crate::fsutil;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AcmeSetupError {
+    #[error("reading extra root {path}: {reason}")]
+    Root { path: PathBuf, reason: String },
+    #[error("no trusted roots: the system has none and acme.extra_roots is empty")]
+    NoRoots,
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("ACME account at {directory}: {source}")]
+    Account {
+        directory: String,
+        source: instant_acme::Error,
+    },
+    #[error("account credentials {path}: {reason}")]
+    Credentials { path: PathBuf, reason: String },
+}
+
+/// instant-acme's HTTP client: hyper with rustls (aws-lc-rs).
+struct AcmeHttp(HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>);
+
+impl HttpClient for AcmeHttp {
+    fn request(
+        &self,
+        req: http::Request<BodyWrapper<Bytes>>,
+    ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
+        let fut = self.0.request(req);
+        Box::pin(async move {
+            match fut.await {
+                Ok(rsp) => Ok(BytesResponse::from(rsp)),
+                Err(e) => Err(instant_acme::Error::Other(Box::new(e))),
+            }
+        })
+    }
+}
+
+fn http_client(config: &AcmeConfig) -> Result<AcmeHttp, AcmeSetupError> {
+    let mut roots = rustls::RootCertStore::empty();
+    // A system without a CA bundle is fine when extra roots are given.
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
+    for path in &config.extra_roots {
+        let root_err = |reason: String| AcmeSetupError::Root {
+            path: path.clone(),
+            reason,
+        };
+        let pem = std::fs::read(path).map_err(|e| root_err(e.to_string()))?;
+        let mut found = 0;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| root_err(e.to_string()))?;
+            roots.add(cert).map_err(|e| root_err(e.to_string()))?;
+            found += 1;
+        }
+        if found == 0 {
+            return Err(root_err("holds no PEM certificate".into()));
+        }
+    }
+    if roots.is_empty() {
+        return Err(AcmeSetupError::NoRoots);
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| AcmeSetupError::Tls(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    Ok(AcmeHttp(
+        HyperClient::builder(TokioExecutor::new()).build(connector),
+    ))
+}
+
+/// The ACME account, loaded or created on first use.
+pub struct AcmeAccount {
+    config: AcmeConfig,
+    dir: PathBuf,
+    account: OnceCell<Account>,
+}
+
+impl AcmeAccount {
+    /// Checks the TLS setup now (so a bad root fails at startup); the
+    /// account itself is created or loaded on first use.
+    pub fn new(config: &AcmeConfig, state_dir: &Path) -> Result<Self, AcmeSetupError> {
+        http_client(config)?;
+        Ok(Self {
+            config: config.clone(),
+            dir: state_dir.join("acme"),
+            account: OnceCell::new(),
+        })
+    }
+
+    /// Credentials are kept per directory URL, so moving from a staging CA
+    /// to production never reuses the wrong account.
+    fn credentials_path(&self) -> PathBuf {
+        let digest = Sha256::digest(self.config.directory.as_bytes());
+        let id = certfleet_proto::bundle::hex(&digest[..8]);
+        self.dir.join(format!("account-{id}.json"))
+    }
+
+    pub async fn get(&self) -> Result<&Account, AcmeSetupError> {
+        self.account.get_or_try_init(|| self.load_or_create()).await
+    }
+
+    async fn load_or_create(&self) -> Result<Account, AcmeSetupError> {
+        let path = self.credentials_path();
+        let account_err = |source| AcmeSetupError::Account {
+            directory: self.config.directory.clone(),
+            source,
+        };
+        let cred_err = |reason: String| AcmeSetupError::Credentials {
+            path: path.clone(),
+            reason,
+        };
+        let builder = Account::builder_with_http(Box::new(http_client(&self.config)?));
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let creds: AccountCredentials =
+                    serde_json::from_slice(&bytes).map_err(|e| cred_err(e.to_string()))?;
+                let account = builder
+                    .from_credentials(creds)
+                    .await
+                    .map_err(account_err)?;
+                info!(id = account.id(), "loaded ACME account");
+                Ok(account)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let contact: Vec<&str> = self.config.contact.iter().map(String::as_str).collect();
+                let (account, creds) = builder
+                    .create(
+                        &NewAccount {
+                            contact: &contact,
+                            terms_of_service_agreed: true,
+                            only_return_existing: false,
+                        },
+                        self.config.directory.clone(),
+                        None,
+                    )
+                    .await
+                    .map_err(account_err)?;
+                let json = serde_json::to_vec(&creds).map_err(|e| cred_err(e.to_string()))?;
+                fsutil::create_private_dir(&self.dir).map_err(|e| cred_err(e.to_string()))?;
+                fsutil::write_atomic(&path, &json, 0o600).map_err(|e| cred_err(e.to_string()))?;
+                info!(id = account.id(), path = %path.display(), "created ACME account");
+                Ok(account)
+            }
+            Err(e) => Err(cred_err(e.to_string())),
+        }
+    }
+}

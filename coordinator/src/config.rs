@@ -1,0 +1,515 @@
+//! The coordinator's config file (`coordinator.toml`).
+//!
+//! Two stages, so nothing happens on a half-checked config: the raw structs
+//! mirror the TOML and reject unknown keys, then [`Config::from_toml_str`]
+//! checks every value (addresses, names, references between sections) and
+//! says which key is wrong and why.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Port the CA fetches HTTP-01 responses from (RFC 8555 §8.3).
+pub const DEFAULT_VALIDATION_PORT: u16 = 80;
+/// Nodes placed to, and self-checked, at once.
+pub const DEFAULT_CONCURRENCY: usize = 32;
+/// How long one node may take to place, self-check or remove tokens.
+pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long placed tokens live on a node if the coordinator never removes them.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
+/// How long to wait for the CA to validate, and then to issue.
+pub const DEFAULT_CA_TIMEOUT: Duration = Duration::from_secs(120);
+/// Let's Encrypt's limit of names per certificate.
+pub const MAX_SANS: usize = 100;
+/// The largest cluster certfleet is built for.
+pub const MAX_NODES: usize = 500;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {origin}: {message}")]
+    Syntax { origin: String, message: String },
+    #[error("config {origin}: key `{key}`: {reason}")]
+    Invalid {
+        origin: String,
+        key: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    state_dir: Option<PathBuf>,
+    admin_socket: Option<PathBuf>,
+    acme: RawAcme,
+    #[serde(default)]
+    placement: RawPlacement,
+    #[serde(default)]
+    nodes: Vec<RawNode>,
+    #[serde(default)]
+    certificates: Vec<RawCertificate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAcme {
+    directory: String,
+    #[serde(default)]
+    contact: Vec<String>,
+    validation_port: Option<u16>,
+    #[serde(default)]
+    extra_roots: Vec<PathBuf>,
+    ca_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlacement {
+    concurrency: Option<usize>,
+    node_timeout_secs: Option<u64>,
+    token_ttl_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: String,
+    agent: String,
+    http01: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    name: String,
+    sans: Vec<String>,
+    nodes: Option<Vec<String>>,
+    key: Option<String>,
+}
+
+/// The validated config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where accounts, certificates and records live.
+    pub state_dir: PathBuf,
+    /// The admin API's Unix socket.
+    pub admin_socket: PathBuf,
+    pub acme: AcmeConfig,
+    pub placement: PlacementConfig,
+    pub nodes: Vec<Node>,
+    pub certificates: Vec<CertificateSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AcmeConfig {
+    /// The CA's ACME directory URL.
+    pub directory: String,
+    /// `mailto:` contacts for the account.
+    pub contact: Vec<String>,
+    /// The port the CA fetches HTTP-01 from, and so the port self-checked.
+    pub validation_port: u16,
+    /// PEM files of extra roots to trust for the CA's API (e.g. Pebble's).
+    pub extra_roots: Vec<PathBuf>,
+    /// How long to wait for validation, and then for issuance.
+    pub ca_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct PlacementConfig {
+    pub concurrency: usize,
+    pub node_timeout: Duration,
+    pub token_ttl: Duration,
+}
+
+/// A node of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    /// The agent's gRPC address.
+    pub agent: SocketAddr,
+    /// The address the CA's HTTP-01 fetch reaches this node on (port:
+    /// `acme.validation_port`). Self-checks go here directly, bypassing DNS.
+    pub http01: IpAddr,
+}
+
+/// The key a certificate is issued for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyType {
+    EcdsaP256,
+    Rsa2048,
+    Rsa3072,
+    Rsa4096,
+}
+
+/// One certificate the cluster serves.
+#[derive(Debug, Clone)]
+pub struct CertificateSpec {
+    /// Its name: the directory under `archive/` and `live/`.
+    pub name: String,
+    /// Every DNS name it covers; the shared name first by convention.
+    pub sans: Vec<String>,
+    /// The nodes that serve its names, in config order.
+    pub nodes: Vec<String>,
+    pub key: KeyType,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml_str(&text, &path.display().to_string())
+    }
+
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            origin: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        validate(raw, origin)
+    }
+
+    pub fn certificate(&self, name: &str) -> Option<&CertificateSpec> {
+        self.certificates.iter().find(|c| c.name == name)
+    }
+
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+}
+
+fn is_simple_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with('.')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
+/// A DNS name as an ACME identifier: LDH labels, no wildcard (HTTP-01
+/// cannot validate wildcards, RFC 8555 §8.3), at most 253 characters.
+fn check_dns_name(name: &str) -> Result<(), String> {
+    if name.starts_with("*.") {
+        return Err("wildcards cannot be validated over HTTP-01".into());
+    }
+    if name.is_empty() || name.len() > 253 {
+        return Err("must be 1 to 253 characters".into());
+    }
+    for label in name.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if !ok {
+            return Err(format!("label {label:?} is not a valid DNS label"));
+        }
+    }
+    Ok(())
+}
+
+fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
+    let invalid = |key: String, reason: String| ConfigError::Invalid {
+        origin: origin.to_owned(),
+        key,
+        reason,
+    };
+
+    let state_dir = raw
+        .state_dir
+        .unwrap_or_else(|| PathBuf::from("/var/lib/certfleet"));
+    if !state_dir.is_absolute() {
+        return Err(invalid(
+            "state_dir".into(),
+            format!("{} must be an absolute path", state_dir.display()),
+        ));
+    }
+    let admin_socket = raw
+        .admin_socket
+        .unwrap_or_else(|| PathBuf::from("/run/certfleet/admin.sock"));
+    if !admin_socket.is_absolute() {
+        return Err(invalid(
+            "admin_socket".into(),
+            format!("{} must be an absolute path", admin_socket.display()),
+        ));
+    }
+
+    let directory = raw.acme.directory;
+    if !directory.starts_with("https://") {
+        return Err(invalid(
+            "acme.directory".into(),
+            format!("{directory:?} must be an https:// URL"),
+        ));
+    }
+    for (i, c) in raw.acme.contact.iter().enumerate() {
+        if !c.starts_with("mailto:") || c.len() <= "mailto:".len() {
+            return Err(invalid(
+                format!("acme.contact[{i}]"),
+                format!("{c:?} must be a mailto: URL"),
+            ));
+        }
+    }
+    let validation_port = raw.acme.validation_port.unwrap_or(DEFAULT_VALIDATION_PORT);
+    if validation_port == 0 {
+        return Err(invalid(
+            "acme.validation_port".into(),
+            "0 is not a port".into(),
+        ));
+    }
+    for (i, root) in raw.acme.extra_roots.iter().enumerate() {
+        if !root.is_absolute() {
+            return Err(invalid(
+                format!("acme.extra_roots[{i}]"),
+                format!("{} must be an absolute path", root.display()),
+            ));
+        }
+    }
+    let ca_timeout = secs(
+        raw.acme.ca_timeout_secs,
+        DEFAULT_CA_TIMEOUT,
+        1..=3600,
+        "acme.ca_timeout_secs",
+        &invalid,
+    )?;
+
+    let concurrency = raw.placement.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
+    if !(1..=MAX_NODES).contains(&concurrency) {
+        return Err(invalid(
+            "placement.concurrency".into(),
+            format!("{concurrency} must be between 1 and {MAX_NODES}"),
+        ));
+    }
+    let placement = PlacementConfig {
+        concurrency,
+        node_timeout: secs(
+            raw.placement.node_timeout_secs,
+            DEFAULT_NODE_TIMEOUT,
+            1..=300,
+            "placement.node_timeout_secs",
+            &invalid,
+        )?,
+        token_ttl: secs(
+            raw.placement.token_ttl_secs,
+            DEFAULT_TOKEN_TTL,
+            60..=86_400,
+            "placement.token_ttl_secs",
+            &invalid,
+        )?,
+    };
+
+    if raw.nodes.len() > MAX_NODES {
+        return Err(invalid(
+            "nodes".into(),
+            format!("{} nodes; at most {MAX_NODES} are supported", raw.nodes.len()),
+        ));
+    }
+    let mut nodes = Vec::with_capacity(raw.nodes.len());
+    let mut seen = HashSet::new();
+    for (i, n) in raw.nodes.into_iter().enumerate() {
+        if !is_simple_name(&n.name) {
+            return Err(invalid(
+                format!("nodes[{i}].name"),
+                format!("{:?} must be 1-64 characters of A-Z a-z 0-9 - _ .", n.name),
+            ));
+        }
+        if !seen.insert(n.name.clone()) {
+            return Err(invalid(
+                format!("nodes[{i}].name"),
+                format!("{:?} is defined twice", n.name),
+            ));
+        }
+        let agent: SocketAddr = n.agent.parse().map_err(|e| {
+            invalid(
+                format!("nodes[{i}].agent"),
+                format!("{:?} is not an address like 10.0.0.2:7443: {e}", n.agent),
+            )
+        })?;
+        let http01 = match n.http01 {
+            None => agent.ip(),
+            Some(s) => s.parse().map_err(|e| {
+                invalid(
+                    format!("nodes[{i}].http01"),
+                    format!("{s:?} is not an IP address: {e}"),
+                )
+            })?,
+        };
+        nodes.push(Node {
+            name: n.name,
+            agent,
+            http01,
+        });
+    }
+
+    let mut certificates = Vec::with_capacity(raw.certificates.len());
+    let mut seen = HashSet::new();
+    for (i, c) in raw.certificates.into_iter().enumerate() {
+        if !is_simple_name(&c.name) {
+            return Err(invalid(
+                format!("certificates[{i}].name"),
+                format!("{:?} must be 1-64 characters of A-Z a-z 0-9 - _ .", c.name),
+            ));
+        }
+        if !seen.insert(c.name.clone()) {
+            return Err(invalid(
+                format!("certificates[{i}].name"),
+                format!("{:?} is defined twice", c.name),
+            ));
+        }
+        if c.sans.is_empty() || c.sans.len() > MAX_SANS {
+            return Err(invalid(
+                format!("certificates[{i}].sans"),
+                format!("has {} names; it must have 1 to {MAX_SANS}", c.sans.len()),
+            ));
+        }
+        let mut sans = Vec::with_capacity(c.sans.len());
+        for (j, san) in c.sans.iter().enumerate() {
+            let san = san.to_ascii_lowercase();
+            check_dns_name(&san).map_err(|reason| {
+                invalid(format!("certificates[{i}].sans[{j}]"), format!("{san:?}: {reason}"))
+            })?;
+            if sans.contains(&san) {
+                return Err(invalid(
+                    format!("certificates[{i}].sans[{j}]"),
+                    format!("{san:?} is listed twice"),
+                ));
+            }
+            sans.push(san);
+        }
+        let cert_nodes = match c.nodes {
+            None => nodes.iter().map(|n| n.name.clone()).collect(),
+            Some(list) => {
+                for (j, n) in list.iter().enumerate() {
+                    if !nodes.iter().any(|node| &node.name == n) {
+                        return Err(invalid(
+                            format!("certificates[{i}].nodes[{j}]"),
+                            format!("{n:?} is not a node defined in [[nodes]]"),
+                        ));
+                    }
+                }
+                list
+            }
+        };
+        if cert_nodes.is_empty() {
+            return Err(invalid(
+                format!("certificates[{i}].nodes"),
+                "no node serves this certificate; define [[nodes]]".into(),
+            ));
+        }
+        let key = match c.key.as_deref().unwrap_or("ecdsa-p256") {
+            "ecdsa-p256" => KeyType::EcdsaP256,
+            "rsa-2048" => KeyType::Rsa2048,
+            "rsa-3072" => KeyType::Rsa3072,
+            "rsa-4096" => KeyType::Rsa4096,
+            other => {
+                return Err(invalid(
+                    format!("certificates[{i}].key"),
+                    format!(
+                        "{other:?} is not one of \"ecdsa-p256\", \"rsa-2048\", \"rsa-3072\", \"rsa-4096\""
+                    ),
+                ));
+            }
+        };
+        certificates.push(CertificateSpec {
+            name: c.name,
+            sans,
+            nodes: cert_nodes,
+            key,
+        });
+    }
+
+    Ok(Config {
+        state_dir,
+        admin_socket,
+        acme: AcmeConfig {
+            directory,
+            contact: raw.acme.contact,
+            validation_port,
+            extra_roots: raw.acme.extra_roots,
+            ca_timeout,
+        },
+        placement,
+        nodes,
+        certificates,
+    })
+}
+
+fn secs(
+    value: Option<u64>,
+    default: Duration,
+    range: std::ops::RangeInclusive<u64>,
+    key: &str,
+    invalid: &dyn Fn(String, String) -> ConfigError,
+) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) if range.contains(&v) => Ok(Duration::from_secs(v)),
+        Some(v) => Err(invalid(
+            key.to_owned(),
+            format!("{v} must be between {} and {}", range.start(), range.end()),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+state_dir = "/var/lib/certfleet"
+[acme]
+directory = "https://localhost:14000/dir"
+validation_port = 5002
+[[nodes]]
+name = "cn-ucsb-1"
+agent = "127.0.0.2:7443"
+[[nodes]]
+name = "cn-unm-1"
+agent = "127.0.0.3:7443"
+http01 = "127.0.0.30"
+[[certificates]]
+name = "cn"
+sans = ["CN.example.org", "cn-ucsb-1.example.org"]
+"#;
+
+    fn err(text: &str) -> String {
+        Config::from_toml_str(text, "coordinator.toml")
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn accepts_and_defaults() {
+        let c = Config::from_toml_str(GOOD, "c.toml").unwrap();
+        let cert = c.certificate("cn").unwrap();
+        assert_eq!(cert.sans[0], "cn.example.org");
+        assert_eq!(cert.nodes, ["cn-ucsb-1", "cn-unm-1"]);
+        assert_eq!(cert.key, KeyType::EcdsaP256);
+        assert_eq!(c.node("cn-ucsb-1").unwrap().http01.to_string(), "127.0.0.2");
+        assert_eq!(c.node("cn-unm-1").unwrap().http01.to_string(), "127.0.0.30");
+    }
+
+    #[test]
+    fn names_the_bad_key() {
+        let e = err(&GOOD.replace("validation_port", "validaton_port"));
+        assert!(e.contains("coordinator.toml") && e.contains("validaton_port"), "{e}");
+        let e = err(&format!("{GOOD}nodes = [\"nope\"]\n"));
+        assert!(e.contains("certificates[0].nodes[0]") && e.contains("nope"), "{e}");
+        let e = err(&GOOD.replace("CN.example.org", "*.example.org"));
+        assert!(e.contains("certificates[0].sans[0]") && e.contains("wildcard"), "{e}");
+        let e = err(&GOOD.replace("127.0.0.3:7443", "127.0.0.3"));
+        assert!(e.contains("nodes[1].agent"), "{e}");
+        let e = err(&GOOD.replace("https://localhost", "http://localhost"));
+        assert!(e.contains("acme.directory"), "{e}");
+        let e = err(&format!("{GOOD}key = \"dsa\"\n"));
+        assert!(e.contains("certificates[0].key"), "{e}");
+    }
+}

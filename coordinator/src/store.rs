@@ -1,0 +1,253 @@
+//! The certificate store, in certbot's layout so existing service configs
+//! and tooling keep working:
+//!
+//! ```text
+//! <state>/archive/<name>/{cert,chain,fullchain,privkey}<N>.pem
+//! <state>/live/<name>/{cert,chain,fullchain,privkey}.pem -> ../../archive/<name>/…<N>.pem
+//! ```
+//!
+//! Every file is written temp+fsync+rename. The four `live/` links must move
+//! together (a service must never pair cert N with key N-1), so the new set
+//! is built in a sibling directory and exchanged with `live/<name>` in one
+//! `renameat2(RENAME_EXCHANGE)`.
+
+use std::os::unix::fs::{DirBuilderExt, symlink};
+use std::path::{Path, PathBuf};
+
+use certfleet_proto::bundle::Bundle;
+use nix::fcntl::{RenameFlags, renameat2};
+
+use crate::fsutil::{sync_dir, write_atomic};
+
+/// The files of one version, in the order they are written: `cert` last,
+/// so a version counts as present only once all its files are.
+const FILES: [&str; 4] = ["privkey", "chain", "fullchain", "cert"];
+
+#[derive(Debug, thiserror::Error)]
+#[error("certificate store {path}: {source}")]
+pub struct StoreError {
+    pub path: PathBuf,
+    pub source: std::io::Error,
+}
+
+fn at(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A version as found in the store.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub name: String,
+    pub version: u32,
+    pub bundle: Bundle,
+    pub live_dir: PathBuf,
+}
+
+pub struct Store {
+    archive: PathBuf,
+    live: PathBuf,
+}
+
+impl Store {
+    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        let store = Self {
+            archive: state_dir.join("archive"),
+            live: state_dir.join("live"),
+        };
+        for dir in [&store.archive, &store.live] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(at(dir))?;
+        }
+        Ok(store)
+    }
+
+    /// The highest complete version of `name` in the archive, 0 if none.
+    pub fn latest_version(&self, name: &str) -> Result<u32, StoreError> {
+        let dir = self.archive.join(name);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(at(&dir)(e)),
+        };
+        let mut latest = 0;
+        for entry in entries {
+            let entry = entry.map_err(at(&dir))?;
+            let file = entry.file_name();
+            let version = file
+                .to_str()
+                .and_then(|f| f.strip_prefix("cert"))
+                .and_then(|f| f.strip_suffix(".pem"))
+                .and_then(|n| n.parse::<u32>().ok());
+            latest = latest.max(version.unwrap_or(0));
+        }
+        Ok(latest)
+    }
+
+    /// Writes a validated bundle as the next version and points `live/` at
+    /// it. Returns the version number.
+    pub fn save(
+        &self,
+        name: &str,
+        bundle: &Bundle,
+        key_pem: &str,
+    ) -> Result<(u32, PathBuf), StoreError> {
+        let version = self.latest_version(name)? + 1;
+        let dir = self.archive.join(name);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(at(&dir))?;
+        let fullchain = format!("{}{}", bundle.leaf_pem, bundle.chain_pem);
+        for file in FILES {
+            let (data, mode) = match file {
+                "privkey" => (key_pem, 0o600),
+                "chain" => (bundle.chain_pem.as_str(), 0o644),
+                "fullchain" => (fullchain.as_str(), 0o644),
+                _ => (bundle.leaf_pem.as_str(), 0o644),
+            };
+            let path = dir.join(format!("{file}{version}.pem"));
+            write_atomic(&path, data.as_bytes(), mode).map_err(at(&path))?;
+        }
+        let live_dir = self.live.join(name);
+        self.point_live(name, version, &live_dir)?;
+        Ok((version, live_dir))
+    }
+
+    fn point_live(&self, name: &str, version: u32, live_dir: &Path) -> Result<(), StoreError> {
+        let staging = self.live.join(format!(".{name}.new"));
+        match std::fs::remove_dir_all(&staging) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(at(&staging)(e)),
+            _ => {}
+        }
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&staging)
+            .map_err(at(&staging))?;
+        for file in FILES {
+            let link = staging.join(format!("{file}.pem"));
+            symlink(format!("../../archive/{name}/{file}{version}.pem"), &link)
+                .map_err(at(&link))?;
+        }
+        sync_dir(&staging).map_err(at(&staging))?;
+        let live = std::fs::File::open(&self.live).map_err(at(&self.live))?;
+        if live_dir.exists() {
+            renameat2(
+                &live,
+                staging.as_path(),
+                &live,
+                live_dir,
+                RenameFlags::RENAME_EXCHANGE,
+            )
+            .map_err(|e| at(live_dir)(e.into()))?;
+            // `staging` now holds the previous links.
+            std::fs::remove_dir_all(&staging).map_err(at(&staging))?;
+        } else {
+            std::fs::rename(&staging, live_dir).map_err(at(live_dir))?;
+        }
+        sync_dir(&self.live).map_err(at(&self.live))
+    }
+
+    /// The version `live/<name>` points at, read back and parsed.
+    pub fn live(&self, name: &str) -> Result<Option<Stored>, StoreError> {
+        let live_dir = self.live.join(name);
+        let fullchain = live_dir.join("fullchain.pem");
+        let target = match std::fs::read_link(&fullchain) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(at(&fullchain)(e)),
+        };
+        let version = target
+            .file_name()
+            .and_then(|f| f.to_str())
+            .and_then(|f| f.strip_prefix("fullchain"))
+            .and_then(|f| f.strip_suffix(".pem"))
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| {
+                at(&fullchain)(std::io::Error::other(format!(
+                    "links to {}, not to an archive version",
+                    target.display()
+                )))
+            })?;
+        let pem = std::fs::read_to_string(&fullchain).map_err(at(&fullchain))?;
+        let bundle = Bundle::parse(&pem, None, &[])
+            .map_err(|e| at(&fullchain)(std::io::Error::other(e.to_string())))?;
+        Ok(Some(Stored {
+            name: name.to_owned(),
+            version,
+            bundle,
+            live_dir,
+        }))
+    }
+
+    /// Every certificate with a live version, sorted by name.
+    pub fn list(&self) -> Result<Vec<Stored>, StoreError> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&self.live).map_err(at(&self.live))? {
+            let entry = entry.map_err(at(&self.live))?;
+            if let Some(name) = entry.file_name().to_str()
+                && !name.starts_with('.')
+            {
+                names.push(name.to_owned());
+            }
+        }
+        names.sort();
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            if let Some(stored) = self.live(&name)? {
+                out.push(stored);
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn bundle(name: &str) -> (Bundle, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let key_pem = key.serialize_pem();
+        let b = Bundle::parse(&cert.pem(), Some(&key_pem), &[name.to_owned()]).unwrap();
+        (b, key_pem)
+    }
+
+    #[test]
+    fn versions_advance_and_live_moves_as_a_set() {
+        let state = tempfile::tempdir().unwrap();
+        let store = Store::open(state.path()).unwrap();
+        let (b1, k1) = bundle("a.example.org");
+        let (b2, k2) = bundle("a.example.org");
+        assert_eq!(store.save("web", &b1, &k1).unwrap().0, 1);
+        let (v, live_dir) = store.save("web", &b2, &k2).unwrap();
+        assert_eq!(v, 2);
+        let live = store.live("web").unwrap().unwrap();
+        assert_eq!(live.version, 2);
+        assert_eq!(live.bundle.leaf_sha256, b2.leaf_sha256);
+        assert_eq!(std::fs::read_to_string(live_dir.join("privkey.pem")).unwrap(), k2);
+        assert_eq!(
+            std::fs::read_link(live_dir.join("cert.pem")).unwrap(),
+            PathBuf::from("../../archive/web/cert2.pem")
+        );
+        let mode = std::fs::metadata(state.path().join("archive/web/privkey2.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // Version 1 is kept for rollback.
+        assert!(state.path().join("archive/web/cert1.pem").exists());
+        assert_eq!(store.list().unwrap().len(), 1);
+    }
+}
