@@ -24,6 +24,7 @@ use tracing::info;
 
 use crate::config::AcmeConfig;
 use crate::fsutil;
+use crate::issue::nonce_retry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcmeSetupError {
@@ -143,9 +144,9 @@ impl AcmeAccount {
             path: path.clone(),
             reason,
         };
-        let builder = Account::builder_with_http(Box::new(http_client(&self.config)?));
         match std::fs::read(&path) {
             Ok(bytes) => {
+                let builder = Account::builder_with_http(Box::new(http_client(&self.config)?));
                 let creds: AccountCredentials =
                     serde_json::from_slice(&bytes).map_err(|e| cred_err(e.to_string()))?;
                 let account = builder
@@ -157,18 +158,17 @@ impl AcmeAccount {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let contact: Vec<&str> = self.config.contact.iter().map(String::as_str).collect();
-                let (account, creds) = builder
-                    .create(
-                        &NewAccount {
-                            contact: &contact,
-                            terms_of_service_agreed: true,
-                            only_return_existing: false,
-                        },
-                        self.config.directory.clone(),
-                        None,
-                    )
-                    .await
-                    .map_err(account_err)?;
+                let new_account = NewAccount {
+                    contact: &contact,
+                    terms_of_service_agreed: true,
+                    only_return_existing: false,
+                };
+                let (account, creds) = nonce_retry!(
+                    Account::builder_with_http(Box::new(http_client(&self.config)?))
+                        .create(&new_account, self.config.directory.clone(), None)
+                        .await
+                )
+                .map_err(account_err)?;
                 let json = serde_json::to_vec(&creds).map_err(|e| cred_err(e.to_string()))?;
                 fsutil::create_private_dir(&self.dir).map_err(|e| cred_err(e.to_string()))?;
                 fsutil::write_atomic(&path, &json, 0o600).map_err(|e| cred_err(e.to_string()))?;

@@ -26,6 +26,32 @@ use crate::store::{Store, StoreError, Stored};
 pub const POLL_INITIAL_DELAY: Duration = Duration::from_millis(100);
 pub const POLL_BACKOFF: f32 = 1.5;
 
+/// How many more times a request the CA refused with `badNonce` is sent.
+/// instant-acme already retries each POST a few times; a CA that rejects
+/// many nonces (Pebble's `PEBBLE_WFE_NONCEREJECT`, or a busy real CA) can
+/// still exhaust that, and every step here is safe to repeat (RFC 8555 §6.5).
+pub const BAD_NONCE_RETRIES: u32 = 8;
+
+pub(crate) fn is_bad_nonce(err: &instant_acme::Error) -> bool {
+    matches!(err, instant_acme::Error::Api(p)
+        if p.r#type.as_deref() == Some("urn:ietf:params:acme:error:badNonce"))
+}
+
+/// Evaluates `$call` (an `.await`ed ACME request) again while the CA
+/// answers `badNonce`, up to [`BAD_NONCE_RETRIES`] times.
+macro_rules! nonce_retry {
+    ($call:expr) => {{
+        let mut retries = 0;
+        loop {
+            match $call {
+                Err(e) if $crate::issue::is_bad_nonce(&e) && retries < $crate::issue::BAD_NONCE_RETRIES => retries += 1,
+                other => break other,
+            }
+        }
+    }};
+}
+pub(crate) use nonce_retry;
+
 /// Why an order failed.
 #[derive(Debug, thiserror::Error)]
 pub enum IssueError {
@@ -232,6 +258,28 @@ impl Issuer {
     }
 }
 
+/// Fetches every authorization of `order` (they are cached in the order
+/// afterwards). A fetch that fails ends instant-acme's stream at that entry,
+/// so on `badNonce` the walk starts again; the ones already fetched cost
+/// nothing the second time.
+async fn fetch_authorizations(order: &mut instant_acme::Order) -> Result<(), IssueError> {
+    let mut retries = 0;
+    'walk: loop {
+        let mut authorizations = order.authorizations();
+        while let Some(authz) = authorizations.next().await {
+            match authz {
+                Ok(_) => {}
+                Err(e) if is_bad_nonce(&e) && retries < BAD_NONCE_RETRIES => {
+                    retries += 1;
+                    continue 'walk;
+                }
+                Err(e) => return Err(IssueError::acme("reading an authorization")(e)),
+            }
+        }
+        return Ok(());
+    }
+}
+
 struct OrderRun<'a> {
     issuer: &'a Issuer,
     spec: &'a CertificateSpec,
@@ -261,11 +309,10 @@ impl OrderRun<'_> {
             .iter()
             .map(|s| Identifier::Dns(s.clone()))
             .collect();
-        let mut order = account
-            .new_order(&NewOrder::new(&identifiers))
-            .await
+        let mut order = nonce_retry!(account.new_order(&NewOrder::new(&identifiers)).await)
             .map_err(IssueError::acme("creating the order"))?;
         self.order_url = Some(order.url().to_owned());
+        fetch_authorizations(&mut order).await?;
 
         // Authorizations come back in the CA's order, not the SANs'; each
         // carries its own identifier. Valid ones are reused, not redone.
@@ -345,41 +392,27 @@ impl OrderRun<'_> {
                 let mut challenge = authz
                     .challenge(ChallengeType::Http01)
                     .ok_or_else(|| IssueError::NoHttp01(identifier.clone()))?;
-                challenge
-                    .set_ready()
-                    .await
-                    .map_err(IssueError::acme(format!("answering the challenge for {identifier}")))?;
+                nonce_retry!(challenge.set_ready().await).map_err(IssueError::acme(format!("answering the challenge for {identifier}")))?;
             }
             self.progress.step(Stage::Validation, "challenges answered; waiting for the CA");
             let retry = self.retry_policy();
-            let status = order
-                .poll_ready(&retry)
-                .await
-                .map_err(IssueError::acme("waiting for validation"))?;
+            let status = nonce_retry!(order.poll_ready(&retry).await).map_err(IssueError::acme("waiting for validation"))?;
             if status != OrderStatus::Ready {
                 return Err(self.validation_failure(&mut order).await);
             }
             self.timings.ca += ca_start.elapsed();
         } else {
             let ca_start = Instant::now();
-            order
-                .poll_ready(&self.retry_policy())
-                .await
-                .map_err(IssueError::acme("waiting for the order to be ready"))?;
+            nonce_retry!(order.poll_ready(&self.retry_policy()).await).map_err(IssueError::acme("waiting for the order to be ready"))?;
             self.timings.ca += ca_start.elapsed();
         }
         self.progress.step(Stage::Validation, "the CA validated every name");
 
         let (key_pem, csr_der) = self.key_and_csr()?;
         let ca_start = Instant::now();
-        order
-            .finalize_csr(&csr_der)
-            .await
+        nonce_retry!(order.finalize_csr(&csr_der).await)
             .map_err(IssueError::acme("finalizing the order"))?;
-        let chain = order
-            .poll_certificate(&self.retry_policy())
-            .await
-            .map_err(IssueError::acme("downloading the certificate"))?;
+        let chain = nonce_retry!(order.poll_certificate(&self.retry_policy()).await).map_err(IssueError::acme("downloading the certificate"))?;
         self.timings.ca += ca_start.elapsed();
         self.progress.step(Stage::Finalize, "certificate downloaded");
 
@@ -420,7 +453,9 @@ impl OrderRun<'_> {
         let mut authorizations = order.authorizations();
         while let Some(Ok(mut authz)) = authorizations.next().await {
             let identifier = authz.identifier().to_string();
-            let Ok(state) = authz.refresh().await else { continue };
+            let Ok(state) = nonce_retry!(authz.refresh().await) else {
+                continue;
+            };
             if let Some(problem) = state.challenges.iter().find_map(|c| c.error.clone()) {
                 return IssueError::Acme {
                     context: format!("validating {identifier}"),

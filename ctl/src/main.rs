@@ -1,1 +1,152 @@
-fn main(){}
+//! `certfleet`: the admin's command-line tool. It talks to the
+//! coordinator's admin API on its Unix socket; everything it shows comes
+//! from there.
+//!
+//! Exit codes: 0 ok, 1 the operation failed, 2 usage or config error.
+#![forbid(unsafe_code)]
+
+mod render;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use certfleet_proto::pb;
+use certfleet_proto::pb::admin_client::AdminClient;
+use clap::{Parser, Subcommand};
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// Drive a certfleet coordinator.
+#[derive(Parser)]
+#[command(name = "certfleet", version)]
+struct Cli {
+    /// The coordinator's admin socket.
+    #[arg(
+        long,
+        global = true,
+        env = "CERTFLEET_SOCKET",
+        default_value = "/run/certfleet/admin.sock"
+    )]
+    socket: PathBuf,
+    /// Print machine-readable JSON (one object per line for streams).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Obtain a new version of a certificate from the CA, showing each step.
+    Issue {
+        /// The certificate's name as configured in [[certificates]].
+        certificate: String,
+    },
+    /// List the certificates in the store: names, serial, expiry, days left.
+    Certificates,
+}
+
+/// What ended the command, mapped onto the exit code.
+enum Outcome {
+    Ok,
+    Failed,
+    Usage,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let outcome = runtime.block_on(async {
+        let client = match connect(&cli.socket).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!(
+                    "certfleet: cannot reach the coordinator at {}: {e}",
+                    cli.socket.display()
+                );
+                return Outcome::Failed;
+            }
+        };
+        match &cli.command {
+            Command::Issue { certificate } => issue(client, certificate, cli.json).await,
+            Command::Certificates => certificates(client, cli.json).await,
+        }
+    });
+    match outcome {
+        Outcome::Ok => ExitCode::SUCCESS,
+        Outcome::Failed => ExitCode::FAILURE,
+        Outcome::Usage => ExitCode::from(2),
+    }
+}
+
+async fn connect(socket: &std::path::Path) -> Result<AdminClient<Channel>, tonic::transport::Error> {
+    let socket = socket.to_owned();
+    // The URI is required by the API but unused: every connection goes to the socket.
+    let channel = Endpoint::from_static("http://certfleet.invalid")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
+        }))
+        .await?;
+    Ok(AdminClient::new(channel)
+        .max_decoding_message_size(certfleet_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(certfleet_proto::MAX_MESSAGE_BYTES))
+}
+
+/// Maps a refusal of the request itself to an exit code.
+fn refused(status: &tonic::Status) -> Outcome {
+    eprintln!("certfleet: {}", status.message());
+    match status.code() {
+        tonic::Code::NotFound | tonic::Code::InvalidArgument => Outcome::Usage,
+        _ => Outcome::Failed,
+    }
+}
+
+async fn issue(mut client: AdminClient<Channel>, certificate: &str, json: bool) -> Outcome {
+    let request = pb::IssueRequest {
+        certificate: certificate.to_owned(),
+    };
+    let mut stream = match client.issue(request).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => return refused(&status),
+    };
+    let mut view = render::IssueView::new(json);
+    loop {
+        match stream.message().await {
+            Ok(Some(event)) => {
+                let last = matches!(event.stage(), pb::Stage::Done | pb::Stage::Failed);
+                let ok = event.stage() == pb::Stage::Done;
+                view.event(&event);
+                if last {
+                    return if ok { Outcome::Ok } else { Outcome::Failed };
+                }
+            }
+            Ok(None) => {
+                view.finish();
+                eprintln!("certfleet: the coordinator closed the stream before the order ended");
+                return Outcome::Failed;
+            }
+            Err(status) => {
+                view.finish();
+                return refused(&status);
+            }
+        }
+    }
+}
+
+async fn certificates(mut client: AdminClient<Channel>, json: bool) -> Outcome {
+    match client
+        .list_certificates(pb::ListCertificatesRequest {})
+        .await
+    {
+        Ok(r) => {
+            render::certificates(&r.into_inner().certificates, json);
+            Outcome::Ok
+        }
+        Err(status) => refused(&status),
+    }
+}

@@ -1,0 +1,188 @@
+//! How the CLI shows things: indicatif on a terminal, plain lines when
+//! piped, one JSON object per line with `--json`.
+
+use std::io::IsTerminal;
+
+use certfleet_proto::pb;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+fn stage_name(stage: pb::Stage) -> &'static str {
+    match stage {
+        pb::Stage::Unspecified => "unspecified",
+        pb::Stage::Order => "order",
+        pb::Stage::Placement => "placement",
+        pb::Stage::SelfCheck => "self-check",
+        pb::Stage::Validation => "validation",
+        pb::Stage::Finalize => "finalize",
+        pb::Stage::Store => "store",
+        pb::Stage::Cleanup => "cleanup",
+        pb::Stage::Done => "done",
+        pb::Stage::Failed => "failed",
+    }
+}
+
+fn certificate_json(c: &pb::Certificate) -> serde_json::Value {
+    let mut v = json!({
+        "name": c.name,
+        "version": c.version,
+        "sans": c.sans,
+        "serial": c.serial,
+        "not_after": date(c.not_after_unix),
+        "not_after_unix": c.not_after_unix,
+        "days_left": c.days_left,
+        "sha256": c.sha256,
+        "live_dir": c.live_dir,
+    });
+    if !c.order_url.is_empty() {
+        v["order_url"] = json!(c.order_url);
+    }
+    if let Some(t) = &c.timings {
+        v["timings_ms"] = json!({
+            "total": t.total_ms,
+            "ca": t.ca_ms,
+            "placement_and_self_check": t.placement_ms,
+            "cleanup": t.cleanup_ms,
+        });
+    }
+    v
+}
+
+fn date(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .map(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default()
+        })
+        .unwrap_or_else(|_| unix.to_string())
+}
+
+/// Shows an `issue` stream as it arrives.
+pub(crate) struct IssueView {
+    json: bool,
+    spinner: Option<ProgressBar>,
+}
+
+impl IssueView {
+    pub(crate) fn new(json: bool) -> Self {
+        let spinner = (!json && std::io::stderr().is_terminal()).then(|| {
+            let pb = ProgressBar::new_spinner();
+            pb.set_style(
+                ProgressStyle::with_template("{spinner} {elapsed} {msg}")
+                    .expect("static template"),
+            );
+            pb.enable_steady_tick(std::time::Duration::from_millis(100));
+            pb
+        });
+        Self { json, spinner }
+    }
+
+    pub(crate) fn event(&mut self, e: &pb::IssueEvent) {
+        let stage = e.stage();
+        if self.json {
+            let mut v = json!({
+                "stage": stage_name(stage),
+                "ok": e.ok,
+                "message": e.message,
+            });
+            if !e.node.is_empty() {
+                v["node"] = json!(e.node);
+            }
+            if let Some(c) = &e.issued {
+                v["certificate"] = certificate_json(c);
+            }
+            if let Some(f) = &e.failure {
+                v["error"] = json!({
+                    "kind": f.kind,
+                    "message": f.message,
+                    "node": f.node,
+                    "acme_type": f.acme_type,
+                    "acme_detail": f.acme_detail,
+                    "order_url": f.order_url,
+                });
+            }
+            println!("{v}");
+            return;
+        }
+        match stage {
+            pb::Stage::Done => {
+                self.finish();
+                if let Some(c) = &e.issued {
+                    println!("issued {} version {}", c.name, c.version);
+                    println!("  live:     {}", c.live_dir);
+                    println!("  names:    {}", c.sans.join(", "));
+                    println!("  serial:   {}", c.serial);
+                    println!("  expires:  {} ({} days)", date(c.not_after_unix), c.days_left);
+                    println!("  sha256:   {}", c.sha256);
+                    if let Some(t) = &c.timings {
+                        println!(
+                            "  took:     {} ms (CA {} ms, placement+self-check {} ms, cleanup {} ms)",
+                            t.total_ms, t.ca_ms, t.placement_ms, t.cleanup_ms
+                        );
+                    }
+                }
+            }
+            pb::Stage::Failed => {
+                self.finish();
+                eprintln!("error: {}", e.message);
+                if let Some(f) = &e.failure {
+                    if !f.acme_type.is_empty() {
+                        eprintln!("  CA problem type:   {}", f.acme_type);
+                        eprintln!("  CA problem detail: {}", f.acme_detail);
+                    }
+                    if !f.order_url.is_empty() {
+                        eprintln!("  order: {}", f.order_url);
+                    }
+                }
+            }
+            _ => {
+                let mark = if e.ok { "ok " } else { "ERR" };
+                let line = if e.node.is_empty() {
+                    format!("[{}] {mark} {}", stage_name(stage), e.message)
+                } else {
+                    format!("[{}] {mark} {}: {}", stage_name(stage), e.node, e.message)
+                };
+                match &self.spinner {
+                    Some(pb) => {
+                        pb.println(line);
+                        pb.set_message(format!("{}…", stage_name(stage)));
+                    }
+                    None => println!("{line}"),
+                }
+            }
+        }
+    }
+
+    pub(crate) fn finish(&mut self) {
+        if let Some(pb) = self.spinner.take() {
+            pb.finish_and_clear();
+        }
+    }
+}
+
+pub(crate) fn certificates(certs: &[pb::Certificate], json: bool) {
+    if json {
+        let list: Vec<_> = certs.iter().map(certificate_json).collect();
+        println!("{}", json!(list));
+        return;
+    }
+    if certs.is_empty() {
+        println!("no certificates yet; run `certfleet issue <name>`");
+        return;
+    }
+    println!(
+        "{:<20} {:>7} {:<40} {:<25} {:>9}  NAMES",
+        "NAME", "VERSION", "SERIAL", "NOT AFTER", "DAYS LEFT"
+    );
+    for c in certs {
+        println!(
+            "{:<20} {:>7} {:<40} {:<25} {:>9}  {}",
+            c.name,
+            c.version,
+            c.serial,
+            date(c.not_after_unix),
+            c.days_left,
+            c.sans.join(",")
+        );
+    }
+}
