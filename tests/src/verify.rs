@@ -1,0 +1,31 @@
+//! What a user would check about a certificate: that it chains to the CA's
+//! root for each of its names, the way a TLS client would verify it.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::ServerCertVerifier;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+
+/// Verifies `fullchain_pem` (leaf first) against `root_pem` for every name
+/// in `names`, with rustls' WebPKI verifier.
+pub fn chain_verifies(fullchain_pem: &str, root_pem: &str, names: &[String]) -> anyhow::Result<()> {
+    let mut roots = rustls::RootCertStore::empty();
+    for root in CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
+        roots.add(root?)?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider).build()?;
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(fullchain_pem.as_bytes()).collect::<Result<_, _>>()?;
+    let (leaf, intermediates) = chain.split_first().context("empty chain")?;
+    for name in names {
+        let server_name = ServerName::try_from(name.clone())?;
+        verifier
+            .verify_server_cert(leaf, intermediates, &server_name, &[], UnixTime::now())
+            .with_context(|| format!("chain does not verify for {name}"))?;
+    }
+    Ok(())
+}
