@@ -119,3 +119,149 @@ async fn issues_one_certificate_for_a_four_node_cluster() {
     let out = cluster.ctl(&["certificates"]).await.unwrap();
     assert!(out.stdout.contains(&bundle2.serial), "{}", out.stdout);
 }
+
+/// The order's authorizations as Pebble reports them, read with the
+/// coordinator's own account.
+async fn authorization_statuses(cluster: &Cluster, order_url: &str) -> Vec<instant_acme::AuthorizationStatus> {
+    let acme_dir = cluster.state_dir.join("acme");
+    let creds_path = std::fs::read_dir(&acme_dir).unwrap().next().unwrap().unwrap().path();
+    let creds: instant_acme::AccountCredentials =
+        serde_json::from_slice(&std::fs::read(creds_path).unwrap()).unwrap();
+    let account = instant_acme::Account::builder_with_root(&cluster.pebble.listener_ca)
+        .unwrap()
+        .from_credentials(creds)
+        .await
+        .unwrap();
+    let mut order = account.order(order_url.to_owned()).await.unwrap();
+    let mut statuses = Vec::new();
+    let mut authorizations = order.authorizations();
+    while let Some(authz) = authorizations.next().await {
+        statuses.push(authz.unwrap().status);
+    }
+    statuses
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_down_aborts_before_the_ca_is_asked_and_leaves_no_token() {
+    let mut cluster = Cluster::start(ClusterSpec::default()).await.unwrap();
+    let down = 2;
+    cluster.nodes[down].stop_agent();
+    let (name, addr) = (cluster.nodes[down].name.clone(), cluster.nodes[down].grpc);
+
+    let out = cluster.issue().await.unwrap();
+    assert_eq!(out.code, 1, "stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
+    let last = out.last_json();
+    assert_eq!(last["stage"], "failed");
+    assert_eq!(last["error"]["kind"], "node");
+    assert_eq!(last["error"]["node"], name.as_str());
+    let message = last["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&name) && message.contains(&addr.to_string()),
+        "error does not name {name} ({addr}): {message}"
+    );
+    // The human-readable output names it too.
+    assert!(out.stdout.contains(&name));
+
+    // No challenge was answered: every authorization is still pending.
+    let order_url = last["error"]["order_url"].as_str().unwrap();
+    assert!(!order_url.is_empty());
+    let statuses = authorization_statuses(&cluster, order_url).await;
+    assert_eq!(statuses.len(), cluster.sans.len());
+    assert!(
+        statuses.iter().all(|s| *s == instant_acme::AuthorizationStatus::Pending),
+        "{statuses:?}"
+    );
+    // The other nodes got their tokens back off.
+    assert_no_tokens_left(&cluster).await;
+    assert!(!cluster.live_dir().exists(), "a failed order wrote live/");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_failing_the_self_check_aborts_before_the_ca_is_asked() {
+    // cn-orc-1's HTTP-01 address points where nothing listens: its agent
+    // accepts tokens, but the CA could never fetch them there.
+    let mut spec = ClusterSpec::default();
+    spec.nodes = 3;
+    let mut cluster = Cluster::start(spec).await.unwrap();
+    let unused = cluster.subnet.unused();
+    let config = std::fs::read_to_string(&cluster.config_path).unwrap();
+    let broken = config.replace(
+        &format!("name = \"cn-orc-1\"\nagent = \"{}\"\n", cluster.nodes[2].grpc),
+        &format!("name = \"cn-orc-1\"\nagent = \"{}\"\nhttp01 = \"{unused}\"\n", cluster.nodes[2].grpc),
+    );
+    assert_ne!(config, broken);
+    std::fs::write(&cluster.config_path, broken).unwrap();
+    cluster.coordinator.take();
+    cluster.start_coordinator().await.unwrap();
+
+    let out = cluster.issue().await.unwrap();
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    let last = out.last_json();
+    assert_eq!(last["error"]["kind"], "self_check");
+    assert_eq!(last["error"]["node"], "cn-orc-1");
+    let message = last["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&unused.to_string()) && message.contains("/.well-known/acme-challenge/"),
+        "{message}"
+    );
+    let statuses = authorization_statuses(&cluster, last["error"]["order_url"].as_str().unwrap()).await;
+    assert!(statuses.iter().all(|s| *s == instant_acme::AuthorizationStatus::Pending), "{statuses:?}");
+    assert_no_tokens_left(&cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn survives_injected_nonce_rejection_and_authorization_reuse() {
+    let cluster = Cluster::start(ClusterSpec {
+        pebble: PebbleOptions {
+            nonce_reject: 50,
+            authz_reuse: 50,
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut reused_seen = false;
+    for version in 1..=5 {
+        let out = cluster.issue().await.unwrap();
+        let cert = issued(&cluster, &out);
+        assert_eq!(cert["version"], version);
+        let order = out.json_lines().into_iter().find(|e| e["stage"] == "order").unwrap();
+        reused_seen |= !order["message"].as_str().unwrap().contains(" 0 already valid");
+    }
+    // With 50% reuse over five orders of five names, some were reused; the
+    // flow must have skipped them rather than re-validating.
+    assert!(reused_seen, "no authorization was reused in five orders");
+    let fullchain = read(cluster.live_dir().join("fullchain.pem"));
+    let root = cluster.pebble.root_pem().await.unwrap();
+    chain_verifies(&fullchain, &root, &cluster.sans).unwrap();
+    assert_no_tokens_left(&cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn issues_through_nginx_serving_the_webroot() {
+    let cluster = Cluster::start(ClusterSpec {
+        http01: Http01::WebrootNginx,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let out = cluster.issue().await.unwrap();
+    let cert = issued(&cluster, &out);
+    assert_eq!(cert["version"], 1);
+    // Pebble fetched the tokens from nginx: its access logs show them.
+    let fetched: usize = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            std::fs::read_to_string(n.dir.join("nginx/access.log"))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("/.well-known/acme-challenge/") && l.contains("\" 200 "))
+                .count()
+        })
+        .sum();
+    assert!(fetched >= cluster.sans.len(), "nginx served {fetched} challenge fetches");
+    let fullchain = read(cluster.live_dir().join("fullchain.pem"));
+    chain_verifies(&fullchain, &cluster.pebble.root_pem().await.unwrap(), &cluster.sans).unwrap();
+    assert_no_tokens_left(&cluster).await;
+}
