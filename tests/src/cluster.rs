@@ -293,7 +293,7 @@ node_timeout_secs = 5
     }
 }
 
-async fn start_node(
+pub async fn start_node(
     root: &Path,
     i: usize,
     ip: IpAddr,

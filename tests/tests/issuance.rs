@@ -118,6 +118,11 @@ async fn issues_one_certificate_for_a_four_node_cluster() {
     assert!(list[0]["days_left"].as_i64().unwrap() > 0);
     let out = cluster.ctl(&["certificates"]).await.unwrap();
     assert!(out.stdout.contains(&bundle2.serial), "{}", out.stdout);
+
+    // An unknown certificate is a usage error that names it.
+    let out = cluster.ctl(&["issue", "no-such-cert"]).await.unwrap();
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("no-such-cert"), "{}", out.stderr);
 }
 
 /// The order's authorizations as Pebble reports them, read with the
