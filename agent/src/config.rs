@@ -127,13 +127,19 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
     {
         return Err(invalid(
             "node",
-            format!("{:?} must be non-empty and use only A-Z a-z 0-9 - _ .", raw.node),
+            format!(
+                "{:?} must be non-empty and use only A-Z a-z 0-9 - _ .",
+                raw.node
+            ),
         ));
     }
     let grpc_listen = raw.grpc.listen.parse().map_err(|e| {
         invalid(
             "grpc.listen",
-            format!("{:?} is not an address like 127.0.0.2:7443: {e}", raw.grpc.listen),
+            format!(
+                "{:?} is not an address like 127.0.0.2:7443: {e}",
+                raw.grpc.listen
+            ),
         )
     })?;
     let ttl_secs = raw
@@ -143,7 +149,10 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
     if ttl_secs == 0 || ttl_secs > MAX_TOKEN_TTL.as_secs() {
         return Err(invalid(
             "http01.token_ttl_secs",
-            format!("{ttl_secs} must be between 1 and {}", MAX_TOKEN_TTL.as_secs()),
+            format!(
+                "{ttl_secs} must be between 1 and {}",
+                MAX_TOKEN_TTL.as_secs()
+            ),
         ));
     }
     let mode = match raw.http01.mode.as_str() {
@@ -234,30 +243,81 @@ listen = "127.0.0.2:80"
     #[test]
     fn names_unknown_key() {
         let text = GOOD.replace("[grpc]", "colour = \"red\"\n[grpc]");
-        let err = Config::from_toml_str(&text, "agent.toml").unwrap_err().to_string();
-        assert!(err.contains("agent.toml") && err.contains("colour"), "{err}");
+        let err = Config::from_toml_str(&text, "agent.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("agent.toml") && err.contains("colour"),
+            "{err}"
+        );
     }
 
     #[test]
     fn names_missing_webroot_and_relative_path() {
-        let text = GOOD.replace("mode = \"standalone\"\nlisten = \"127.0.0.2:80\"", "mode = \"webroot\"");
-        let err = Config::from_toml_str(&text, "a.toml").unwrap_err().to_string();
-        assert!(err.contains("http01.webroot") && err.contains("required"), "{err}");
+        let text = GOOD.replace(
+            "mode = \"standalone\"\nlisten = \"127.0.0.2:80\"",
+            "mode = \"webroot\"",
+        );
+        let err = Config::from_toml_str(&text, "a.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("http01.webroot") && err.contains("required"),
+            "{err}"
+        );
         let text = GOOD.replace(
             "mode = \"standalone\"\nlisten = \"127.0.0.2:80\"",
             "mode = \"webroot\"\nwebroot = \"var/www\"",
         );
-        let err = Config::from_toml_str(&text, "a.toml").unwrap_err().to_string();
+        let err = Config::from_toml_str(&text, "a.toml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("absolute"), "{err}");
     }
 
     #[test]
     fn names_bad_address_and_ttl() {
         let text = GOOD.replace("127.0.0.2:7443", "nowhere");
-        let err = Config::from_toml_str(&text, "a.toml").unwrap_err().to_string();
-        assert!(err.contains("grpc.listen") && err.contains("nowhere"), "{err}");
+        let err = Config::from_toml_str(&text, "a.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("grpc.listen") && err.contains("nowhere"),
+            "{err}"
+        );
         let text = format!("{GOOD}token_ttl_secs = 0\n");
-        let err = Config::from_toml_str(&text, "a.toml").unwrap_err().to_string();
+        let err = Config::from_toml_str(&text, "a.toml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("http01.token_ttl_secs"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_examples_are_valid() {
+        for (name, text) in [
+            (
+                "agent-cn-ucsb-1.toml",
+                include_str!("../../deploy/examples/dataone/agent-cn-ucsb-1.toml"),
+            ),
+            (
+                "agent-cn-unm-1.toml",
+                include_str!("../../deploy/examples/dataone/agent-cn-unm-1.toml"),
+            ),
+            (
+                "agent-cn-orc-1.toml",
+                include_str!("../../deploy/examples/dataone/agent-cn-orc-1.toml"),
+            ),
+            (
+                "agent-cn-ornl-1.toml",
+                include_str!("../../deploy/examples/dataone/agent-cn-ornl-1.toml"),
+            ),
+            (
+                "agent-standalone.toml",
+                include_str!("../../deploy/examples/agent-standalone.toml"),
+            ),
+        ] {
+            let c = Config::from_toml_str(text, name).unwrap_or_else(|e| panic!("{e}"));
+            assert!(name.contains(&c.node) || c.node == "web-1", "{name}");
+        }
     }
 }

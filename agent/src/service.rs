@@ -74,7 +74,8 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::PlaceTokensResponse>, Status> {
         let request = request.into_inner();
         let batch = parse_place_request(request.tokens).map_err(invalid)?;
-        let ttl = (request.ttl_seconds > 0).then(|| Duration::from_secs(request.ttl_seconds.into()));
+        let ttl =
+            (request.ttl_seconds > 0).then(|| Duration::from_secs(request.ttl_seconds.into()));
         let placed = self.tokens.place(batch, ttl).await.map_err(|e| match e {
             PlaceError::Full { .. } => Status::resource_exhausted(e.to_string()),
             PlaceError::Write { .. } => Status::internal(e.to_string()),

@@ -32,7 +32,9 @@ pub const CHALLENGE_DIR: &str = ".well-known/acme-challenge";
 /// Why tokens could not be placed.
 #[derive(Debug, thiserror::Error)]
 pub enum PlaceError {
-    #[error("agent already holds {held} tokens; placing {asked} more would pass the limit of {MAX_HELD_TOKENS}")]
+    #[error(
+        "agent already holds {held} tokens; placing {asked} more would pass the limit of {MAX_HELD_TOKENS}"
+    )]
     Full { held: usize, asked: usize },
     #[error("writing {path}: {source}")]
     Write {
@@ -79,7 +81,10 @@ impl Tokens {
     ) -> Result<usize, PlaceError> {
         {
             let entries = self.entries.lock().expect("token map poisoned");
-            let new = batch.iter().filter(|r| !entries.contains_key(r.token())).count();
+            let new = batch
+                .iter()
+                .filter(|r| !entries.contains_key(r.token()))
+                .count();
             if entries.len() + new > MAX_HELD_TOKENS {
                 return Err(PlaceError::Full {
                     held: entries.len(),
@@ -235,8 +240,7 @@ fn write_files(dir: &Path, files: &[(String, String)]) -> Result<(), PlaceError>
     };
     if !dir.exists() {
         std::fs::create_dir_all(dir).map_err(err(dir))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
-            .map_err(err(dir))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(err(dir))?;
     }
     let mut written = Vec::with_capacity(files.len());
     let result = files.iter().try_for_each(|(token, key_authorization)| {
@@ -297,7 +301,10 @@ mod tests {
         let r = response(1);
         tokens.place(vec![r.clone()], None).await.unwrap();
         let path = dir.path().join(CHALLENGE_DIR).join(r.token().as_str());
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), r.key_authorization());
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            r.key_authorization()
+        );
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o644);
         assert_eq!(tokens.remove(&[r.token().clone()]).await, 1);
@@ -319,7 +326,10 @@ mod tests {
         tokio::time::advance(Duration::from_secs(29)).await;
         assert!(tokens.get(r.token()).is_some());
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert!(tokens.get(r.token()).is_none(), "expired token still served");
+        assert!(
+            tokens.get(r.token()).is_none(),
+            "expired token still served"
+        );
         // The sweeper runs on the paused clock; let it and its file removal finish.
         for _ in 0..100 {
             if !path.exists() && tokens.is_empty() {

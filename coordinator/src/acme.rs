@@ -16,9 +16,9 @@ use hyper_util::rt::TokioExecutor;
 use instant_acme::{
     Account, AccountCredentials, BodyWrapper, BytesResponse, HttpClient, NewAccount,
 };
-use sha2::{Digest, Sha256};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 use tracing::info;
 
@@ -149,10 +149,7 @@ impl AcmeAccount {
                 let builder = Account::builder_with_http(Box::new(http_client(&self.config)?));
                 let creds: AccountCredentials =
                     serde_json::from_slice(&bytes).map_err(|e| cred_err(e.to_string()))?;
-                let account = builder
-                    .from_credentials(creds)
-                    .await
-                    .map_err(account_err)?;
+                let account = builder.from_credentials(creds).await.map_err(account_err)?;
                 info!(id = account.id(), "loaded ACME account");
                 Ok(account)
             }

@@ -99,7 +99,9 @@ impl Admin for AdminService {
                 Ok(Ok(issued)) => done_to_pb(&issued),
                 Ok(Err(failed)) => failed_to_pb(&failed),
                 Err(panic) => {
-                    let _ = tx.send(Err(Status::internal(format!("order task failed: {panic}")))).await;
+                    let _ = tx
+                        .send(Err(Status::internal(format!("order task failed: {panic}"))))
+                        .await;
                     return;
                 }
             };
@@ -203,9 +205,9 @@ fn failed_to_pb(failed: &Failed) -> pb::IssueEvent {
         } => "self_check",
         IssueError::Nodes { .. } => "node",
         IssueError::Acme { .. } | IssueError::Setup(_) => "acme",
-        IssueError::Authorization { .. } | IssueError::NoHttp01(_) | IssueError::BadToken { .. } => {
-            "acme"
-        }
+        IssueError::Authorization { .. }
+        | IssueError::NoHttp01(_)
+        | IssueError::BadToken { .. } => "acme",
         IssueError::Certificate(_) => "certificate",
         IssueError::Key(_) => "internal",
         IssueError::Store(_) => "store",

@@ -14,12 +14,12 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use certfleet_proto::challenge::{Http01Response, Token};
+use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{self, StreamExt};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::Client as HyperClient;
@@ -93,7 +93,11 @@ pub struct FanOut {
 impl FanOut {
     /// Runs `f` for every node, at most `concurrency` at once, each bounded
     /// by `node_timeout`; yields each node's result in completion order.
-    async fn run<'a, T, F, Fut>(&self, nodes: &'a [FleetNode], f: F) -> Vec<(&'a FleetNode, Option<T>)>
+    async fn run<'a, T, F, Fut>(
+        &self,
+        nodes: &'a [FleetNode],
+        f: F,
+    ) -> Vec<(&'a FleetNode, Option<T>)>
     where
         F: Fn(&'a FleetNode) -> Fut,
         Fut: Future<Output = T> + Send + 'a,
@@ -102,15 +106,13 @@ impl FanOut {
         let timeout = self.node_timeout;
         // Boxed up front so the stream's type does not carry the closure's
         // lifetimes (which trips the compiler's Send inference for spawn).
-        let calls: Vec<Pin<Box<dyn Future<Output = (&'a FleetNode, Option<T>)> + Send + 'a>>> =
-            nodes
-                .iter()
-                .map(|n| {
-                    let fut = f(n);
-                    Box::pin(async move { (n, tokio::time::timeout(timeout, fut).await.ok()) })
-                        as Pin<Box<dyn Future<Output = _> + Send + 'a>>
-                })
-                .collect();
+        let calls: Vec<BoxFuture<'a, (&'a FleetNode, Option<T>)>> = nodes
+            .iter()
+            .map(|n| {
+                let fut = f(n);
+                async move { (n, tokio::time::timeout(timeout, fut).await.ok()) }.boxed()
+            })
+            .collect();
         stream::iter(calls)
             .buffer_unordered(self.concurrency)
             .collect()
@@ -215,7 +217,12 @@ pub async fn self_check_all(
 
 /// Removes `tokens` from every node. Failures are reported, not returned:
 /// the agent drops tokens after their TTL anyway.
-pub async fn remove_all(nodes: &[FleetNode], tokens: &[Token], limits: FanOut, progress: &Progress) {
+pub async fn remove_all(
+    nodes: &[FleetNode],
+    tokens: &[Token],
+    limits: FanOut,
+    progress: &Progress,
+) {
     let results = limits
         .run(nodes, |n| n.transport.remove_tokens(tokens))
         .await;
@@ -269,7 +276,12 @@ impl Default for SelfCheckClient {
 }
 
 impl SelfCheckClient {
-    async fn check(&self, node: &str, addr: SocketAddr, p: &PendingChallenge) -> Result<(), NodeError> {
+    async fn check(
+        &self,
+        node: &str,
+        addr: SocketAddr,
+        p: &PendingChallenge,
+    ) -> Result<(), NodeError> {
         let url = format!(
             "http://{addr}/.well-known/acme-challenge/{}",
             p.response.token()
@@ -285,7 +297,11 @@ impl SelfCheckClient {
             .header(http::header::HOST, &p.identifier)
             .body(Empty::new())
             .map_err(|e| fail(e.to_string()))?;
-        let response = self.0.request(request).await.map_err(|e| fail(format!("{e:#}")))?;
+        let response = self
+            .0
+            .request(request)
+            .await
+            .map_err(|e| fail(format!("{e:#}")))?;
         let status = response.status();
         let body = Limited::new(response.into_body(), MAX_SELF_CHECK_BODY)
             .collect()

@@ -309,7 +309,10 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
     if raw.nodes.len() > MAX_NODES {
         return Err(invalid(
             "nodes".into(),
-            format!("{} nodes; at most {MAX_NODES} are supported", raw.nodes.len()),
+            format!(
+                "{} nodes; at most {MAX_NODES} are supported",
+                raw.nodes.len()
+            ),
         ));
     }
     let mut nodes = Vec::with_capacity(raw.nodes.len());
@@ -374,7 +377,10 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         for (j, san) in c.sans.iter().enumerate() {
             let san = san.to_ascii_lowercase();
             check_dns_name(&san).map_err(|reason| {
-                invalid(format!("certificates[{i}].sans[{j}]"), format!("{san:?}: {reason}"))
+                invalid(
+                    format!("certificates[{i}].sans[{j}]"),
+                    format!("{san:?}: {reason}"),
+                )
             })?;
             if sans.contains(&san) {
                 return Err(invalid(
@@ -500,16 +506,34 @@ sans = ["CN.example.org", "cn-ucsb-1.example.org"]
     #[test]
     fn names_the_bad_key() {
         let e = err(&GOOD.replace("validation_port", "validaton_port"));
-        assert!(e.contains("coordinator.toml") && e.contains("validaton_port"), "{e}");
+        assert!(
+            e.contains("coordinator.toml") && e.contains("validaton_port"),
+            "{e}"
+        );
         let e = err(&format!("{GOOD}nodes = [\"nope\"]\n"));
-        assert!(e.contains("certificates[0].nodes[0]") && e.contains("nope"), "{e}");
+        assert!(
+            e.contains("certificates[0].nodes[0]") && e.contains("nope"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("CN.example.org", "*.example.org"));
-        assert!(e.contains("certificates[0].sans[0]") && e.contains("wildcard"), "{e}");
+        assert!(
+            e.contains("certificates[0].sans[0]") && e.contains("wildcard"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("127.0.0.3:7443", "127.0.0.3"));
         assert!(e.contains("nodes[1].agent"), "{e}");
         let e = err(&GOOD.replace("https://localhost", "http://localhost"));
         assert!(e.contains("acme.directory"), "{e}");
         let e = err(&format!("{GOOD}key = \"dsa\"\n"));
         assert!(e.contains("certificates[0].key"), "{e}");
+    }
+
+    #[test]
+    fn the_shipped_dataone_example_is_valid() {
+        let text = include_str!("../../deploy/examples/dataone/coordinator.toml");
+        let c = Config::from_toml_str(text, "deploy/examples/dataone/coordinator.toml").unwrap();
+        assert_eq!(c.nodes.len(), 4);
+        assert_eq!(c.certificate("cn.dataone.org").unwrap().sans.len(), 5);
+        assert_eq!(c.acme.validation_port, 80);
     }
 }

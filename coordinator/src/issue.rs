@@ -44,7 +44,12 @@ macro_rules! nonce_retry {
         let mut retries = 0;
         loop {
             match $call {
-                Err(e) if $crate::issue::is_bad_nonce(&e) && retries < $crate::issue::BAD_NONCE_RETRIES => retries += 1,
+                Err(e)
+                    if $crate::issue::is_bad_nonce(&e)
+                        && retries < $crate::issue::BAD_NONCE_RETRIES =>
+                {
+                    retries += 1
+                }
                 other => break other,
             }
         }
@@ -62,7 +67,10 @@ pub enum IssueError {
     #[error(transparent)]
     Setup(#[from] AcmeSetupError),
     #[error("{}", join_lines(.errors))]
-    Nodes { stage: Stage, errors: Vec<NodeError> },
+    Nodes {
+        stage: Stage,
+        errors: Vec<NodeError>,
+    },
     #[error("ACME {context}: {}", describe(.source))]
     Acme {
         context: String,
@@ -217,11 +225,7 @@ impl Issuer {
         let _guard = lock
             .try_lock()
             .map_err(|_| failed(IssueError::Busy(name.to_owned())))?;
-        let nodes: Vec<FleetNode> = spec
-            .nodes
-            .iter()
-            .map(|n| self.fleet[n].clone())
-            .collect();
+        let nodes: Vec<FleetNode> = spec.nodes.iter().map(|n| self.fleet[n].clone()).collect();
         let span = info_span!("issue", cert = %name, sans = spec.sans.len(), nodes = nodes.len());
         let mut order = OrderRun {
             issuer: self,
@@ -239,7 +243,11 @@ impl Issuer {
         let _enter = span.enter();
         match result {
             Ok((stored, reused)) => {
-                info!(version = stored.version, ms = order.timings.total.as_millis() as u64, "issued");
+                info!(
+                    version = stored.version,
+                    ms = order.timings.total.as_millis() as u64,
+                    "issued"
+                );
                 Ok(Issued {
                     stored,
                     order_url: order.order_url.unwrap_or_default(),
@@ -359,12 +367,18 @@ impl OrderRun<'_> {
             let start = Instant::now();
             let limits = self.limits();
             self.placed = pending.iter().map(|p| p.response.token().clone()).collect();
-            challenge::place_all(self.nodes, &pending, config.placement.token_ttl, limits, self.progress)
-                .await
-                .map_err(|errors| IssueError::Nodes {
-                    stage: Stage::Placement,
-                    errors,
-                })?;
+            challenge::place_all(
+                self.nodes,
+                &pending,
+                config.placement.token_ttl,
+                limits,
+                self.progress,
+            )
+            .await
+            .map_err(|errors| IssueError::Nodes {
+                stage: Stage::Placement,
+                errors,
+            })?;
             challenge::self_check_all(
                 self.nodes,
                 &pending,
@@ -392,29 +406,37 @@ impl OrderRun<'_> {
                 let mut challenge = authz
                     .challenge(ChallengeType::Http01)
                     .ok_or_else(|| IssueError::NoHttp01(identifier.clone()))?;
-                nonce_retry!(challenge.set_ready().await).map_err(IssueError::acme(format!("answering the challenge for {identifier}")))?;
+                nonce_retry!(challenge.set_ready().await).map_err(IssueError::acme(format!(
+                    "answering the challenge for {identifier}"
+                )))?;
             }
-            self.progress.step(Stage::Validation, "challenges answered; waiting for the CA");
+            self.progress
+                .step(Stage::Validation, "challenges answered; waiting for the CA");
             let retry = self.retry_policy();
-            let status = nonce_retry!(order.poll_ready(&retry).await).map_err(IssueError::acme("waiting for validation"))?;
+            let status = nonce_retry!(order.poll_ready(&retry).await)
+                .map_err(IssueError::acme("waiting for validation"))?;
             if status != OrderStatus::Ready {
                 return Err(self.validation_failure(&mut order).await);
             }
             self.timings.ca += ca_start.elapsed();
         } else {
             let ca_start = Instant::now();
-            nonce_retry!(order.poll_ready(&self.retry_policy()).await).map_err(IssueError::acme("waiting for the order to be ready"))?;
+            nonce_retry!(order.poll_ready(&self.retry_policy()).await)
+                .map_err(IssueError::acme("waiting for the order to be ready"))?;
             self.timings.ca += ca_start.elapsed();
         }
-        self.progress.step(Stage::Validation, "the CA validated every name");
+        self.progress
+            .step(Stage::Validation, "the CA validated every name");
 
         let (key_pem, csr_der) = self.key_and_csr()?;
         let ca_start = Instant::now();
         nonce_retry!(order.finalize_csr(&csr_der).await)
             .map_err(IssueError::acme("finalizing the order"))?;
-        let chain = nonce_retry!(order.poll_certificate(&self.retry_policy()).await).map_err(IssueError::acme("downloading the certificate"))?;
+        let chain = nonce_retry!(order.poll_certificate(&self.retry_policy()).await)
+            .map_err(IssueError::acme("downloading the certificate"))?;
         self.timings.ca += ca_start.elapsed();
-        self.progress.step(Stage::Finalize, "certificate downloaded");
+        self.progress
+            .step(Stage::Finalize, "certificate downloaded");
 
         let bundle = Bundle::parse(&chain, Some(&key_pem), &self.spec.sans)?;
         let (version, _) = self.issuer.store.save(&self.spec.name, &bundle, &key_pem)?;
@@ -423,11 +445,14 @@ impl OrderRun<'_> {
             .store
             .live(&self.spec.name)?
             .filter(|s| s.version == version)
-            .ok_or_else(|| {
-                StoreError {
-                    path: self.issuer.config.state_dir.join("live").join(&self.spec.name),
-                    source: std::io::Error::other("live/ does not point at the version just written"),
-                }
+            .ok_or_else(|| StoreError {
+                path: self
+                    .issuer
+                    .config
+                    .state_dir
+                    .join("live")
+                    .join(&self.spec.name),
+                source: std::io::Error::other("live/ does not point at the version just written"),
             })?;
         self.progress.step(
             Stage::Store,

@@ -236,7 +236,10 @@ mod tests {
         let live = store.live("web").unwrap().unwrap();
         assert_eq!(live.version, 2);
         assert_eq!(live.bundle.leaf_sha256, b2.leaf_sha256);
-        assert_eq!(std::fs::read_to_string(live_dir.join("privkey.pem")).unwrap(), k2);
+        assert_eq!(
+            std::fs::read_to_string(live_dir.join("privkey.pem")).unwrap(),
+            k2
+        );
         assert_eq!(
             std::fs::read_link(live_dir.join("cert.pem")).unwrap(),
             PathBuf::from("../../archive/web/cert2.pem")

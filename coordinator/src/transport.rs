@@ -99,6 +99,12 @@ impl Transport for GrpcAgent {
         let request = pb::RemoveTokensRequest {
             tokens: tokens.iter().map(Token::to_string).collect(),
         };
-        Ok(self.client.clone().remove_tokens(request).await?.into_inner().removed)
+        Ok(self
+            .client
+            .clone()
+            .remove_tokens(request)
+            .await?
+            .into_inner()
+            .removed)
     }
 }

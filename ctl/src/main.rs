@@ -83,7 +83,9 @@ fn main() -> ExitCode {
     }
 }
 
-async fn connect(socket: &std::path::Path) -> Result<AdminClient<Channel>, tonic::transport::Error> {
+async fn connect(
+    socket: &std::path::Path,
+) -> Result<AdminClient<Channel>, tonic::transport::Error> {
     let socket = socket.to_owned();
     // The URI is required by the API but unused: every connection goes to the socket.
     let channel = Endpoint::from_static("http://certfleet.invalid")

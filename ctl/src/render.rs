@@ -68,8 +68,7 @@ impl IssueView {
         let spinner = (!json && std::io::stderr().is_terminal()).then(|| {
             let pb = ProgressBar::new_spinner();
             pb.set_style(
-                ProgressStyle::with_template("{spinner} {elapsed} {msg}")
-                    .expect("static template"),
+                ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("static template"),
             );
             pb.enable_steady_tick(std::time::Duration::from_millis(100));
             pb
@@ -112,7 +111,11 @@ impl IssueView {
                     println!("  live:     {}", c.live_dir);
                     println!("  names:    {}", c.sans.join(", "));
                     println!("  serial:   {}", c.serial);
-                    println!("  expires:  {} ({} days)", date(c.not_after_unix), c.days_left);
+                    println!(
+                        "  expires:  {} ({} days)",
+                        date(c.not_after_unix),
+                        c.days_left
+                    );
                     println!("  sha256:   {}", c.sha256);
                     if let Some(t) = &c.timings {
                         println!(

@@ -113,12 +113,10 @@ impl Bundle {
         }
         let mut certs = Vec::with_capacity(blocks.len());
         for (index, pem) in blocks.iter().enumerate() {
-            let cert = pem
-                .parse_x509()
-                .map_err(|e| InvalidBundle::Certificate {
-                    index,
-                    reason: e.to_string(),
-                })?;
+            let cert = pem.parse_x509().map_err(|e| InvalidBundle::Certificate {
+                index,
+                reason: e.to_string(),
+            })?;
             certs.push(cert);
         }
         for (index, pair) in certs.windows(2).enumerate() {
@@ -161,7 +159,9 @@ impl Bundle {
             let key = rcgen::KeyPair::from_pem(key_pem).map_err(|e| InvalidBundle::Key {
                 reason: e.to_string(),
             })?;
-            if rcgen::PublicKeyData::subject_public_key_info(&key) != leaf.tbs_certificate.subject_pki.raw {
+            if rcgen::PublicKeyData::subject_public_key_info(&key)
+                != leaf.tbs_certificate.subject_pki.raw
+            {
                 return Err(InvalidBundle::KeyMismatch);
             }
         }
@@ -186,10 +186,12 @@ impl Bundle {
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     use fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 fn to_pem(der: &[u8]) -> String {
@@ -220,7 +222,9 @@ mod tests {
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(DnType::CommonName, "test CA");
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "test CA");
         let ca = ca_params.self_signed(&ca_key).unwrap();
         let issuer = Issuer::new(ca_params, &ca_key);
         let key = KeyPair::generate().unwrap();
@@ -253,17 +257,28 @@ mod tests {
     #[test]
     fn refuses_reversed_chain() {
         let c = chain(&["a.example.org"]);
-        let mut blocks: Vec<&str> = c.fullchain.split_inclusive("-----END CERTIFICATE-----\n").collect();
+        let mut blocks: Vec<&str> = c
+            .fullchain
+            .split_inclusive("-----END CERTIFICATE-----\n")
+            .collect();
         blocks.reverse();
         let err = Bundle::parse(&blocks.concat(), None, &[]).unwrap_err();
-        assert!(matches!(err, InvalidBundle::Order { index: 0, next: 1 }), "{err}");
+        assert!(
+            matches!(err, InvalidBundle::Order { index: 0, next: 1 }),
+            "{err}"
+        );
     }
 
     #[test]
     fn refuses_missing_name_and_wrong_key() {
         let c = chain(&["a.example.org"]);
         let err = Bundle::parse(&c.fullchain, None, &names(&["b.example.org"])).unwrap_err();
-        assert_eq!(err, InvalidBundle::MissingNames { missing: names(&["b.example.org"]) });
+        assert_eq!(
+            err,
+            InvalidBundle::MissingNames {
+                missing: names(&["b.example.org"])
+            }
+        );
         let other = KeyPair::generate().unwrap().serialize_pem();
         let err = Bundle::parse(&c.fullchain, Some(&other), &[]).unwrap_err();
         assert_eq!(err, InvalidBundle::KeyMismatch);
@@ -277,7 +292,10 @@ mod tests {
             Bundle::parse(&with_key, None, &[]).unwrap_err(),
             InvalidBundle::NotACertificate { index: 2, .. }
         ));
-        assert_eq!(Bundle::parse("", None, &[]).unwrap_err(), InvalidBundle::Empty);
+        assert_eq!(
+            Bundle::parse("", None, &[]).unwrap_err(),
+            InvalidBundle::Empty
+        );
         let big = "x".repeat(MAX_CHAIN_PEM_BYTES + 1);
         assert!(matches!(
             Bundle::parse(&big, None, &[]).unwrap_err(),

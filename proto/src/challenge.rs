@@ -27,7 +27,9 @@ pub enum InvalidChallenge {
     EmptyToken,
     #[error("token is {len} characters; it must be {MIN_TOKEN_LEN} to {MAX_TOKEN_LEN}")]
     TokenLength { len: usize },
-    #[error("token has {found:?} at byte {at}; only base64url characters (A-Z a-z 0-9 - _) are allowed")]
+    #[error(
+        "token has {found:?} at byte {at}; only base64url characters (A-Z a-z 0-9 - _) are allowed"
+    )]
     TokenCharacter { found: char, at: usize },
     #[error("key authorization for token {token} is not of the form <token>.<thumbprint>")]
     KeyAuthorizationShape { token: String },

@@ -83,13 +83,24 @@ impl Node {
 
     /// The tokens the agent serves, as it reports them.
     pub async fn tokens(&self) -> anyhow::Result<Vec<String>> {
-        let rsp = self.client().await?.list_tokens(pb::ListTokensRequest {}).await?;
-        Ok(rsp.into_inner().tokens.into_iter().map(|t| t.token).collect())
+        let rsp = self
+            .client()
+            .await?
+            .list_tokens(pb::ListTokensRequest {})
+            .await?;
+        Ok(rsp
+            .into_inner()
+            .tokens
+            .into_iter()
+            .map(|t| t.token)
+            .collect())
     }
 
     /// The files in the webroot's challenge directory (webroot mode).
     pub fn webroot_files(&self) -> Vec<String> {
-        let Some(root) = &self.webroot else { return Vec::new() };
+        let Some(root) = &self.webroot else {
+            return Vec::new();
+        };
         std::fs::read_dir(root.join(".well-known/acme-challenge"))
             .map(|rd| {
                 rd.filter_map(|e| e.ok())
@@ -156,7 +167,9 @@ pub fn node_name(i: usize) -> String {
 
 impl Cluster {
     pub async fn start(spec: ClusterSpec) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("certfleet-test-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("certfleet-test-")
+            .tempdir()?;
         let subnet = Subnet::new();
         let ips: Vec<IpAddr> = (0..spec.nodes).map(|i| subnet.node(i)).collect();
         let http_port = common_free_port(&ips);
@@ -168,7 +181,9 @@ impl Cluster {
         sans.truncate(certfleet_coordinator::config::MAX_SANS);
         // DNS: each node's name to its node, the shared name to the chosen
         // node, extra names round-robin across nodes.
-        pebble.add_a(&sans[0], ips[spec.shared_node % spec.nodes]).await?;
+        pebble
+            .add_a(&sans[0], ips[spec.shared_node % spec.nodes])
+            .await?;
         for (k, san) in sans.iter().enumerate().skip(1) {
             pebble.add_a(san, ips[(k - 1) % spec.nodes]).await?;
         }
@@ -238,7 +253,12 @@ node_timeout_secs = 5
         let socket = self.socket.clone();
         let waited = eventually("the admin socket", STARTUP, || {
             let socket = socket.clone();
-            async move { tokio::net::UnixStream::connect(&socket).await.ok().map(|_| ()) }
+            async move {
+                tokio::net::UnixStream::connect(&socket)
+                    .await
+                    .ok()
+                    .map(|_| ())
+            }
         })
         .await;
         if let Err(e) = waited {
@@ -262,6 +282,18 @@ node_timeout_secs = 5
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         })
+    }
+
+    /// Runs the `certfleet` CLI with the terminal as its output; returns
+    /// its exit code.
+    pub async fn ctl_inherit(&self, args: &[&str]) -> anyhow::Result<i32> {
+        let status = tokio::process::Command::new(bin("certfleet"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .status()
+            .await?;
+        Ok(status.code().unwrap_or(-1))
     }
 
     /// `certfleet --json issue cn`.
@@ -321,14 +353,16 @@ pub async fn start_node(
             )
         }
     };
-    let config = format!(
-        "node = \"{name}\"\n\n[grpc]\nlisten = \"{grpc}\"\n\n[http01]\n{http01}"
-    );
+    let config = format!("node = \"{name}\"\n\n[grpc]\nlisten = \"{grpc}\"\n\n[http01]\n{http01}");
     let config_path = dir.join("agent.toml");
     std::fs::write(&config_path, config)?;
     let mut cmd = Command::new(bin("certfleet-agent"));
     cmd.arg("--config").arg(&config_path);
-    let mut agent = Proc::spawn(&format!("certfleet-agent {name}"), cmd, &dir.join("agent.log"))?;
+    let mut agent = Proc::spawn(
+        &format!("certfleet-agent {name}"),
+        cmd,
+        &dir.join("agent.log"),
+    )?;
     if let Err(e) = wait_listening(grpc, STARTUP).await {
         agent.check_running()?;
         bail!("agent {name}: {e}");

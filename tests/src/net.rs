@@ -106,7 +106,7 @@ pub async fn http(
     let rsp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
         .await
         .with_context(|| format!("{url}: timed out"))?
-        .with_context(|| format!("{url}"))?;
+        .with_context(|| url.to_string())?;
     let status = rsp.status();
     let body = rsp.into_body().collect().await?.to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))

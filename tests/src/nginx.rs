@@ -11,7 +11,12 @@ use crate::process::Proc;
 
 /// Starts nginx in the foreground, as the invoking user, serving `webroot`
 /// on `ip:port`; everything it writes stays in `dir`.
-pub async fn serve_webroot(dir: &Path, ip: IpAddr, port: u16, webroot: &Path) -> anyhow::Result<Proc> {
+pub async fn serve_webroot(
+    dir: &Path,
+    ip: IpAddr,
+    port: u16,
+    webroot: &Path,
+) -> anyhow::Result<Proc> {
     std::fs::create_dir_all(dir.join("tmp"))?;
     let d = dir.display();
     let conf = format!(
@@ -43,7 +48,12 @@ http {{
     let conf_path = dir.join("nginx.conf");
     std::fs::write(&conf_path, conf)?;
     let mut cmd = Command::new("nginx");
-    cmd.arg("-c").arg(&conf_path).arg("-p").arg(dir).arg("-e").arg(dir.join("error.log"));
+    cmd.arg("-c")
+        .arg(&conf_path)
+        .arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(dir.join("error.log"));
     let mut proc = Proc::spawn("nginx", cmd, &dir.join("nginx.out"))?;
     if let Err(e) = wait_listening(SocketAddr::new(ip, port), Duration::from_secs(10)).await {
         proc.check_running()?;

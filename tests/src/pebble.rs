@@ -121,9 +121,12 @@ impl Pebble {
     /// The root that issued (this run of) Pebble's certificates.
     pub async fn root_pem(&self) -> anyhow::Result<String> {
         let ca = std::fs::read(&self.listener_ca)?;
-        https_get(&format!("https://127.0.0.1:{}/roots/0", self.mgmt_port), &ca)
-            .await
-            .context("reading Pebble's root")
+        https_get(
+            &format!("https://127.0.0.1:{}/roots/0", self.mgmt_port),
+            &ca,
+        )
+        .await
+        .context("reading Pebble's root")
     }
 
     pub fn log(&self) -> String {
@@ -144,9 +147,14 @@ fn write_listener_certs(dir: &Path) -> anyhow::Result<PathBuf> {
     let issuer = Issuer::new(ca_params, &ca_key);
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
-    params.distinguished_name.push(DnType::CommonName, "localhost");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
     let leaf = params.signed_by(&key, &issuer)?;
-    std::fs::write(dir.join("listener.pem"), format!("{}{}", leaf.pem(), ca.pem()))?;
+    std::fs::write(
+        dir.join("listener.pem"),
+        format!("{}{}", leaf.pem(), ca.pem()),
+    )?;
     std::fs::write(dir.join("listener.key"), key.serialize_pem())?;
     let ca_path = dir.join("listener-ca.pem");
     std::fs::write(&ca_path, ca.pem())?;

@@ -82,18 +82,30 @@ pub fn bin(name: &str) -> PathBuf {
         }
         let target = dir.parent().expect("target dir").to_owned();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace");
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace");
         let mut cmd = Command::new(cargo);
         cmd.current_dir(workspace)
             .args(["build", "--quiet", "--bins"])
-            .args(["-p", "certfleet-agent", "-p", "certfleet-coordinator", "-p", "certfleet-ctl"])
+            .args([
+                "-p",
+                "certfleet-agent",
+                "-p",
+                "certfleet-coordinator",
+                "-p",
+                "certfleet-ctl",
+            ])
             .arg("--target-dir")
             .arg(&target);
         if dir.ends_with("release") {
             cmd.arg("--release");
         }
         let status = cmd.status().expect("running cargo build for the binaries");
-        assert!(status.success(), "cargo build of certfleet's binaries failed");
+        assert!(
+            status.success(),
+            "cargo build of certfleet's binaries failed"
+        );
         dir
     })
     .join(name)

@@ -17,7 +17,8 @@ pub fn chain_verifies(fullchain_pem: &str, root_pem: &str, names: &[String]) -> 
         roots.add(root?)?;
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider).build()?;
+    let verifier =
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider).build()?;
     let chain: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(fullchain_pem.as_bytes()).collect::<Result<_, _>>()?;
     let (leaf, intermediates) = chain.split_first().context("empty chain")?;

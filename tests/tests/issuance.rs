@@ -31,7 +31,11 @@ async fn assert_no_tokens_left(cluster: &Cluster) {
     for node in &cluster.nodes {
         if node.agent.is_some() {
             let tokens = node.tokens().await.unwrap();
-            assert!(tokens.is_empty(), "node {} still serves {tokens:?}", node.name);
+            assert!(
+                tokens.is_empty(),
+                "node {} still serves {tokens:?}",
+                node.name
+            );
         }
         assert!(
             node.webroot_files().is_empty(),
@@ -62,9 +66,9 @@ async fn issues_one_certificate_for_a_four_node_cluster() {
     for node in &cluster.nodes {
         for stage in ["placement", "self-check"] {
             assert!(
-                events
-                    .iter()
-                    .any(|e| e["stage"] == stage && e["node"] == node.name.as_str() && e["ok"] == true),
+                events.iter().any(|e| e["stage"] == stage
+                    && e["node"] == node.name.as_str()
+                    && e["ok"] == true),
                 "no successful {stage} event for {}: {}",
                 node.name,
                 out.stdout
@@ -86,10 +90,14 @@ async fn issues_one_certificate_for_a_four_node_cluster() {
     let bundle = Bundle::parse(&fullchain, Some(&key), &cluster.sans).unwrap();
     assert_eq!(cert["serial"], bundle.serial.as_str());
     assert_eq!(read(live.join("cert.pem")), bundle.leaf_pem);
-    let key_mode = std::fs::metadata(cluster.state_dir.join(format!("archive/{CERT}/privkey1.pem")))
-        .unwrap()
-        .permissions()
-        .mode();
+    let key_mode = std::fs::metadata(
+        cluster
+            .state_dir
+            .join(format!("archive/{CERT}/privkey1.pem")),
+    )
+    .unwrap()
+    .permissions()
+    .mode();
     assert_eq!(key_mode & 0o777, 0o600, "private key mode");
     let account_dir = cluster.state_dir.join("acme");
     for entry in std::fs::read_dir(&account_dir).unwrap() {
@@ -104,9 +112,19 @@ async fn issues_one_certificate_for_a_four_node_cluster() {
     assert_eq!(cert2["version"], 2);
     assert_ne!(cert2["serial"], cert["serial"]);
     let fullchain2 = read(live.join("fullchain.pem"));
-    let bundle2 = Bundle::parse(&fullchain2, Some(&read(live.join("privkey.pem"))), &cluster.sans).unwrap();
+    let bundle2 = Bundle::parse(
+        &fullchain2,
+        Some(&read(live.join("privkey.pem"))),
+        &cluster.sans,
+    )
+    .unwrap();
     assert_eq!(cert2["serial"], bundle2.serial.as_str());
-    assert!(cluster.state_dir.join(format!("archive/{CERT}/cert1.pem")).exists());
+    assert!(
+        cluster
+            .state_dir
+            .join(format!("archive/{CERT}/cert1.pem"))
+            .exists()
+    );
 
     // `certificates` lists what is live.
     let out = cluster.ctl(&["--json", "certificates"]).await.unwrap();
@@ -127,9 +145,17 @@ async fn issues_one_certificate_for_a_four_node_cluster() {
 
 /// The order's authorizations as Pebble reports them, read with the
 /// coordinator's own account.
-async fn authorization_statuses(cluster: &Cluster, order_url: &str) -> Vec<instant_acme::AuthorizationStatus> {
+async fn authorization_statuses(
+    cluster: &Cluster,
+    order_url: &str,
+) -> Vec<instant_acme::AuthorizationStatus> {
     let acme_dir = cluster.state_dir.join("acme");
-    let creds_path = std::fs::read_dir(&acme_dir).unwrap().next().unwrap().unwrap().path();
+    let creds_path = std::fs::read_dir(&acme_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let creds: instant_acme::AccountCredentials =
         serde_json::from_slice(&std::fs::read(creds_path).unwrap()).unwrap();
     let account = instant_acme::Account::builder_with_root(&cluster.pebble.listener_ca)
@@ -154,7 +180,11 @@ async fn a_node_down_aborts_before_the_ca_is_asked_and_leaves_no_token() {
     let (name, addr) = (cluster.nodes[down].name.clone(), cluster.nodes[down].grpc);
 
     let out = cluster.issue().await.unwrap();
-    assert_eq!(out.code, 1, "stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
+    assert_eq!(
+        out.code, 1,
+        "stdout:\n{}\nstderr:\n{}",
+        out.stdout, out.stderr
+    );
     let last = out.last_json();
     assert_eq!(last["stage"], "failed");
     assert_eq!(last["error"]["kind"], "node");
@@ -173,7 +203,9 @@ async fn a_node_down_aborts_before_the_ca_is_asked_and_leaves_no_token() {
     let statuses = authorization_statuses(&cluster, order_url).await;
     assert_eq!(statuses.len(), cluster.sans.len());
     assert!(
-        statuses.iter().all(|s| *s == instant_acme::AuthorizationStatus::Pending),
+        statuses
+            .iter()
+            .all(|s| *s == instant_acme::AuthorizationStatus::Pending),
         "{statuses:?}"
     );
     // The other nodes got their tokens back off.
@@ -185,14 +217,23 @@ async fn a_node_down_aborts_before_the_ca_is_asked_and_leaves_no_token() {
 async fn a_node_failing_the_self_check_aborts_before_the_ca_is_asked() {
     // cn-orc-1's HTTP-01 address points where nothing listens: its agent
     // accepts tokens, but the CA could never fetch them there.
-    let mut spec = ClusterSpec::default();
-    spec.nodes = 3;
-    let mut cluster = Cluster::start(spec).await.unwrap();
+    let mut cluster = Cluster::start(ClusterSpec {
+        nodes: 3,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let unused = cluster.subnet.unused();
     let config = std::fs::read_to_string(&cluster.config_path).unwrap();
     let broken = config.replace(
-        &format!("name = \"cn-orc-1\"\nagent = \"{}\"\n", cluster.nodes[2].grpc),
-        &format!("name = \"cn-orc-1\"\nagent = \"{}\"\nhttp01 = \"{unused}\"\n", cluster.nodes[2].grpc),
+        &format!(
+            "name = \"cn-orc-1\"\nagent = \"{}\"\n",
+            cluster.nodes[2].grpc
+        ),
+        &format!(
+            "name = \"cn-orc-1\"\nagent = \"{}\"\nhttp01 = \"{unused}\"\n",
+            cluster.nodes[2].grpc
+        ),
     );
     assert_ne!(config, broken);
     std::fs::write(&cluster.config_path, broken).unwrap();
@@ -209,8 +250,14 @@ async fn a_node_failing_the_self_check_aborts_before_the_ca_is_asked() {
         message.contains(&unused.to_string()) && message.contains("/.well-known/acme-challenge/"),
         "{message}"
     );
-    let statuses = authorization_statuses(&cluster, last["error"]["order_url"].as_str().unwrap()).await;
-    assert!(statuses.iter().all(|s| *s == instant_acme::AuthorizationStatus::Pending), "{statuses:?}");
+    let statuses =
+        authorization_statuses(&cluster, last["error"]["order_url"].as_str().unwrap()).await;
+    assert!(
+        statuses
+            .iter()
+            .all(|s| *s == instant_acme::AuthorizationStatus::Pending),
+        "{statuses:?}"
+    );
     assert_no_tokens_left(&cluster).await;
 }
 
@@ -230,8 +277,15 @@ async fn survives_injected_nonce_rejection_and_authorization_reuse() {
         let out = cluster.issue().await.unwrap();
         let cert = issued(&cluster, &out);
         assert_eq!(cert["version"], version);
-        let order = out.json_lines().into_iter().find(|e| e["stage"] == "order").unwrap();
-        reused_seen |= !order["message"].as_str().unwrap().contains(" 0 already valid");
+        let order = out
+            .json_lines()
+            .into_iter()
+            .find(|e| e["stage"] == "order")
+            .unwrap();
+        reused_seen |= !order["message"]
+            .as_str()
+            .unwrap()
+            .contains(" 0 already valid");
     }
     // With 50% reuse over five orders of five names, some were reused; the
     // flow must have skipped them rather than re-validating.
@@ -265,8 +319,16 @@ async fn issues_through_nginx_serving_the_webroot() {
                 .count()
         })
         .sum();
-    assert!(fetched >= cluster.sans.len(), "nginx served {fetched} challenge fetches");
+    assert!(
+        fetched >= cluster.sans.len(),
+        "nginx served {fetched} challenge fetches"
+    );
     let fullchain = read(cluster.live_dir().join("fullchain.pem"));
-    chain_verifies(&fullchain, &cluster.pebble.root_pem().await.unwrap(), &cluster.sans).unwrap();
+    chain_verifies(
+        &fullchain,
+        &cluster.pebble.root_pem().await.unwrap(),
+        &cluster.sans,
+    )
+    .unwrap();
     assert_no_tokens_left(&cluster).await;
 }

@@ -73,24 +73,62 @@ async fn agent_refuses_malformed_tokens_and_writes_nothing() {
     let before = files_under(dir.path());
 
     let cases: Vec<(pb::Http01Token, &str)> = vec![
-        (tok("../../../../etc/cron.d/evil000000", &format!("x.{THUMB}")), "'.'"),
-        (tok("abcdefghijklmnopqrstuvwxyz/etc", &format!("x.{THUMB}")), "'/'"),
-        (tok("abcdefghijklmnopqrstuvwxyz%2e%2e", &format!("x.{THUMB}")), "'%'"),
-        (tok("abcdefghijklmnopqrstuvwxyz\0", &format!("x.{THUMB}")), "'\\0'"),
+        (
+            tok("../../../../etc/cron.d/evil000000", &format!("x.{THUMB}")),
+            "'.'",
+        ),
+        (
+            tok("abcdefghijklmnopqrstuvwxyz/etc", &format!("x.{THUMB}")),
+            "'/'",
+        ),
+        (
+            tok("abcdefghijklmnopqrstuvwxyz%2e%2e", &format!("x.{THUMB}")),
+            "'%'",
+        ),
+        (
+            tok("abcdefghijklmnopqrstuvwxyz\0", &format!("x.{THUMB}")),
+            "'\\0'",
+        ),
         (tok("short", &format!("short.{THUMB}")), "5 characters"),
-        (tok(&"a".repeat(129), &format!("x.{THUMB}")), "129 characters"),
+        (
+            tok(&"a".repeat(129), &format!("x.{THUMB}")),
+            "129 characters",
+        ),
         (tok("", ""), "token is empty"),
-        (tok(&good_token(1), &format!("{}.{THUMB}", good_token(2))), "names a different token"),
+        (
+            tok(&good_token(1), &format!("{}.{THUMB}", good_token(2))),
+            "names a different token",
+        ),
         (tok(&good_token(1), &good_token(1)), "not of the form"),
-        (tok(&good_token(1), &format!("{}.abc", good_token(1))), "3-character thumbprint"),
-        (tok(&good_token(1), &format!("{}.{}/x", good_token(1), &THUMB[..41])), "thumbprint"),
+        (
+            tok(&good_token(1), &format!("{}.abc", good_token(1))),
+            "3-character thumbprint",
+        ),
+        (
+            tok(
+                &good_token(1),
+                &format!("{}.{}/x", good_token(1), &THUMB[..41]),
+            ),
+            "thumbprint",
+        ),
     ];
     for (bad, needle) in cases {
         let shown = format!("{bad:?}");
-        let result = place(&node, vec![tok(&good_token(7), &format!("{}.{THUMB}", good_token(7))), bad]).await;
+        let result = place(
+            &node,
+            vec![
+                tok(&good_token(7), &format!("{}.{THUMB}", good_token(7))),
+                bad,
+            ],
+        )
+        .await;
         let status = result.expect_err(&format!("{shown} was accepted"));
         assert_eq!(status.code(), Code::InvalidArgument, "{shown}: {status:?}");
-        assert!(status.message().contains(needle), "{shown}: {:?} lacks {needle:?}", status.message());
+        assert!(
+            status.message().contains(needle),
+            "{shown}: {:?} lacks {needle:?}",
+            status.message()
+        );
     }
     // All or nothing: the good token in each refused batch was not placed.
     assert!(node.tokens().await.unwrap().is_empty());
@@ -99,7 +137,11 @@ async fn agent_refuses_malformed_tokens_and_writes_nothing() {
     let many: Vec<_> = (0..257)
         .map(|i| tok(&good_token(i), &format!("{}.{THUMB}", good_token(i))))
         .collect();
-    assert_refused(place(&node, many).await, Code::InvalidArgument, "257 tokens");
+    assert_refused(
+        place(&node, many).await,
+        Code::InvalidArgument,
+        "257 tokens",
+    );
 
     // An oversized message is refused by the decoder before any work.
     let huge = tok(&good_token(1), &"a".repeat(2 * 1024 * 1024));
@@ -121,15 +163,40 @@ async fn agent_refuses_malformed_tokens_and_writes_nothing() {
     assert_eq!(status.code(), Code::InvalidArgument);
 
     // Nothing was written anywhere, and the agent is still healthy.
-    assert_eq!(files_under(dir.path()).iter().filter(|f| !f.contains("/nginx/") && !f.ends_with("agent.log")).count(),
-        before.iter().filter(|f| !f.contains("/nginx/") && !f.ends_with("agent.log")).count(),
-        "files changed: {:?}", files_under(dir.path()));
-    let status = client.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
-    assert_eq!((status.node.as_str(), status.tokens, status.http01_mode.as_str()), ("cn-ucsb-1", 0, "webroot"));
+    assert_eq!(
+        files_under(dir.path())
+            .iter()
+            .filter(|f| !f.contains("/nginx/") && !f.ends_with("agent.log"))
+            .count(),
+        before
+            .iter()
+            .filter(|f| !f.contains("/nginx/") && !f.ends_with("agent.log"))
+            .count(),
+        "files changed: {:?}",
+        files_under(dir.path())
+    );
+    let status = client
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            status.node.as_str(),
+            status.tokens,
+            status.http01_mode.as_str()
+        ),
+        ("cn-ucsb-1", 0, "webroot")
+    );
 
     // A good one is placed as a file nginx serves, and removed again.
     let t = good_token(3);
-    assert_eq!(place(&node, vec![tok(&t, &format!("{t}.{THUMB}"))]).await.unwrap(), 1);
+    assert_eq!(
+        place(&node, vec![tok(&t, &format!("{t}.{THUMB}"))])
+            .await
+            .unwrap(),
+        1
+    );
     assert_eq!(node.webroot_files(), vec![t.clone()]);
     let removed = client
         .remove_tokens(pb::RemoveTokensRequest { tokens: vec![t] })
@@ -146,7 +213,9 @@ async fn standalone_responder_serves_only_challenge_paths() {
     let dir = tempfile::tempdir().unwrap();
     let ip = Subnet::new().node(0);
     let port = free_port(ip);
-    let node = start_node(dir.path(), 0, ip, port, Http01::Standalone).await.unwrap();
+    let node = start_node(dir.path(), 0, ip, port, Http01::Standalone)
+        .await
+        .unwrap();
     let t = good_token(5);
     let ka = format!("{t}.{THUMB}");
     place(&node, vec![tok(&t, &ka)]).await.unwrap();
@@ -154,7 +223,11 @@ async fn standalone_responder_serves_only_challenge_paths() {
     let base = format!("http://{ip}:{port}");
     let get = |path: String| {
         let url = format!("{base}{path}");
-        async move { http(http::Method::GET, &url, Some("cn.dataone.test"), None).await.unwrap() }
+        async move {
+            http(http::Method::GET, &url, Some("cn.dataone.test"), None)
+                .await
+                .unwrap()
+        }
     };
     let (status, body) = get(format!("/.well-known/acme-challenge/{t}")).await;
     assert_eq!((status.as_u16(), body.as_str()), (200, ka.as_str()));
@@ -169,7 +242,9 @@ async fn standalone_responder_serves_only_challenge_paths() {
         assert_eq!(status.as_u16(), 404, "{path}");
     }
     let url = format!("{base}/.well-known/acme-challenge/{t}");
-    let (status, _) = http(http::Method::POST, &url, None, Some("x".into())).await.unwrap();
+    let (status, _) = http(http::Method::POST, &url, None, Some("x".into()))
+        .await
+        .unwrap();
     assert_eq!(status.as_u16(), 405);
 }
 
@@ -198,41 +273,74 @@ sans = ["cn.dataone.test"]
 fn bad_configs_exit_2_naming_the_key_and_touch_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
-        (COORDINATOR.replace("[acme]", "colour = \"blue\"\n[acme]"), "colour"),
-        (COORDINATOR.replace("name = \"cn-ucsb-1\"", "name = \"cn ucsb\""), "nodes[0].name"),
-        (format!("{COORDINATOR}nodes = [\"cn-nope-1\"]\n"), "certificates[0].nodes[0]"),
-        (COORDINATOR.replace("cn.dataone.test", "*.dataone.test"), "certificates[0].sans[0]"),
-        (COORDINATOR.replace("[acme]", "[acme]\nvalidation_port = 0"), "acme.validation_port"),
-        (COORDINATOR.replace("[acme]", "[acme]\nvalidation_port = 99999"), "validation_port"),
+        (
+            COORDINATOR.replace("[acme]", "colour = \"blue\"\n[acme]"),
+            "colour",
+        ),
+        (
+            COORDINATOR.replace("name = \"cn-ucsb-1\"", "name = \"cn ucsb\""),
+            "nodes[0].name",
+        ),
+        (
+            format!("{COORDINATOR}nodes = [\"cn-nope-1\"]\n"),
+            "certificates[0].nodes[0]",
+        ),
+        (
+            COORDINATOR.replace("cn.dataone.test", "*.dataone.test"),
+            "certificates[0].sans[0]",
+        ),
+        (
+            COORDINATOR.replace("[acme]", "[acme]\nvalidation_port = 0"),
+            "acme.validation_port",
+        ),
+        (
+            COORDINATOR.replace("[acme]", "[acme]\nvalidation_port = 99999"),
+            "validation_port",
+        ),
         (COORDINATOR.replace("https://", "http://"), "acme.directory"),
     ];
     for (i, (text, key)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("coordinator-{i}.toml"));
         std::fs::write(&path, text).unwrap();
-        let (code, stderr) = run(Command::new(bin("certfleet-coordinator")).arg("--config").arg(&path));
+        let (code, stderr) = run(Command::new(bin("certfleet-coordinator"))
+            .arg("--config")
+            .arg(&path));
         assert_eq!(code, 2, "case {i}: {stderr}");
         assert!(
             stderr.contains(&path.display().to_string()) && stderr.contains(key),
             "case {i}: {stderr:?} does not name the file and {key}"
         );
     }
-    assert!(!Path::new("/nonexistent").exists(), "a bad config had a side effect");
+    assert!(
+        !Path::new("/nonexistent").exists(),
+        "a bad config had a side effect"
+    );
 
     let agent = "node = \"cn-ucsb-1\"\n[grpc]\nlisten = \"127.0.0.2:7443\"\n[http01]\nmode = \"standalone\"\nlisten = \"127.0.0.2:80\"\n";
     let cases = [
         (agent.replace("[grpc]", "role = \"x\"\n[grpc]"), "role"),
         (agent.replace("standalone", "magic"), "http01.mode"),
-        (agent.replace("listen = \"127.0.0.2:80\"", "webroot = \"/var/www\""), "http01"),
+        (
+            agent.replace("listen = \"127.0.0.2:80\"", "webroot = \"/var/www\""),
+            "http01",
+        ),
         (agent.replace("127.0.0.2:7443", "localhost"), "grpc.listen"),
     ];
     for (i, (text, key)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("agent-{i}.toml"));
         std::fs::write(&path, text).unwrap();
-        let (code, stderr) = run(Command::new(bin("certfleet-agent")).arg("--config").arg(&path));
+        let (code, stderr) = run(Command::new(bin("certfleet-agent"))
+            .arg("--config")
+            .arg(&path));
         assert_eq!(code, 2, "agent case {i}: {stderr}");
-        assert!(stderr.contains(key), "agent case {i}: {stderr:?} does not name {key}");
+        assert!(
+            stderr.contains(key),
+            "agent case {i}: {stderr:?} does not name {key}"
+        );
     }
-    let (code, stderr) = run(Command::new(bin("certfleet-coordinator")).arg("--config").arg(dir.path().join("missing.toml")));
+    let (code, stderr) = run(Command::new(bin("certfleet-coordinator"))
+        .arg("--config")
+        .arg(dir.path().join("missing.toml")));
     assert_eq!(code, 2);
     assert!(stderr.contains("missing.toml"), "{stderr}");
 

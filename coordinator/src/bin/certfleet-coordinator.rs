@@ -35,7 +35,10 @@ fn main() -> ExitCode {
     };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     runtime.block_on(async {
-        tracing::info!(version = env!("CARGO_PKG_VERSION"), "certfleet-coordinator starting");
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            "certfleet-coordinator starting"
+        );
         let socket = config.admin_socket.clone();
         let issuer = match build(config) {
             Ok(issuer) => issuer,
@@ -51,7 +54,10 @@ fn main() -> ExitCode {
         let listener = match admin::bind_socket(&socket) {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("certfleet-coordinator: binding admin socket {}: {e}", socket.display());
+                eprintln!(
+                    "certfleet-coordinator: binding admin socket {}: {e}",
+                    socket.display()
+                );
                 return ExitCode::FAILURE;
             }
         };

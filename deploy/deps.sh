@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs the Debian packages certfleet's demo and tests use, if missing:
+# pebble (the ACME test CA and its DNS) and nginx (webroot tests).
+set -euo pipefail
+need=()
+command -v pebble >/dev/null && command -v pebble-challtestsrv >/dev/null || need+=(pebble)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "certfleet needs: ${need[*]}. Run: sudo apt-get update && sudo apt-get install -y ${need[*]}" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update
+apt-get install -y --no-install-recommends "${need[@]}"
