@@ -92,12 +92,17 @@ fn http_client(config: &AcmeConfig) -> Result<AcmeHttp, AcmeSetupError> {
     .map_err(|e| AcmeSetupError::Tls(e.to_string()))?
     .with_root_certificates(roots)
     .with_no_client_auth();
+    // Without TCP_NODELAY, Nagle's algorithm holds each small JWS POST for
+    // the peer's delayed ACK, ~40 ms per request on Linux.
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()
         .enable_http1()
         .enable_http2()
-        .build();
+        .wrap_connector(http);
     Ok(AcmeHttp(
         HyperClient::builder(TokioExecutor::new()).build(connector),
     ))

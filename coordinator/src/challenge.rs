@@ -271,7 +271,9 @@ pub struct SelfCheckClient(HyperClient<HttpConnector, Empty<Bytes>>);
 
 impl Default for SelfCheckClient {
     fn default() -> Self {
-        Self(HyperClient::builder(TokioExecutor::new()).build_http())
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        Self(HyperClient::builder(TokioExecutor::new()).build(http))
     }
 }
 

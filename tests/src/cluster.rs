@@ -40,8 +40,10 @@ pub struct ClusterSpec {
     pub nodes: usize,
     pub http01: Http01,
     pub pebble: PebbleOptions,
-    /// Names beyond the shared name and one per node (for the 100-SAN case).
-    pub extra_sans: usize,
+    /// How many names the certificate has; `None`: the shared name plus one
+    /// per node. More names than that are `alias-K` names spread over the
+    /// nodes; fewer drop the last node names.
+    pub sans: Option<usize>,
     /// Which node the shared name resolves to.
     pub shared_node: usize,
     /// Extra lines appended to the coordinator's config.
@@ -54,7 +56,7 @@ impl Default for ClusterSpec {
             nodes: 4,
             http01: Http01::Standalone,
             pebble: PebbleOptions::default(),
-            extra_sans: 0,
+            sans: None,
             shared_node: 1,
             coordinator_extra: String::new(),
         }
@@ -175,10 +177,14 @@ impl Cluster {
         let http_port = common_free_port(&ips);
         let pebble = Pebble::start(&dir.path().join("pebble"), http_port, spec.pebble).await?;
 
+        let total = spec
+            .sans
+            .unwrap_or(spec.nodes + 1)
+            .clamp(1, certfleet_coordinator::config::MAX_SANS);
         let mut sans = vec![shared_name()];
         sans.extend((0..spec.nodes).map(|i| format!("{}.{DOMAIN}", node_name(i))));
-        sans.extend((0..spec.extra_sans).map(|k| format!("alias-{k}.{DOMAIN}")));
-        sans.truncate(certfleet_coordinator::config::MAX_SANS);
+        sans.extend((0..total.saturating_sub(sans.len())).map(|k| format!("alias-{k}.{DOMAIN}")));
+        sans.truncate(total);
         // DNS: each node's name to its node, the shared name to the chosen
         // node, extra names round-robin across nodes.
         pebble

@@ -1,0 +1,226 @@
+//! End-to-end `issue` benchmark against a real Pebble (`PEBBLE_VA_NOSLEEP=1`,
+//! no authorization reuse, no nonce rejection), over real agents on loopback.
+//!
+//! For each (nodes, names) pair it issues once to warm up (account creation),
+//! then `--runs` times, and reports the medians of the coordinator's own
+//! split: time waiting on the CA, placement + self-check, cleanup, and the
+//! rest. With `--certbot` it also times Debian's certbot issuing the same
+//! 4-node certificate through a `--manual-auth-hook` that copies each token
+//! into every node's nginx webroot, as DataONE's runbook does, against
+//! certfleet in webroot mode on the same nodes.
+//!
+//! Results are printed as a Markdown table for BENCHMARKS.md.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use certfleet_tests::cluster::{Cluster, ClusterSpec, Http01};
+use certfleet_tests::pebble::PebbleOptions;
+use clap::Parser;
+
+#[derive(Parser)]
+struct Args {
+    /// Node counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    nodes: Vec<usize>,
+    /// Name counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
+    sans: Vec<usize>,
+    /// Measured issuances per configuration (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Also compare with certbot at 4 nodes.
+    #[arg(long)]
+    certbot: bool,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Sample {
+    total: u64,
+    ca: u64,
+    placement: u64,
+    cleanup: u64,
+}
+
+fn median(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+fn spec(nodes: usize, sans: usize, http01: Http01) -> ClusterSpec {
+    ClusterSpec {
+        nodes,
+        sans: Some(sans),
+        http01,
+        pebble: PebbleOptions {
+            nonce_reject: 0,
+            authz_reuse: 0,
+        },
+        shared_node: 1,
+        ..Default::default()
+    }
+}
+
+async fn issue_once(cluster: &Cluster) -> anyhow::Result<Sample> {
+    let out = cluster.issue().await?;
+    let last = out.last_json();
+    if out.code != 0 {
+        bail!("issue failed: {}\n{}", out.stdout, out.stderr);
+    }
+    let t = &last["certificate"]["timings_ms"];
+    let get = |k: &str| t[k].as_u64().context("timings missing");
+    Ok(Sample {
+        total: get("total")?,
+        ca: get("ca")?,
+        placement: get("placement_and_self_check")?,
+        cleanup: get("cleanup")?,
+    })
+}
+
+async fn measure(cluster: &Cluster, runs: usize) -> anyhow::Result<Sample> {
+    issue_once(cluster).await?; // warm-up: creates the ACME account
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        samples.push(issue_once(cluster).await?);
+    }
+    Ok(Sample {
+        total: median(samples.iter().map(|s| s.total).collect()),
+        ca: median(samples.iter().map(|s| s.ca).collect()),
+        placement: median(samples.iter().map(|s| s.placement).collect()),
+        cleanup: median(samples.iter().map(|s| s.cleanup).collect()),
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    println!(
+        "| nodes | names | total ms | CA ms | placement + self-check ms | cleanup ms | rest ms | outside CA ms |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for &nodes in &args.nodes {
+        for &sans in &args.sans {
+            let cluster = Cluster::start(spec(nodes, sans, Http01::Standalone)).await?;
+            let s = measure(&cluster, args.runs)
+                .await
+                .with_context(|| format!("{nodes} nodes, {sans} names"))?;
+            let rest = s.total.saturating_sub(s.ca + s.placement + s.cleanup);
+            println!(
+                "| {nodes} | {} | {} | {} | {} | {} | {rest} | {} |",
+                cluster.sans.len(),
+                s.total,
+                s.ca,
+                s.placement,
+                s.cleanup,
+                s.total - s.ca
+            );
+        }
+    }
+    if args.certbot {
+        certbot_comparison(args.runs).await?;
+    }
+    Ok(())
+}
+
+async fn certbot_comparison(runs: usize) -> anyhow::Result<()> {
+    let cluster = Cluster::start(spec(4, 5, Http01::WebrootNginx)).await?;
+    let ours = measure(&cluster, runs).await?;
+
+    let dir = cluster.dir.path().join("certbot");
+    std::fs::create_dir_all(&dir)?;
+    let webroots: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|n| n.webroot.as_ref().expect("webroot").display().to_string())
+        .collect();
+    let auth = dir.join("auth-hook.sh");
+    std::fs::write(
+        &auth,
+        format!(
+            "#!/bin/sh\n# Copy the token to every node, as DataONE's hook rsyncs it to each peer.\nset -e\nfor root in {}; do\n  mkdir -p \"$root/.well-known/acme-challenge\"\n  printf %s \"$CERTBOT_VALIDATION\" > \"$root/.well-known/acme-challenge/$CERTBOT_TOKEN\"\ndone\n",
+            webroots.join(" ")
+        ),
+    )?;
+    let cleanup = dir.join("cleanup-hook.sh");
+    std::fs::write(
+        &cleanup,
+        format!(
+            "#!/bin/sh\nfor root in {}; do rm -f \"$root/.well-known/acme-challenge/$CERTBOT_TOKEN\"; done\n",
+            webroots.join(" ")
+        ),
+    )?;
+    for hook in [&auth, &cleanup] {
+        std::process::Command::new("chmod")
+            .arg("+x")
+            .arg(hook)
+            .status()?;
+    }
+    let certbot = |args: &[&str]| {
+        let mut cmd = std::process::Command::new("certbot");
+        cmd.args(args)
+            .args(["--server", &cluster.pebble.directory_url()])
+            .arg("--config-dir")
+            .arg(dir.join("config"))
+            .arg("--work-dir")
+            .arg(dir.join("work"))
+            .arg("--logs-dir")
+            .arg(dir.join("logs"))
+            .args([
+                "--non-interactive",
+                "--agree-tos",
+                "-m",
+                "admins@dataone.test",
+            ])
+            .env("REQUESTS_CA_BUNDLE", &cluster.pebble.listener_ca);
+        cmd
+    };
+    run(certbot(&["register"]), "certbot register")?;
+    let mut times = Vec::new();
+    for i in 0..=runs {
+        let mut cmd = certbot(&["certonly", "--manual", "--preferred-challenges", "http"]);
+        cmd.arg("--manual-auth-hook")
+            .arg(&auth)
+            .arg("--manual-cleanup-hook")
+            .arg(&cleanup)
+            .arg("--force-renewal")
+            .args(["--cert-name", "cn"]);
+        for san in &cluster.sans {
+            cmd.args(["-d", san]);
+        }
+        let start = Instant::now();
+        run(cmd, "certbot certonly")?;
+        if i > 0 {
+            times.push(start.elapsed().as_millis() as u64);
+        }
+    }
+    let theirs = median(times);
+    println!();
+    println!(
+        "| 4 nodes, {} names, webroot via nginx | median ms |",
+        cluster.sans.len()
+    );
+    println!("|---|---:|");
+    println!("| certbot 2.1 `--manual-auth-hook` copying to each webroot | {theirs} |");
+    println!(
+        "| `certfleet issue` (same nodes, same Pebble) | {} |",
+        ours.total
+    );
+    println!(
+        "| ratio certbot / certfleet | {:.1}x |",
+        theirs as f64 / ours.total.max(1) as f64
+    );
+    Ok(())
+}
+
+fn run(mut cmd: std::process::Command, what: &str) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(start.elapsed())
+}
