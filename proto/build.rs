@@ -6,7 +6,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure().compile_with_config(
         config,
-        &["certfleet/v1/agent.proto", "certfleet/v1/admin.proto"],
+        &[
+            "certfleet/v1/agent.proto",
+            "certfleet/v1/admin.proto",
+            "certfleet/v1/enrollment.proto",
+        ],
         &["."],
     )?;
     Ok(())

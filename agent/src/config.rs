@@ -38,6 +38,7 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     node: String,
+    state_dir: Option<PathBuf>,
     grpc: RawGrpc,
     http01: RawHttp01,
 }
@@ -62,6 +63,8 @@ struct RawHttp01 {
 pub struct Config {
     /// This node's name, as the coordinator knows it.
     pub node: String,
+    /// Where the agent keeps its identity.
+    pub state_dir: PathBuf,
     /// Where the gRPC service listens.
     pub grpc_listen: SocketAddr,
     pub http01: Http01Config,
@@ -131,6 +134,15 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
                 "{:?} must be non-empty and use only A-Z a-z 0-9 - _ .",
                 raw.node
             ),
+        ));
+    }
+    let state_dir = raw
+        .state_dir
+        .unwrap_or_else(|| PathBuf::from("/var/lib/certfleet-agent"));
+    if !state_dir.is_absolute() {
+        return Err(invalid(
+            "state_dir",
+            format!("{} must be an absolute path", state_dir.display()),
         ));
     }
     let grpc_listen = raw.grpc.listen.parse().map_err(|e| {
@@ -207,6 +219,7 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
     };
     Ok(Config {
         node: raw.node,
+        state_dir,
         grpc_listen,
         http01: Http01Config {
             mode,

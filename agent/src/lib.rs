@@ -10,6 +10,9 @@
 //!   only `GET /.well-known/acme-challenge/{token}`.
 //! - [`service`] is the gRPC service: it checks every request (tokens are
 //!   untrusted input) and turns it into calls on [`tokens`].
+//! - [`identity`] is the node's place in the cluster: `join` with a
+//!   one-time token and a pinned CA, then a certificate renewed over mutual
+//!   TLS. The gRPC service accepts only the coordinator's identity.
 //! - [`config`] is the agent's own config, validated before anything starts.
 //!
 //! Everything the agent may do on its node comes from its own config: the
@@ -18,18 +21,20 @@
 
 pub mod config;
 pub mod http01;
+pub mod identity;
 pub mod service;
 pub mod tokens;
 
 use std::future::Future;
 use std::sync::Arc;
 
+use certfleet_proto::identity::{COORDINATOR_IDENTITY, OnlyIdentity, server_config};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::{Config, Http01Mode};
+use crate::identity::Identity;
 use crate::tokens::Tokens;
 
 /// The agent's listeners, bound by the caller so tests can pass port 0.
@@ -43,6 +48,7 @@ pub struct Listeners {
 /// Runs the agent until `shutdown` completes.
 pub async fn run(
     config: Config,
+    identity: Arc<Identity>,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -61,12 +67,16 @@ pub async fn run(
         }
         _ => None,
     };
-    info!(addr = %listeners.grpc.local_addr()?, node = %config.node, "gRPC listening");
+    info!(addr = %listeners.grpc.local_addr()?, node = %config.node, "gRPC listening (mutual TLS)");
+    // Only the coordinator's identity, from the cluster CA, may call.
+    let clients = OnlyIdentity::new(&identity.ca, Some(COORDINATOR_IDENTITY.to_owned()), false)?;
+    let tls = server_config(Arc::clone(&identity.live), Arc::new(clients))?;
     let grpc = tokio::spawn(service::serve(
-        TcpListenerStream::new(listeners.grpc),
+        certfleet_proto::tls::incoming(listeners.grpc, Arc::new(tls)),
         service::AgentService::new(config.node.clone(), config.http01.mode.name(), tokens),
         stop.clone().cancelled_owned(),
     ));
+    let renewal = tokio::spawn(Arc::clone(&identity).renew_until(stop.clone().cancelled_owned()));
 
     shutdown.await;
     info!("shutting down");
@@ -76,5 +86,6 @@ pub async fn run(
         http.await??;
     }
     sweeper.await?;
+    renewal.await?;
     Ok(())
 }

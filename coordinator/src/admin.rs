@@ -5,12 +5,14 @@
 //! would leave tokens placed and an authorization pending for nothing.
 
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use certfleet_proto::MAX_MESSAGE_BYTES;
+use certfleet_proto::identity::is_valid_node_name;
 use certfleet_proto::pb;
 use certfleet_proto::pb::admin_server::{Admin, AdminServer};
 use tokio::net::UnixListener;
@@ -18,12 +20,19 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::{Request, Response, Status};
 
+use crate::db::{DbError, NodeRecord, now};
 use crate::issue::{Failed, IssueError, Issued, Issuer};
 use crate::progress::{Event, Progress, Stage};
 use crate::store::Stored;
 
 /// Mode of the admin socket: the owner and the `certfleet` group may call.
 pub const SOCKET_MODE: u32 = 0o660;
+/// The group whose members may use the admin socket.
+pub const ADMIN_GROUP: &str = "certfleet";
+/// Random bytes in a join token's id and secret (the secret: 192 bits).
+const TOKEN_ID_BYTES: usize = 8;
+const TOKEN_SECRET_BYTES: usize = 24;
+
 /// Events buffered for a slow client before the order waits on it.
 const EVENT_BUFFER: usize = 256;
 
@@ -49,6 +58,10 @@ pub fn bind_socket(path: &Path) -> std::io::Result<UnixListener> {
     }
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))?;
+    // Members of the `certfleet` group may administer, where the group exists.
+    if let Ok(Some(group)) = nix::unistd::Group::from_name(ADMIN_GROUP) {
+        nix::unistd::chown(path, None, Some(group.gid)).map_err(std::io::Error::from)?;
+    }
     Ok(listener)
 }
 
@@ -72,6 +85,33 @@ struct AdminService {
     issuer: Arc<Issuer>,
 }
 
+/// The calling process's uid, from the socket's SO_PEERCRED.
+fn caller_uid<T>(request: &Request<T>) -> Option<u32> {
+    request
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+        .map(|cred| cred.uid())
+}
+
+impl AdminService {
+    /// Writes who asked for what to the audit log. Never a secret: callers
+    /// pass names and ids only.
+    fn audit(&self, uid: Option<u32>, action: &str, detail: &str) {
+        tracing::info!(uid, action, detail, "admin request");
+        if let Err(e) = self.issuer.db().audit(uid, action, detail, now()) {
+            tracing::warn!(error = %e, "cannot write the audit log");
+        }
+    }
+}
+
+fn random_b64(bytes: usize) -> String {
+    use base64::Engine;
+    let mut buf = vec![0u8; bytes];
+    crate::pki::random(&mut buf);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buf)
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     type IssueStream = ReceiverStream<Result<pb::IssueEvent, Status>>;
@@ -80,7 +120,9 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::IssueRequest>,
     ) -> Result<Response<Self::IssueStream>, Status> {
+        let uid = caller_uid(&request);
         let name = request.into_inner().certificate;
+        self.audit(uid, "issue", &format!("certificate {name:?}"));
         if self.issuer.config().certificate(&name).is_none() {
             return Err(Status::not_found(
                 IssueError::UnknownCertificate(name).to_string(),
@@ -122,6 +164,109 @@ impl Admin for AdminService {
         Ok(Response::new(pb::ListCertificatesResponse {
             certificates: stored.iter().map(stored_to_pb).collect(),
         }))
+    }
+
+    async fn add_node(
+        &self,
+        request: Request<pb::AddNodeRequest>,
+    ) -> Result<Response<pb::AddNodeResponse>, Status> {
+        let uid = caller_uid(&request);
+        let r = request.into_inner();
+        if !is_valid_node_name(&r.name) {
+            return Err(Status::invalid_argument(format!(
+                "node name {:?}: must be 1-63 characters of a-z 0-9 and '-', not starting or ending with '-'",
+                r.name
+            )));
+        }
+        let agent: SocketAddr = r.agent.parse().map_err(|e| {
+            Status::invalid_argument(format!(
+                "--agent {:?}: not an address like 10.0.0.2:7443: {e}",
+                r.agent
+            ))
+        })?;
+        let http01: IpAddr = if r.http01.is_empty() {
+            agent.ip()
+        } else {
+            r.http01.parse().map_err(|e| {
+                Status::invalid_argument(format!("--http01 {:?}: not an IP address: {e}", r.http01))
+            })?
+        };
+        let enrollment = &self.issuer.config().enrollment;
+        let ttl = match r.token_ttl_seconds {
+            0 => enrollment.join_token_ttl,
+            s => std::time::Duration::from_secs(s.into()),
+        };
+        let (id, secret) = (random_b64(TOKEN_ID_BYTES), random_b64(TOKEN_SECRET_BYTES));
+        let expires = now() + ttl.as_secs() as i64;
+        let record = NodeRecord {
+            name: r.name.clone(),
+            agent: agent.to_string(),
+            http01: http01.to_string(),
+            state: "pending".into(),
+            cert_not_after: 0,
+            last_contact: 0,
+        };
+        self.issuer
+            .db()
+            .add_node(&record, &id, &secret, expires, now())
+            .map_err(|e| match e {
+                DbError::Active(_) => Status::failed_precondition(e.to_string()),
+                e => Status::internal(e.to_string()),
+            })?;
+        self.issuer.forget_node(&r.name);
+        self.audit(
+            uid,
+            "node add",
+            &format!("node {} agent {agent} token id {id}", r.name),
+        );
+        let token = format!("{id}.{secret}");
+        let ca_pin = self.issuer.ca_pin().to_owned();
+        Ok(Response::new(pb::AddNodeResponse {
+            join_command: format!(
+                "certfleet-agent --config /etc/certfleet/agent.toml join --coordinator {} --token={token} --ca-pin {ca_pin}",
+                enrollment.advertise
+            ),
+            token,
+            ca_pin,
+            expires_unix: expires,
+        }))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+        let uid = caller_uid(&request);
+        let name = request.into_inner().name;
+        self.issuer.db().remove(&name).map_err(|e| match e {
+            DbError::UnknownNode(_) => Status::not_found(e.to_string()),
+            e => Status::internal(e.to_string()),
+        })?;
+        self.issuer.forget_node(&name);
+        self.audit(uid, "node remove", &format!("node {name}"));
+        Ok(Response::new(pb::RemoveNodeResponse {}))
+    }
+
+    async fn list_nodes(
+        &self,
+        _request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let nodes = self
+            .issuer
+            .db()
+            .nodes()
+            .map_err(|e| Status::internal(e.to_string()))?
+            .into_iter()
+            .map(|n| pb::NodeInfo {
+                name: n.name,
+                agent: n.agent,
+                state: n.state,
+                cert_not_after_unix: n.cert_not_after,
+                last_contact_unix: n.last_contact,
+                http01: n.http01,
+            })
+            .collect();
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 }
 
@@ -210,7 +355,12 @@ fn failed_to_pb(failed: &Failed) -> pb::IssueEvent {
         | IssueError::BadToken { .. } => "acme",
         IssueError::Certificate(_) => "certificate",
         IssueError::Key(_) => "internal",
-        IssueError::Store(_) => "store",
+        IssueError::Store(_) | IssueError::Registry(_) => "store",
+        IssueError::UnknownNode { .. }
+        | IssueError::NodeNotActive { .. }
+        | IssueError::NoNodes(_)
+        | IssueError::NodeAddress { .. } => "config",
+        IssueError::Tls { .. } => "internal",
     };
     let node = match error {
         IssueError::Nodes { errors, .. } => errors

@@ -26,6 +26,12 @@ pub const DEFAULT_CA_TIMEOUT: Duration = Duration::from_secs(120);
 pub const MAX_SANS: usize = 100;
 /// The largest cluster certfleet is built for.
 pub const MAX_NODES: usize = 500;
+/// Port the enrollment service listens on by default.
+pub const DEFAULT_ENROLLMENT_PORT: u16 = 7444;
+/// Node certificates are short-lived: a removed node's certificate dies soon.
+pub const DEFAULT_AGENT_CERT_VALIDITY: Duration = Duration::from_secs(7 * 24 * 3600);
+/// A join token is for joining now, not for keeping.
+pub const DEFAULT_JOIN_TOKEN_TTL: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -53,7 +59,7 @@ struct RawConfig {
     #[serde(default)]
     placement: RawPlacement,
     #[serde(default)]
-    nodes: Vec<RawNode>,
+    enrollment: RawEnrollment,
     #[serde(default)]
     certificates: Vec<RawCertificate>,
 }
@@ -78,12 +84,13 @@ struct RawPlacement {
     token_ttl_secs: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawNode {
-    name: String,
-    agent: String,
-    http01: Option<String>,
+struct RawEnrollment {
+    listen: Option<String>,
+    advertise: Option<String>,
+    agent_cert_validity_secs: Option<u64>,
+    join_token_ttl_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,8 +111,21 @@ pub struct Config {
     pub admin_socket: PathBuf,
     pub acme: AcmeConfig,
     pub placement: PlacementConfig,
-    pub nodes: Vec<Node>,
+    pub enrollment: EnrollmentConfig,
     pub certificates: Vec<CertificateSpec>,
+}
+
+/// Where nodes join and renew their identities.
+#[derive(Debug, Clone)]
+pub struct EnrollmentConfig {
+    /// The TCP address the enrollment service listens on.
+    pub listen: SocketAddr,
+    /// The `host:port` agents dial, printed in join commands.
+    pub advertise: String,
+    /// How long a node certificate is valid.
+    pub agent_cert_validity: Duration,
+    /// How long a join token is valid unless `node add` says otherwise.
+    pub join_token_ttl: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -129,7 +149,7 @@ pub struct PlacementConfig {
     pub token_ttl: Duration,
 }
 
-/// A node of the cluster.
+/// A node of the cluster, as registered by `certfleet node add`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {
     pub name: String,
@@ -156,8 +176,9 @@ pub struct CertificateSpec {
     pub name: String,
     /// Every DNS name it covers; the shared name first by convention.
     pub sans: Vec<String>,
-    /// The nodes that serve its names, in config order.
-    pub nodes: Vec<String>,
+    /// The nodes that serve its names, in this order; `None`: every
+    /// active registered node. Checked against the registry at issue time.
+    pub nodes: Option<Vec<String>>,
     pub key: KeyType,
 }
 
@@ -180,10 +201,6 @@ impl Config {
 
     pub fn certificate(&self, name: &str) -> Option<&CertificateSpec> {
         self.certificates.iter().find(|c| c.name == name)
-    }
-
-    pub fn node(&self, name: &str) -> Option<&Node> {
-        self.nodes.iter().find(|n| n.name == name)
     }
 }
 
@@ -306,51 +323,50 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         )?,
     };
 
-    if raw.nodes.len() > MAX_NODES {
-        return Err(invalid(
-            "nodes".into(),
+    let listen_text = raw
+        .enrollment
+        .listen
+        .unwrap_or_else(|| format!("0.0.0.0:{DEFAULT_ENROLLMENT_PORT}"));
+    let listen: SocketAddr = listen_text.parse().map_err(|e| {
+        invalid(
+            "enrollment.listen".into(),
             format!(
-                "{} nodes; at most {MAX_NODES} are supported",
-                raw.nodes.len()
+                "{listen_text:?} is not an address like 0.0.0.0:{DEFAULT_ENROLLMENT_PORT}: {e}"
             ),
+        )
+    })?;
+    let advertise = raw
+        .enrollment
+        .advertise
+        .unwrap_or_else(|| listen.to_string());
+    if advertise
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .is_none()
+    {
+        return Err(invalid(
+            "enrollment.advertise".into(),
+            format!("{advertise:?} must be host:port, the address agents dial"),
         ));
     }
-    let mut nodes = Vec::with_capacity(raw.nodes.len());
-    let mut seen = HashSet::new();
-    for (i, n) in raw.nodes.into_iter().enumerate() {
-        if !is_simple_name(&n.name) {
-            return Err(invalid(
-                format!("nodes[{i}].name"),
-                format!("{:?} must be 1-64 characters of A-Z a-z 0-9 - _ .", n.name),
-            ));
-        }
-        if !seen.insert(n.name.clone()) {
-            return Err(invalid(
-                format!("nodes[{i}].name"),
-                format!("{:?} is defined twice", n.name),
-            ));
-        }
-        let agent: SocketAddr = n.agent.parse().map_err(|e| {
-            invalid(
-                format!("nodes[{i}].agent"),
-                format!("{:?} is not an address like 10.0.0.2:7443: {e}", n.agent),
-            )
-        })?;
-        let http01 = match n.http01 {
-            None => agent.ip(),
-            Some(s) => s.parse().map_err(|e| {
-                invalid(
-                    format!("nodes[{i}].http01"),
-                    format!("{s:?} is not an IP address: {e}"),
-                )
-            })?,
-        };
-        nodes.push(Node {
-            name: n.name,
-            agent,
-            http01,
-        });
-    }
+    let enrollment = EnrollmentConfig {
+        listen,
+        advertise,
+        agent_cert_validity: secs(
+            raw.enrollment.agent_cert_validity_secs,
+            DEFAULT_AGENT_CERT_VALIDITY,
+            10..=90 * 24 * 3600,
+            "enrollment.agent_cert_validity_secs",
+            &invalid,
+        )?,
+        join_token_ttl: secs(
+            raw.enrollment.join_token_ttl_secs,
+            DEFAULT_JOIN_TOKEN_TTL,
+            1..=7 * 24 * 3600,
+            "enrollment.join_token_ttl_secs",
+            &invalid,
+        )?,
+    };
 
     let mut certificates = Vec::with_capacity(raw.certificates.len());
     let mut seen = HashSet::new();
@@ -390,25 +406,21 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             }
             sans.push(san);
         }
-        let cert_nodes = match c.nodes {
-            None => nodes.iter().map(|n| n.name.clone()).collect(),
-            Some(list) => {
-                for (j, n) in list.iter().enumerate() {
-                    if !nodes.iter().any(|node| &node.name == n) {
-                        return Err(invalid(
-                            format!("certificates[{i}].nodes[{j}]"),
-                            format!("{n:?} is not a node defined in [[nodes]]"),
-                        ));
-                    }
-                }
-                list
+        if let Some(list) = &c.nodes {
+            if list.is_empty() {
+                return Err(invalid(
+                    format!("certificates[{i}].nodes"),
+                    "is empty; leave it out to mean every active node".into(),
+                ));
             }
-        };
-        if cert_nodes.is_empty() {
-            return Err(invalid(
-                format!("certificates[{i}].nodes"),
-                "no node serves this certificate; define [[nodes]]".into(),
-            ));
+            for (j, n) in list.iter().enumerate() {
+                if !certfleet_proto::identity::is_valid_node_name(n) {
+                    return Err(invalid(
+                        format!("certificates[{i}].nodes[{j}]"),
+                        format!("{n:?} is not a node name (a-z 0-9 -, at most 63)"),
+                    ));
+                }
+            }
         }
         let key = match c.key.as_deref().unwrap_or("ecdsa-p256") {
             "ecdsa-p256" => KeyType::EcdsaP256,
@@ -427,7 +439,7 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         certificates.push(CertificateSpec {
             name: c.name,
             sans,
-            nodes: cert_nodes,
+            nodes: c.nodes,
             key,
         });
     }
@@ -443,7 +455,7 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             ca_timeout,
         },
         placement,
-        nodes,
+        enrollment,
         certificates,
     })
 }
@@ -474,13 +486,8 @@ state_dir = "/var/lib/certfleet"
 [acme]
 directory = "https://localhost:14000/dir"
 validation_port = 5002
-[[nodes]]
-name = "cn-ucsb-1"
-agent = "127.0.0.2:7443"
-[[nodes]]
-name = "cn-unm-1"
-agent = "127.0.0.3:7443"
-http01 = "127.0.0.30"
+[enrollment]
+listen = "127.0.0.1:7444"
 [[certificates]]
 name = "cn"
 sans = ["CN.example.org", "cn-ucsb-1.example.org"]
@@ -497,10 +504,13 @@ sans = ["CN.example.org", "cn-ucsb-1.example.org"]
         let c = Config::from_toml_str(GOOD, "c.toml").unwrap();
         let cert = c.certificate("cn").unwrap();
         assert_eq!(cert.sans[0], "cn.example.org");
-        assert_eq!(cert.nodes, ["cn-ucsb-1", "cn-unm-1"]);
+        assert_eq!(cert.nodes, None);
         assert_eq!(cert.key, KeyType::EcdsaP256);
-        assert_eq!(c.node("cn-ucsb-1").unwrap().http01.to_string(), "127.0.0.2");
-        assert_eq!(c.node("cn-unm-1").unwrap().http01.to_string(), "127.0.0.30");
+        assert_eq!(c.enrollment.advertise, "127.0.0.1:7444");
+        assert_eq!(
+            c.enrollment.agent_cert_validity,
+            DEFAULT_AGENT_CERT_VALIDITY
+        );
     }
 
     #[test]
@@ -510,9 +520,9 @@ sans = ["CN.example.org", "cn-ucsb-1.example.org"]
             e.contains("coordinator.toml") && e.contains("validaton_port"),
             "{e}"
         );
-        let e = err(&format!("{GOOD}nodes = [\"nope\"]\n"));
+        let e = err(&format!("{GOOD}nodes = [\"No_pe\"]\n"));
         assert!(
-            e.contains("certificates[0].nodes[0]") && e.contains("nope"),
+            e.contains("certificates[0].nodes[0]") && e.contains("No_pe"),
             "{e}"
         );
         let e = err(&GOOD.replace("CN.example.org", "*.example.org"));
@@ -520,8 +530,8 @@ sans = ["CN.example.org", "cn-ucsb-1.example.org"]
             e.contains("certificates[0].sans[0]") && e.contains("wildcard"),
             "{e}"
         );
-        let e = err(&GOOD.replace("127.0.0.3:7443", "127.0.0.3"));
-        assert!(e.contains("nodes[1].agent"), "{e}");
+        let e = err(&GOOD.replace("127.0.0.1:7444", "127.0.0.1"));
+        assert!(e.contains("enrollment.listen"), "{e}");
         let e = err(&GOOD.replace("https://localhost", "http://localhost"));
         assert!(e.contains("acme.directory"), "{e}");
         let e = err(&format!("{GOOD}key = \"dsa\"\n"));
@@ -532,7 +542,15 @@ sans = ["CN.example.org", "cn-ucsb-1.example.org"]
     fn the_shipped_dataone_example_is_valid() {
         let text = include_str!("../../deploy/examples/dataone/coordinator.toml");
         let c = Config::from_toml_str(text, "deploy/examples/dataone/coordinator.toml").unwrap();
-        assert_eq!(c.nodes.len(), 4);
+        assert_eq!(
+            c.certificate("cn.dataone.org")
+                .unwrap()
+                .nodes
+                .as_ref()
+                .unwrap()
+                .len(),
+            4
+        );
         assert_eq!(c.certificate("cn.dataone.org").unwrap().sans.len(), 5);
         assert_eq!(c.acme.validation_port, 80);
     }

@@ -17,9 +17,11 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::acme::{AcmeAccount, AcmeSetupError};
 use crate::challenge::{self, FanOut, FleetNode, NodeError, PendingChallenge, SelfCheckClient};
-use crate::config::{CertificateSpec, Config, KeyType};
+use crate::config::{CertificateSpec, Config, KeyType, Node};
+use crate::db::{Db, DbError};
 use crate::progress::{Progress, Stage};
 use crate::store::{Store, StoreError, Stored};
+use crate::transport::{ClusterTrust, GrpcAgent};
 
 /// First wait before polling the CA for an order's state; instant-acme
 /// grows it by [`POLL_BACKOFF`] and honours Retry-After when the CA sends it.
@@ -94,6 +96,24 @@ pub enum IssueError {
     Key(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Registry(#[from] DbError),
+    #[error(
+        "certificate {cert} names node {node}, which is not registered (see `certfleet nodes`)"
+    )]
+    UnknownNode { cert: String, node: String },
+    #[error("certificate {cert} names node {node}, which is {state}, not active")]
+    NodeNotActive {
+        cert: String,
+        node: String,
+        state: String,
+    },
+    #[error("no active node serves certificate {0}: register nodes with `certfleet node add`")]
+    NoNodes(String),
+    #[error("node {node}: registry holds an unusable address: {reason}")]
+    NodeAddress { node: String, reason: String },
+    #[error("TLS setup for node {node}: {reason}")]
+    Tls { node: String, reason: String },
 }
 
 impl IssueError {
@@ -172,7 +192,12 @@ pub struct Issued {
 pub struct Issuer {
     config: Arc<Config>,
     acme: AcmeAccount,
-    fleet: HashMap<String, FleetNode>,
+    db: Arc<Db>,
+    trust: ClusterTrust,
+    ca_pin: String,
+    /// One channel per node, reused across orders; rebuilt when the
+    /// registry's address for the node changes, dropped when it is removed.
+    channels: std::sync::Mutex<HashMap<String, FleetNode>>,
     self_check: SelfCheckClient,
     store: Store,
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -182,13 +207,18 @@ impl Issuer {
     pub fn new(
         config: Arc<Config>,
         acme: AcmeAccount,
-        fleet: HashMap<String, FleetNode>,
         store: Store,
+        db: Arc<Db>,
+        trust: ClusterTrust,
+        ca_pin: String,
     ) -> Self {
         Self {
             config,
             acme,
-            fleet,
+            db,
+            trust,
+            ca_pin,
+            channels: Default::default(),
             self_check: SelfCheckClient::default(),
             store,
             locks: Default::default(),
@@ -197,6 +227,91 @@ impl Issuer {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    pub fn db(&self) -> &Arc<Db> {
+        &self.db
+    }
+
+    /// The cluster CA's pin, printed with join tokens.
+    pub fn ca_pin(&self) -> &str {
+        &self.ca_pin
+    }
+
+    /// Stops using `node`'s channel (the node was removed).
+    pub fn forget_node(&self, node: &str) {
+        self.channels
+            .lock()
+            .expect("channel map poisoned")
+            .remove(node);
+    }
+
+    /// The nodes that serve `spec`, from the registry: only active ones are
+    /// ever contacted.
+    fn fleet(&self, spec: &CertificateSpec) -> Result<Vec<FleetNode>, IssueError> {
+        let records = self.db.nodes()?;
+        let names: Vec<&str> = match &spec.nodes {
+            Some(list) => list.iter().map(String::as_str).collect(),
+            None => records
+                .iter()
+                .filter(|r| r.state == "active")
+                .map(|r| r.name.as_str())
+                .collect(),
+        };
+        if names.is_empty() {
+            return Err(IssueError::NoNodes(spec.name.clone()));
+        }
+        let mut channels = self.channels.lock().expect("channel map poisoned");
+        let mut fleet = Vec::with_capacity(names.len());
+        for name in names {
+            let record =
+                records
+                    .iter()
+                    .find(|r| r.name == name)
+                    .ok_or_else(|| IssueError::UnknownNode {
+                        cert: spec.name.clone(),
+                        node: name.to_owned(),
+                    })?;
+            if record.state != "active" {
+                return Err(IssueError::NodeNotActive {
+                    cert: spec.name.clone(),
+                    node: name.to_owned(),
+                    state: record.state.clone(),
+                });
+            }
+            let address = |reason: String| IssueError::NodeAddress {
+                node: name.to_owned(),
+                reason,
+            };
+            let node = Node {
+                name: name.to_owned(),
+                agent: record
+                    .agent
+                    .parse()
+                    .map_err(|e| address(format!("{}: {e}", record.agent)))?,
+                http01: record
+                    .http01
+                    .parse()
+                    .map_err(|e| address(format!("{}: {e}", record.http01)))?,
+            };
+            if let Some(known) = channels.get(name)
+                && known.node == node
+            {
+                fleet.push(known.clone());
+                continue;
+            }
+            let transport = GrpcAgent::new(&node, &self.trust).map_err(|e| IssueError::Tls {
+                node: name.to_owned(),
+                reason: e.to_string(),
+            })?;
+            let fleet_node = FleetNode {
+                node,
+                transport: Arc::new(transport),
+            };
+            channels.insert(name.to_owned(), fleet_node.clone());
+            fleet.push(fleet_node);
+        }
+        Ok(fleet)
     }
 
     pub fn config(&self) -> &Config {
@@ -225,7 +340,7 @@ impl Issuer {
         let _guard = lock
             .try_lock()
             .map_err(|_| failed(IssueError::Busy(name.to_owned())))?;
-        let nodes: Vec<FleetNode> = spec.nodes.iter().map(|n| self.fleet[n].clone()).collect();
+        let nodes = self.fleet(spec).map_err(failed)?;
         let span = info_span!("issue", cert = %name, sans = spec.sans.len(), nodes = nodes.len());
         let mut order = OrderRun {
             issuer: self,

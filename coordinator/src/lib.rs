@@ -3,8 +3,11 @@
 //!
 //! - [`config`]: the coordinator's config, validated before any side effect.
 //! - [`acme`]: the ACME account and the HTTP client instant-acme uses.
-//! - [`transport`]: how a node is reached (the agent over gRPC); the one
-//!   place the coordinator→agent channel is built.
+//! - [`transport`]: how a node is reached (the agent over gRPC, mutual
+//!   TLS); the one place the coordinator→agent channel is built.
+//! - [`pki`]: the cluster's private CA and the coordinator's identity.
+//! - [`enrollment`]: nodes join with one-time tokens and renew over mTLS.
+//! - [`db`]: the registry of nodes, join tokens and the audit log (SQLite).
 //! - [`challenge`]: placing tokens on every node, self-checking each node,
 //!   removing tokens — bounded, parallel fan-outs.
 //! - [`issue`]: one order end to end, in the order that keeps the CA from
@@ -21,25 +24,30 @@ pub mod acme;
 pub mod admin;
 pub mod challenge;
 pub mod config;
+pub mod db;
+pub mod enrollment;
 mod fsutil;
 pub mod issue;
+pub mod pki;
 pub mod progress;
 pub mod store;
 pub mod transport;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
-use tokio::net::UnixListener;
+use certfleet_proto::identity::LiveIdentity;
+use tokio::net::{TcpListener, UnixListener};
 use tracing::info;
 
 use crate::acme::{AcmeAccount, AcmeSetupError};
-use crate::challenge::FleetNode;
 use crate::config::Config;
+use crate::db::{Db, DbError};
+use crate::enrollment::EnrollmentService;
 use crate::issue::Issuer;
+use crate::pki::{ClusterCa, PkiError};
 use crate::store::{Store, StoreError};
-use crate::transport::GrpcAgent;
+use crate::transport::ClusterTrust;
 
 /// Why the coordinator could not start.
 #[derive(Debug, thiserror::Error)]
@@ -48,36 +56,92 @@ pub enum SetupError {
     Acme(#[from] AcmeSetupError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("coordinator identity: {0}")]
+    Identity(String),
 }
 
-/// Builds the issuer: the store, the ACME client, a channel per node.
-pub fn build(config: Config) -> Result<Arc<Issuer>, SetupError> {
+/// Everything the coordinator serves, built from a validated config.
+pub struct Coordinator {
+    pub issuer: Arc<Issuer>,
+    pub enrollment: EnrollmentService,
+    pub trust: ClusterTrust,
+}
+
+/// Loads the cluster CA (made by `init`), the registry, the store and the
+/// ACME client.
+pub fn build(config: Config) -> Result<Coordinator, SetupError> {
     let store = Store::open(&config.state_dir)?;
     let acme = AcmeAccount::new(&config.acme, &config.state_dir)?;
-    let fleet: HashMap<String, FleetNode> = config
-        .nodes
-        .iter()
-        .map(|node| {
-            let fleet_node = FleetNode {
-                node: node.clone(),
-                transport: Arc::new(GrpcAgent::new(node)),
-            };
-            (node.name.clone(), fleet_node)
-        })
-        .collect();
-    Ok(Arc::new(Issuer::new(Arc::new(config), acme, fleet, store)))
+    let ca = Arc::new(ClusterCa::load(&config.state_dir)?);
+    let db = Arc::new(Db::open(&config.state_dir)?);
+    let identity = LiveIdentity::from_pem(&ca.identity_pem, &ca.identity_key_pem)
+        .map_err(|e| SetupError::Identity(e.to_string()))?;
+    let trust = ClusterTrust {
+        ca: ca.ca_der.clone(),
+        identity: Arc::new(identity),
+    };
+    let enrollment = EnrollmentService::new(
+        Arc::clone(&db),
+        Arc::clone(&ca),
+        config.enrollment.agent_cert_validity,
+    );
+    let issuer = Arc::new(Issuer::new(
+        Arc::new(config),
+        acme,
+        store,
+        db,
+        trust.clone(),
+        ca.pin.clone(),
+    ));
+    Ok(Coordinator {
+        issuer,
+        enrollment,
+        trust,
+    })
+}
+
+/// The coordinator's listeners, bound by the caller.
+pub struct Listeners {
+    pub admin: UnixListener,
+    pub enrollment: TcpListener,
 }
 
 /// Runs the coordinator's services until `shutdown` completes.
 pub async fn run(
-    issuer: Arc<Issuer>,
-    admin: UnixListener,
+    coordinator: Coordinator,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    if let Ok(addr) = admin.local_addr()
+    if let Ok(addr) = listeners.admin.local_addr()
         && let Some(path) = addr.as_pathname()
     {
         info!(socket = %path.display(), "admin API listening");
     }
-    admin::serve(admin, issuer, shutdown).await
+    if let Ok(addr) = listeners.enrollment.local_addr() {
+        info!(%addr, "enrollment listening");
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let enrollment = {
+        let stop = stop.clone();
+        let trust = coordinator.trust.clone();
+        let service = coordinator.enrollment;
+        let listener = listeners.enrollment;
+        tokio::spawn(async move {
+            enrollment::serve(listener, service, &trust, stop.cancelled_owned()).await
+        })
+    };
+    let admin = tokio::spawn(admin::serve(
+        listeners.admin,
+        coordinator.issuer,
+        stop.clone().cancelled_owned(),
+    ));
+    shutdown.await;
+    info!("shutting down");
+    stop.cancel();
+    admin.await.expect("admin task")?;
+    enrollment.await.expect("enrollment task")
 }

@@ -2,22 +2,22 @@
 //!
 //! [`Transport`] is what the issuance flow needs from a node; [`GrpcAgent`]
 //! implements it over the agent's gRPC service. [`agent_channel`] is the one
-//! place the coordinator→agent channel is built, so making it mutual TLS
-//! (and adding an SSH fallback beside it) changes this file only.
+//! place the coordinator→agent channel is built: mutual TLS, presenting the
+//! coordinator's identity and accepting only a certificate from the cluster
+//! CA that names the node meant, whatever address it was reached on.
 
-use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use certfleet_proto::MAX_MESSAGE_BYTES;
 use certfleet_proto::challenge::{Http01Response, Token};
+use certfleet_proto::identity::{ExpectIdentity, LiveIdentity, client_config, node_identity};
 use certfleet_proto::pb;
 use certfleet_proto::pb::agent_client::AgentClient;
-use tonic::transport::{Channel, Endpoint};
+use rustls::pki_types::CertificateDer;
+use tonic::transport::Channel;
 
 use crate::config::Node;
-
-/// How long to wait for a TCP connection to an agent.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Why a call to a node failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -30,10 +30,26 @@ pub enum TransportError {
     Timeout(Duration),
 }
 
+/// A status's message with the chain of errors behind it: for a refused
+/// TLS handshake the reason ("certificate expired") is only in the sources.
+fn describe(status: &tonic::Status) -> String {
+    let mut message = status.message().to_owned();
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = e.source();
+    }
+    message
+}
+
 impl From<tonic::Status> for TransportError {
     fn from(status: tonic::Status) -> Self {
         match status.code() {
-            tonic::Code::Unavailable => Self::Unreachable(status.message().to_owned()),
+            tonic::Code::Unavailable => Self::Unreachable(describe(&status)),
             code => Self::Refused {
                 code,
                 message: status.message().to_owned(),
@@ -55,14 +71,24 @@ pub trait Transport: Send + Sync {
     async fn remove_tokens(&self, tokens: &[Token]) -> Result<u32, TransportError>;
 }
 
+/// What the coordinator presents and trusts on every agent connection.
+#[derive(Clone)]
+pub struct ClusterTrust {
+    pub ca: CertificateDer<'static>,
+    pub identity: Arc<LiveIdentity>,
+}
+
 /// Builds the channel to one agent. Lazy: nothing connects until the first
 /// call, so a node that is down delays nobody until it is needed.
-pub fn agent_channel(addr: SocketAddr) -> Channel {
-    Endpoint::from_shared(format!("http://{addr}"))
-        .expect("a socket address is a valid URI authority")
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        .connect_lazy()
+pub fn agent_channel(node: &Node, trust: &ClusterTrust) -> Result<Channel, rustls::Error> {
+    let expected = node_identity(&node.name);
+    let verifier = ExpectIdentity::new(&trust.ca, expected.clone())?;
+    let config = client_config(Arc::new(verifier), Some(Arc::clone(&trust.identity)))?;
+    Ok(certfleet_proto::tls::channel(
+        node.agent,
+        Arc::new(config),
+        &expected,
+    ))
 }
 
 /// A node reached through its agent's gRPC service.
@@ -72,11 +98,11 @@ pub struct GrpcAgent {
 }
 
 impl GrpcAgent {
-    pub fn new(node: &Node) -> Self {
-        let client = AgentClient::new(agent_channel(node.agent))
+    pub fn new(node: &Node, trust: &ClusterTrust) -> Result<Self, rustls::Error> {
+        let client = AgentClient::new(agent_channel(node, trust)?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Self { client }
+        Ok(Self { client })
     }
 }
 

@@ -45,6 +45,34 @@ enum Command {
     },
     /// List the certificates in the store: names, serial, expiry, days left.
     Certificates,
+    /// Register or remove nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// List the registered nodes: state, certificate expiry, last contact.
+    Nodes,
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Register a node and print a one-time join token for it.
+    Add {
+        /// The node's name (a-z 0-9 -).
+        name: String,
+        /// The agent's gRPC address, ip:port.
+        #[arg(long)]
+        agent: String,
+        /// The IP the CA reaches the node on for HTTP-01 (default: the agent's).
+        #[arg(long, default_value = "")]
+        http01: String,
+        /// How long the join token stays valid, in seconds (default: the coordinator's).
+        #[arg(long, default_value_t = 0)]
+        token_ttl: u32,
+    },
+    /// Remove a node: its certificate is refused from now on.
+    Remove {
+        /// The node's name.
+        name: String,
+    },
 }
 
 /// What ended the command, mapped onto the exit code.
@@ -74,6 +102,47 @@ fn main() -> ExitCode {
         match &cli.command {
             Command::Issue { certificate } => issue(client, certificate, cli.json).await,
             Command::Certificates => certificates(client, cli.json).await,
+            Command::Node(NodeCommand::Add {
+                name,
+                agent,
+                http01,
+                token_ttl,
+            }) => {
+                let request = pb::AddNodeRequest {
+                    name: name.clone(),
+                    agent: agent.clone(),
+                    http01: http01.clone(),
+                    token_ttl_seconds: *token_ttl,
+                };
+                match client.clone().add_node(request).await {
+                    Ok(r) => {
+                        render::node_added(name, &r.into_inner(), cli.json);
+                        Outcome::Ok
+                    }
+                    Err(status) => refused(&status),
+                }
+            }
+            Command::Node(NodeCommand::Remove { name }) => {
+                let request = pb::RemoveNodeRequest { name: name.clone() };
+                match client.clone().remove_node(request).await {
+                    Ok(_) => {
+                        if cli.json {
+                            println!("{}", serde_json::json!({ "removed": name }));
+                        } else {
+                            println!("removed node {name}: its certificate is refused from now on");
+                        }
+                        Outcome::Ok
+                    }
+                    Err(status) => refused(&status),
+                }
+            }
+            Command::Nodes => match client.clone().list_nodes(pb::ListNodesRequest {}).await {
+                Ok(r) => {
+                    render::nodes(&r.into_inner().nodes, cli.json);
+                    Outcome::Ok
+                }
+                Err(status) => refused(&status),
+            },
         }
     });
     match outcome {
@@ -103,7 +172,9 @@ async fn connect(
 fn refused(status: &tonic::Status) -> Outcome {
     eprintln!("certfleet: {}", status.message());
     match status.code() {
-        tonic::Code::NotFound | tonic::Code::InvalidArgument => Outcome::Usage,
+        tonic::Code::NotFound | tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => {
+            Outcome::Usage
+        }
         _ => Outcome::Failed,
     }
 }

@@ -189,3 +189,67 @@ pub(crate) fn certificates(certs: &[pb::Certificate], json: bool) {
         );
     }
 }
+
+pub(crate) fn node_added(name: &str, r: &pb::AddNodeResponse, json: bool) {
+    if json {
+        println!(
+            "{}",
+            json!({
+                "node": name,
+                "token": r.token,
+                "ca_pin": r.ca_pin,
+                "expires": date(r.expires_unix),
+                "join_command": r.join_command,
+            })
+        );
+        return;
+    }
+    println!("registered node {name}");
+    println!(
+        "  join token: {} (one use, expires {})",
+        r.token,
+        date(r.expires_unix)
+    );
+    println!("  CA pin:     {}", r.ca_pin);
+    println!("run on {name}:");
+    println!("  {}", r.join_command);
+}
+
+pub(crate) fn nodes(nodes: &[pb::NodeInfo], json: bool) {
+    let when = |t: i64| if t == 0 { "never".to_owned() } else { date(t) };
+    if json {
+        let list: Vec<_> = nodes
+            .iter()
+            .map(|n| {
+                json!({
+                    "name": n.name,
+                    "agent": n.agent,
+                    "http01": n.http01,
+                    "state": n.state,
+                    "cert_not_after": (n.cert_not_after_unix != 0).then(|| date(n.cert_not_after_unix)),
+                    "last_contact": (n.last_contact_unix != 0).then(|| date(n.last_contact_unix)),
+                })
+            })
+            .collect();
+        println!("{}", json!(list));
+        return;
+    }
+    if nodes.is_empty() {
+        println!("no nodes yet; run `certfleet node add <name> --agent <ip:port>`");
+        return;
+    }
+    println!(
+        "{:<20} {:<8} {:<22} {:<25} {:<25}",
+        "NAME", "STATE", "AGENT", "CERT NOT AFTER", "LAST CONTACT"
+    );
+    for n in nodes {
+        println!(
+            "{:<20} {:<8} {:<22} {:<25} {:<25}",
+            n.name,
+            n.state,
+            n.agent,
+            when(n.cert_not_after_unix),
+            when(n.last_contact_unix)
+        );
+    }
+}

@@ -15,6 +15,8 @@
 
 pub mod bundle;
 pub mod challenge;
+pub mod identity;
+pub mod tls;
 
 /// Generated `certfleet.v1` messages, clients and servers.
 #[allow(unreachable_pub, clippy::all, clippy::pedantic, missing_docs)]

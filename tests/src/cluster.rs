@@ -4,6 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -48,6 +49,8 @@ pub struct ClusterSpec {
     pub shared_node: usize,
     /// Extra lines appended to the coordinator's config.
     pub coordinator_extra: String,
+    /// `enrollment.agent_cert_validity_secs`, when a test wants it short.
+    pub agent_cert_validity_secs: Option<u64>,
 }
 
 impl Default for ClusterSpec {
@@ -59,6 +62,7 @@ impl Default for ClusterSpec {
             sans: None,
             shared_node: 1,
             coordinator_extra: String::new(),
+            agent_cert_validity_secs: None,
         }
     }
 }
@@ -68,19 +72,85 @@ pub struct Node {
     pub ip: IpAddr,
     pub grpc: SocketAddr,
     pub dir: PathBuf,
+    pub config_path: PathBuf,
+    /// The agent's state dir (its identity lives in `identity/`).
+    pub state_dir: PathBuf,
     pub webroot: Option<PathBuf>,
     pub agent: Option<Proc>,
     pub nginx: Option<Proc>,
+    /// The coordinator's identity, so tests can call the agent as it does.
+    coordinator: Arc<Credentials>,
+}
+
+/// A certificate chain and key (PEM) and the CA they belong to.
+#[derive(Clone)]
+pub struct Credentials {
+    pub chain_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+impl Credentials {
+    /// The coordinator's identity, from its state dir.
+    pub fn coordinator(state_dir: &Path) -> anyhow::Result<Self> {
+        Ok(Self {
+            chain_pem: std::fs::read_to_string(state_dir.join("identity/coordinator.pem"))?,
+            key_pem: std::fs::read_to_string(state_dir.join("identity/coordinator.key"))?,
+            ca_pem: std::fs::read_to_string(state_dir.join("ca/ca.pem"))?,
+        })
+    }
+
+    /// A node's identity, from its agent's state dir.
+    pub fn node(state_dir: &Path) -> anyhow::Result<Self> {
+        let pem = std::fs::read_to_string(state_dir.join("identity/node.pem"))?;
+        Ok(Self {
+            chain_pem: pem.clone(),
+            key_pem: pem,
+            ca_pem: std::fs::read_to_string(state_dir.join("identity/ca.pem"))?,
+        })
+    }
+}
+
+/// A gRPC client to `node`'s agent presenting `creds` (None: no client
+/// certificate) and expecting the node's identity from the cluster CA.
+pub fn agent_client_as(
+    node_name: &str,
+    addr: SocketAddr,
+    ca_pem: &str,
+    creds: Option<&Credentials>,
+) -> anyhow::Result<AgentClient<tonic::transport::Channel>> {
+    use certfleet_proto::identity::{ExpectIdentity, LiveIdentity, client_config, node_identity};
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes())?;
+    let expected = node_identity(node_name);
+    let verifier = ExpectIdentity::new(&ca, expected.clone())?;
+    let identity = match creds {
+        Some(c) => Some(Arc::new(LiveIdentity::from_pem(&c.chain_pem, &c.key_pem)?)),
+        None => None,
+    };
+    let config = client_config(Arc::new(verifier), identity)?;
+    let channel = certfleet_proto::tls::channel(addr, Arc::new(config), &expected);
+    Ok(AgentClient::new(channel))
 }
 
 impl Node {
+    /// A client calling this agent as the coordinator does.
     pub async fn client(&self) -> anyhow::Result<AgentClient<tonic::transport::Channel>> {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc))?
-            .connect_timeout(Duration::from_secs(3))
-            .connect()
-            .await
-            .with_context(|| format!("connecting to agent {} at {}", self.name, self.grpc))?;
-        Ok(AgentClient::new(channel))
+        agent_client_as(
+            &self.name,
+            self.grpc,
+            &self.coordinator.ca_pem,
+            Some(&self.coordinator),
+        )
+    }
+
+    /// A client presenting other credentials (or none).
+    pub fn client_as(
+        &self,
+        creds: Option<&Credentials>,
+    ) -> anyhow::Result<AgentClient<tonic::transport::Channel>> {
+        agent_client_as(&self.name, self.grpc, &self.coordinator.ca_pem, creds)
     }
 
     /// The tokens the agent serves, as it reports them.
@@ -96,6 +166,21 @@ impl Node {
             .into_iter()
             .map(|t| t.token)
             .collect())
+    }
+
+    /// Starts (or restarts) the agent process and waits for its listener.
+    pub async fn start_agent(&mut self) -> anyhow::Result<()> {
+        self.stop_agent();
+        let mut cmd = Command::new(bin("certfleet-agent"));
+        cmd.arg("--config").arg(&self.config_path);
+        let log = self.dir.join("agent.log");
+        let mut agent = Proc::spawn(&format!("certfleet-agent {}", self.name), cmd, &log)?;
+        if let Err(e) = wait_listening(self.grpc, STARTUP).await {
+            agent.check_running()?;
+            bail!("agent {}: {e}", self.name);
+        }
+        self.agent = Some(agent);
+        Ok(())
     }
 
     /// The files in the webroot's challenge directory (webroot mode).
@@ -154,6 +239,8 @@ pub struct Cluster {
     pub config_path: PathBuf,
     /// Every name of the certificate, the shared name first.
     pub sans: Vec<String>,
+    /// The coordinator's enrollment address.
+    pub enrollment: SocketAddr,
 }
 
 pub fn shared_name() -> String {
@@ -194,14 +281,10 @@ impl Cluster {
             pebble.add_a(san, ips[(k - 1) % spec.nodes]).await?;
         }
 
-        let mut nodes = Vec::with_capacity(spec.nodes);
-        for (i, ip) in ips.iter().enumerate() {
-            nodes.push(start_node(dir.path(), i, *ip, http_port, spec.http01).await?);
-        }
-
         let state_dir = dir.path().join("coordinator/state");
         let socket = dir.path().join("coordinator/admin.sock");
         let config_path = dir.path().join("coordinator/coordinator.toml");
+        let enrollment = SocketAddr::new("127.0.0.1".parse()?, free_port("127.0.0.1".parse()?));
         std::fs::create_dir_all(dir.path().join("coordinator"))?;
         let mut config = format!(
             r#"state_dir = "{state}"
@@ -217,17 +300,17 @@ ca_timeout_secs = 60
 [placement]
 concurrency = 32
 node_timeout_secs = 5
+
+[enrollment]
+listen = "{enrollment}"
 "#,
             state = state_dir.display(),
             socket = socket.display(),
             directory = pebble.directory_url(),
             ca = pebble.listener_ca.display(),
         );
-        for node in &nodes {
-            config.push_str(&format!(
-                "\n[[nodes]]\nname = \"{}\"\nagent = \"{}\"\n",
-                node.name, node.grpc
-            ));
+        if let Some(secs) = spec.agent_cert_validity_secs {
+            config.push_str(&format!("agent_cert_validity_secs = {secs}\n"));
         }
         config.push_str(&format!(
             "\n[[certificates]]\nname = \"{CERT}\"\nsans = {}\n",
@@ -236,19 +319,109 @@ node_timeout_secs = 5
         config.push_str(&spec.coordinator_extra);
         std::fs::write(&config_path, &config)?;
 
+        let init = Command::new(bin("certfleet-coordinator"))
+            .arg("--config")
+            .arg(&config_path)
+            .arg("init")
+            .output()?;
+        if !init.status.success() {
+            bail!(
+                "certfleet-coordinator init: {}",
+                String::from_utf8_lossy(&init.stderr)
+            );
+        }
+
         let mut cluster = Self {
             dir,
             subnet,
             pebble,
-            nodes,
+            nodes: Vec::with_capacity(spec.nodes),
             coordinator: None,
             socket,
             state_dir,
             config_path,
             sans,
+            enrollment,
         };
         cluster.start_coordinator().await?;
+        for (i, ip) in ips.iter().enumerate() {
+            let node = cluster.add_node(i, *ip, http_port, spec.http01).await?;
+            cluster.nodes.push(node);
+        }
         Ok(cluster)
+    }
+
+    /// `certfleet --json node add`: returns (token, ca_pin).
+    pub async fn node_add(
+        &self,
+        name: &str,
+        agent: SocketAddr,
+        extra: &[&str],
+    ) -> anyhow::Result<(String, String)> {
+        let agent = agent.to_string();
+        let mut args = vec!["--json", "node", "add", name, "--agent", &agent];
+        args.extend_from_slice(extra);
+        let out = self.ctl(&args).await?;
+        if out.code != 0 {
+            bail!("certfleet node add {name}: {}", out.stderr);
+        }
+        let v = out.last_json();
+        Ok((
+            v["token"].as_str().context("no token")?.to_owned(),
+            v["ca_pin"].as_str().context("no ca_pin")?.to_owned(),
+        ))
+    }
+
+    /// Removes node `i` and registers it again with `extra` arguments to
+    /// `node add`, joins it again and restarts its agent.
+    pub async fn readd_node(&mut self, i: usize, extra: &[&str]) -> anyhow::Result<()> {
+        let name = self.nodes[i].name.clone();
+        let out = self.ctl(&["node", "remove", &name]).await?;
+        if out.code != 0 {
+            bail!("certfleet node remove {name}: {}", out.stderr);
+        }
+        let (token, pin) = self.node_add(&name, self.nodes[i].grpc, extra).await?;
+        let (code, stderr) = join(
+            &self.nodes[i].config_path,
+            &self.enrollment.to_string(),
+            &token,
+            &pin,
+        )?;
+        if code != 0 {
+            bail!("certfleet-agent join {name}: {stderr}");
+        }
+        self.nodes[i].start_agent().await
+    }
+
+    /// Registers node `i`, writes its agent config, joins it and starts it.
+    async fn add_node(
+        &self,
+        i: usize,
+        ip: IpAddr,
+        http_port: u16,
+        mode: Http01,
+    ) -> anyhow::Result<Node> {
+        let mut node = prepare_node(
+            self.dir.path(),
+            i,
+            ip,
+            http_port,
+            mode,
+            Credentials::coordinator(&self.state_dir)?,
+        )
+        .await?;
+        let (token, pin) = self.node_add(&node.name, node.grpc, &[]).await?;
+        let joined = join(
+            &node.config_path,
+            &self.enrollment.to_string(),
+            &token,
+            &pin,
+        )?;
+        if joined.0 != 0 {
+            bail!("certfleet-agent join {}: {}", node.name, joined.1);
+        }
+        node.start_agent().await?;
+        Ok(node)
     }
 
     pub async fn start_coordinator(&mut self) -> anyhow::Result<()> {
@@ -331,16 +504,41 @@ node_timeout_secs = 5
     }
 }
 
-pub async fn start_node(
+/// Runs `certfleet-agent join`; returns its exit code and stderr.
+pub fn join(
+    config: &Path,
+    coordinator: &str,
+    token: &str,
+    pin: &str,
+) -> anyhow::Result<(i32, String)> {
+    let out = Command::new(bin("certfleet-agent"))
+        .arg("--config")
+        .arg(config)
+        // `=`: a token may start with '-'.
+        .args(["join", "--coordinator", coordinator])
+        .arg(format!("--token={token}"))
+        .args(["--ca-pin", pin])
+        .output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Makes node `i`'s directory and agent config (and its nginx in webroot
+/// mode); the agent is neither joined nor started.
+async fn prepare_node(
     root: &Path,
     i: usize,
     ip: IpAddr,
     http_port: u16,
     mode: Http01,
+    coordinator: Credentials,
 ) -> anyhow::Result<Node> {
     let name = node_name(i);
     let dir = root.join("nodes").join(&name);
-    std::fs::create_dir_all(&dir)?;
+    let state_dir = dir.join("state");
+    std::fs::create_dir_all(&state_dir)?;
     let grpc = SocketAddr::new(ip, free_port(ip));
     let (http01, webroot, nginx) = match mode {
         Http01::Standalone => (
@@ -359,27 +557,22 @@ pub async fn start_node(
             )
         }
     };
-    let config = format!("node = \"{name}\"\n\n[grpc]\nlisten = \"{grpc}\"\n\n[http01]\n{http01}");
+    let config = format!(
+        "node = \"{name}\"\nstate_dir = \"{}\"\n\n[grpc]\nlisten = \"{grpc}\"\n\n[http01]\n{http01}",
+        state_dir.display()
+    );
     let config_path = dir.join("agent.toml");
     std::fs::write(&config_path, config)?;
-    let mut cmd = Command::new(bin("certfleet-agent"));
-    cmd.arg("--config").arg(&config_path);
-    let mut agent = Proc::spawn(
-        &format!("certfleet-agent {name}"),
-        cmd,
-        &dir.join("agent.log"),
-    )?;
-    if let Err(e) = wait_listening(grpc, STARTUP).await {
-        agent.check_running()?;
-        bail!("agent {name}: {e}");
-    }
     Ok(Node {
         name,
         ip,
         grpc,
         dir,
+        config_path,
+        state_dir,
         webroot,
-        agent: Some(agent),
+        agent: None,
         nginx,
+        coordinator: Arc::new(coordinator),
     })
 }

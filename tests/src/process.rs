@@ -1,6 +1,5 @@
 //! Child processes, binaries and waiting.
 
-use std::fs::File;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,7 +18,12 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, mut command: Command, log: &Path) -> anyhow::Result<Self> {
-        let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        // Appended, so a restarted process's log keeps what came before.
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
         let child = command
             .stdin(Stdio::null())

@@ -215,8 +215,8 @@ async fn a_node_down_aborts_before_the_ca_is_asked_and_leaves_no_token() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_failing_the_self_check_aborts_before_the_ca_is_asked() {
-    // cn-orc-1's HTTP-01 address points where nothing listens: its agent
-    // accepts tokens, but the CA could never fetch them there.
+    // cn-orc-1's HTTP-01 address (as registered) points where nothing
+    // listens: its agent accepts tokens, but the CA could never fetch them.
     let mut cluster = Cluster::start(ClusterSpec {
         nodes: 3,
         ..Default::default()
@@ -224,21 +224,11 @@ async fn a_node_failing_the_self_check_aborts_before_the_ca_is_asked() {
     .await
     .unwrap();
     let unused = cluster.subnet.unused();
-    let config = std::fs::read_to_string(&cluster.config_path).unwrap();
-    let broken = config.replace(
-        &format!(
-            "name = \"cn-orc-1\"\nagent = \"{}\"\n",
-            cluster.nodes[2].grpc
-        ),
-        &format!(
-            "name = \"cn-orc-1\"\nagent = \"{}\"\nhttp01 = \"{unused}\"\n",
-            cluster.nodes[2].grpc
-        ),
-    );
-    assert_ne!(config, broken);
-    std::fs::write(&cluster.config_path, broken).unwrap();
-    cluster.coordinator.take();
-    cluster.start_coordinator().await.unwrap();
+    let unused_text = unused.to_string();
+    cluster
+        .readd_node(2, &["--http01", &unused_text])
+        .await
+        .unwrap();
 
     let out = cluster.issue().await.unwrap();
     assert_eq!(out.code, 1, "{}", out.stdout);

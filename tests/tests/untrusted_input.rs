@@ -6,8 +6,8 @@ use std::path::Path;
 use std::process::Command;
 
 use certfleet_proto::pb;
-use certfleet_tests::cluster::{Http01, Node, start_node};
-use certfleet_tests::net::{Subnet, free_port, http};
+use certfleet_tests::cluster::{Cluster, ClusterSpec, Http01, Node};
+use certfleet_tests::net::http;
 use certfleet_tests::process::bin;
 use tonic::Code;
 
@@ -65,12 +65,16 @@ fn files_under(dir: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn agent_refuses_malformed_tokens_and_writes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let ip = Subnet::new().node(0);
-    let node = start_node(dir.path(), 0, ip, free_port(ip), Http01::WebrootNginx)
-        .await
-        .unwrap();
-    let before = files_under(dir.path());
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 1,
+        http01: Http01::WebrootNginx,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let node = &cluster.nodes[0];
+    let webroot = node.webroot.clone().unwrap();
+    let before = files_under(&node.dir);
 
     let cases: Vec<(pb::Http01Token, &str)> = vec![
         (
@@ -115,7 +119,7 @@ async fn agent_refuses_malformed_tokens_and_writes_nothing() {
     for (bad, needle) in cases {
         let shown = format!("{bad:?}");
         let result = place(
-            &node,
+            node,
             vec![
                 tok(&good_token(7), &format!("{}.{THUMB}", good_token(7))),
                 bad,
@@ -137,15 +141,11 @@ async fn agent_refuses_malformed_tokens_and_writes_nothing() {
     let many: Vec<_> = (0..257)
         .map(|i| tok(&good_token(i), &format!("{}.{THUMB}", good_token(i))))
         .collect();
-    assert_refused(
-        place(&node, many).await,
-        Code::InvalidArgument,
-        "257 tokens",
-    );
+    assert_refused(place(node, many).await, Code::InvalidArgument, "257 tokens");
 
     // An oversized message is refused by the decoder before any work.
     let huge = tok(&good_token(1), &"a".repeat(2 * 1024 * 1024));
-    let status = place(&node, vec![huge]).await.unwrap_err();
+    let status = place(node, vec![huge]).await.unwrap_err();
     assert!(
         matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
         "{status:?}"
@@ -163,18 +163,18 @@ async fn agent_refuses_malformed_tokens_and_writes_nothing() {
     assert_eq!(status.code(), Code::InvalidArgument);
 
     // Nothing was written anywhere, and the agent is still healthy.
+    let state_files = |files: Vec<String>| -> Vec<String> {
+        files
+            .into_iter()
+            .filter(|f| !f.contains("/nginx/") && !f.ends_with(".log"))
+            .collect()
+    };
     assert_eq!(
-        files_under(dir.path())
-            .iter()
-            .filter(|f| !f.contains("/nginx/") && !f.ends_with("agent.log"))
-            .count(),
-        before
-            .iter()
-            .filter(|f| !f.contains("/nginx/") && !f.ends_with("agent.log"))
-            .count(),
-        "files changed: {:?}",
-        files_under(dir.path())
+        state_files(files_under(&node.dir)),
+        state_files(before),
+        "a refused request wrote a file"
     );
+    assert!(files_under(&webroot).is_empty());
     let status = client
         .get_status(pb::GetStatusRequest {})
         .await
@@ -192,7 +192,7 @@ async fn agent_refuses_malformed_tokens_and_writes_nothing() {
     // A good one is placed as a file nginx serves, and removed again.
     let t = good_token(3);
     assert_eq!(
-        place(&node, vec![tok(&t, &format!("{t}.{THUMB}"))])
+        place(node, vec![tok(&t, &format!("{t}.{THUMB}"))])
             .await
             .unwrap(),
         1
@@ -210,15 +210,17 @@ async fn agent_refuses_malformed_tokens_and_writes_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn standalone_responder_serves_only_challenge_paths() {
-    let dir = tempfile::tempdir().unwrap();
-    let ip = Subnet::new().node(0);
-    let port = free_port(ip);
-    let node = start_node(dir.path(), 0, ip, port, Http01::Standalone)
-        .await
-        .unwrap();
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let node = &cluster.nodes[0];
+    let (ip, port) = (node.ip, cluster.pebble.http_port);
     let t = good_token(5);
     let ka = format!("{t}.{THUMB}");
-    place(&node, vec![tok(&t, &ka)]).await.unwrap();
+    place(node, vec![tok(&t, &ka)]).await.unwrap();
 
     let base = format!("http://{ip}:{port}");
     let get = |path: String| {
@@ -261,9 +263,8 @@ state_dir = "/nonexistent/certfleet-state"
 admin_socket = "/nonexistent/admin.sock"
 [acme]
 directory = "https://127.0.0.1:14000/dir"
-[[nodes]]
-name = "cn-ucsb-1"
-agent = "127.0.0.2:7443"
+[enrollment]
+listen = "127.0.0.1:7444"
 [[certificates]]
 name = "cn"
 sans = ["cn.dataone.test"]
@@ -278,12 +279,16 @@ fn bad_configs_exit_2_naming_the_key_and_touch_nothing() {
             "colour",
         ),
         (
-            COORDINATOR.replace("name = \"cn-ucsb-1\"", "name = \"cn ucsb\""),
-            "nodes[0].name",
+            format!("{COORDINATOR}nodes = [\"cn ucsb\"]\n"),
+            "certificates[0].nodes[0]",
         ),
         (
-            format!("{COORDINATOR}nodes = [\"cn-nope-1\"]\n"),
-            "certificates[0].nodes[0]",
+            COORDINATOR.replace("127.0.0.1:7444", "somewhere"),
+            "enrollment.listen",
+        ),
+        (
+            format!("{COORDINATOR}nodes = []\n"),
+            "certificates[0].nodes",
         ),
         (
             COORDINATOR.replace("cn.dataone.test", "*.dataone.test"),

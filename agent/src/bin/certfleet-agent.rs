@@ -1,13 +1,15 @@
-//! `certfleet-agent --config agent.toml`: wires up and calls
-//! [`certfleet_agent::run`].
+//! `certfleet-agent --config agent.toml [run | join ...]`: wires up and
+//! calls [`certfleet_agent::run`], or joins the cluster.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use certfleet_agent::config::{Config, Http01Mode};
+use certfleet_agent::identity::{Identity, IdentityError, join};
 use certfleet_agent::{Listeners, run};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
 /// certfleet's per-node agent.
@@ -15,11 +17,33 @@ use tokio::net::TcpListener;
 #[command(version)]
 struct Args {
     /// Path of the agent's config file.
-    #[arg(long, default_value = "/etc/certfleet/agent.toml")]
+    #[arg(long, global = true, default_value = "/etc/certfleet/agent.toml")]
     config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (the default). The node must have joined.
+    Run,
+    /// Join the cluster with the token `certfleet node add` printed.
+    Join {
+        /// The coordinator's enrollment address, host:port.
+        #[arg(long)]
+        coordinator: String,
+        /// The one-time join token.
+        #[arg(long)]
+        token: String,
+        /// The cluster CA pin, sha256:<hex>.
+        #[arg(long)]
+        ca_pin: String,
+    },
 }
 
 fn main() -> ExitCode {
+    // Nothing certfleet writes is for the world to read.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o027));
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -40,16 +64,52 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match runtime.block_on(serve(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("certfleet-agent: {e:#}");
-            ExitCode::FAILURE
+    match args.command.unwrap_or(Command::Run) {
+        Command::Join {
+            coordinator,
+            token,
+            ca_pin,
+        } => runtime.block_on(async {
+            match join(&config.state_dir, &config.node, &coordinator, &token, &ca_pin).await {
+                Ok(joined) => {
+                    println!(
+                        "joined as node {}; identity in {} (certificate valid until {}, renewed automatically)",
+                        joined.node,
+                        joined.dir.display(),
+                        joined.not_after
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("certfleet-agent: join failed: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }),
+        Command::Run => {
+            let identity = match Identity::load(&config.state_dir, &config.node) {
+                Ok(identity) => Arc::new(identity),
+                Err(e @ IdentityError::NotJoined(_)) => {
+                    eprintln!("certfleet-agent: {e}");
+                    return ExitCode::from(2);
+                }
+                Err(e) => {
+                    eprintln!("certfleet-agent: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(serve(config, identity)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("certfleet-agent: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, identity: Arc<Identity>) -> anyhow::Result<()> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), node = %config.node, "certfleet-agent starting");
     let grpc = TcpListener::bind(config.grpc_listen)
         .await
@@ -62,7 +122,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ),
         Http01Mode::Webroot { .. } => None,
     };
-    run(config, Listeners { grpc, http01 }, shutdown_signal()).await
+    run(
+        config,
+        identity,
+        Listeners { grpc, http01 },
+        shutdown_signal(),
+    )
+    .await
 }
 
 async fn shutdown_signal() {

@@ -1,23 +1,41 @@
-//! `certfleet-coordinator --config coordinator.toml`: wires up and calls
-//! [`certfleet_coordinator::run`].
+//! `certfleet-coordinator --config coordinator.toml [init [--force]]`:
+//! wires up and calls [`certfleet_coordinator::run`], or makes the cluster
+//! CA with `init`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use certfleet_coordinator::config::Config;
-use certfleet_coordinator::{SetupError, admin, build, run};
-use clap::Parser;
+use certfleet_coordinator::pki::{self, PkiError};
+use certfleet_coordinator::{Listeners, SetupError, admin, build, run};
+use clap::{Parser, Subcommand};
 
 /// certfleet's coordinator daemon.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
     /// Path of the coordinator's config file.
-    #[arg(long, default_value = "/etc/certfleet/coordinator.toml")]
+    #[arg(long, global = true, default_value = "/etc/certfleet/coordinator.toml")]
     config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the coordinator (the default).
+    Run,
+    /// Create the cluster CA and the coordinator's identity in the state dir.
+    Init {
+        /// Replace an existing CA (every node must then join again).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() -> ExitCode {
+    // Nothing certfleet writes is for the world to read.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o027));
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -33,42 +51,87 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    runtime.block_on(async {
-        tracing::info!(
-            version = env!("CARGO_PKG_VERSION"),
-            "certfleet-coordinator starting"
-        );
-        let socket = config.admin_socket.clone();
-        let issuer = match build(config) {
-            Ok(issuer) => issuer,
-            Err(e @ SetupError::Acme(_)) => {
-                eprintln!("certfleet-coordinator: {e}");
-                return ExitCode::from(2);
-            }
-            Err(e) => {
-                eprintln!("certfleet-coordinator: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let listener = match admin::bind_socket(&socket) {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!(
-                    "certfleet-coordinator: binding admin socket {}: {e}",
-                    socket.display()
-                );
-                return ExitCode::FAILURE;
-            }
-        };
-        match run(issuer, listener, shutdown_signal()).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("certfleet-coordinator: {e}");
-                ExitCode::FAILURE
-            }
+    match args.command.unwrap_or(Command::Run) {
+        Command::Init { force } => init(&config, force),
+        Command::Run => {
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            runtime.block_on(serve(config))
         }
-    })
+    }
+}
+
+fn init(config: &Config, force: bool) -> ExitCode {
+    match pki::init(&config.state_dir, force) {
+        Ok(pin) => {
+            println!(
+                "created the cluster CA in {}",
+                config.state_dir.join("ca").display()
+            );
+            println!("CA pin: {pin}");
+            println!(
+                "next: start the coordinator, then `certfleet node add <name> --agent <host:port>` for each node"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e @ PkiError::Exists(_)) => {
+            eprintln!("certfleet-coordinator: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("certfleet-coordinator: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        "certfleet-coordinator starting"
+    );
+    let socket = config.admin_socket.clone();
+    let enrollment_addr = config.enrollment.listen;
+    let coordinator = match build(config) {
+        Ok(c) => c,
+        Err(e @ (SetupError::Acme(_) | SetupError::Pki(PkiError::Missing(_)))) => {
+            eprintln!("certfleet-coordinator: {e}");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("certfleet-coordinator: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let admin = match admin::bind_socket(&socket) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "certfleet-coordinator: binding admin socket {}: {e}",
+                socket.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let enrollment = match tokio::net::TcpListener::bind(enrollment_addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("certfleet-coordinator: binding enrollment.listen {enrollment_addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(
+        coordinator,
+        Listeners { admin, enrollment },
+        shutdown_signal(),
+    )
+    .await
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("certfleet-coordinator: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -1,0 +1,408 @@
+//! The coordinator's records, in an embedded SQLite database
+//! (`<state>/certfleet.db`, mode 0600): registered nodes, join tokens (only
+//! a hash of each secret) and the audit log of admin requests.
+//!
+//! Calls are short and synchronous behind one mutex; none is on a hot path.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    agent TEXT NOT NULL,
+    http01 TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'active', 'removed')),
+    cert_serial TEXT,
+    cert_not_after INTEGER NOT NULL DEFAULT 0,
+    last_contact INTEGER NOT NULL DEFAULT 0,
+    created INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS join_tokens (
+    id TEXT PRIMARY KEY,
+    node TEXT NOT NULL REFERENCES nodes(name),
+    secret_sha256 BLOB NOT NULL,
+    expires INTEGER NOT NULL,
+    used INTEGER
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY,
+    at INTEGER NOT NULL,
+    uid INTEGER,
+    action TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+"#;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "node {0} is already registered and active; `certfleet node remove {0}` first to join it again"
+    )]
+    Active(String),
+    #[error("no node named {0}")]
+    UnknownNode(String),
+}
+
+/// Why a join token was refused. The secret is never part of it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinRefusal {
+    #[error("join token is malformed: expected <id>.<secret>")]
+    Malformed,
+    #[error("join token {0} is unknown")]
+    Unknown(String),
+    #[error("join token {0} was already used")]
+    Used(String),
+    #[error("join token {0} has expired")]
+    Expired(String),
+    #[error("join token {0}: wrong secret")]
+    WrongSecret(String),
+    #[error("join token {id}: node {node} is {state}, not waiting to join")]
+    NodeState {
+        id: String,
+        node: String,
+        state: String,
+    },
+}
+
+/// A registered node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub name: String,
+    pub agent: String,
+    pub http01: String,
+    pub state: String,
+    pub cert_not_after: i64,
+    pub last_contact: i64,
+}
+
+/// One admin request, as the audit log keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub at: i64,
+    /// The caller's uid (SO_PEERCRED); `None` for a node's own request.
+    pub uid: Option<u32>,
+    pub action: String,
+    pub detail: String,
+}
+
+pub struct Db {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl Db {
+    pub fn open(state_dir: &Path) -> Result<Self, DbError> {
+        let path = state_dir.join("certfleet.db");
+        let err = |source| DbError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open(&path).map_err(err)?;
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        Ok(Self {
+            path,
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
+    ) -> Result<T, DbError> {
+        let mut conn = self.conn.lock().expect("db lock poisoned");
+        f(&mut conn).map_err(|source| DbError::Sqlite {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Registers (or re-registers a pending or removed) node with a new join
+    /// token whose secret hashes to `secret`'s SHA-256.
+    pub fn add_node(
+        &self,
+        node: &NodeRecord,
+        token_id: &str,
+        secret: &str,
+        expires: i64,
+        now: i64,
+    ) -> Result<(), DbError> {
+        let existing = self.node(&node.name)?;
+        if existing.as_ref().is_some_and(|n| n.state == "active") {
+            return Err(DbError::Active(node.name.clone()));
+        }
+        let hash = Sha256::digest(secret.as_bytes()).to_vec();
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO nodes (name, agent, http01, state, created) VALUES (?1, ?2, ?3, 'pending', ?4)
+                 ON CONFLICT(name) DO UPDATE SET agent = ?2, http01 = ?3, state = 'pending',
+                     cert_serial = NULL, cert_not_after = 0",
+                params![node.name, node.agent, node.http01, now],
+            )?;
+            // Earlier unused tokens for the node stop working.
+            tx.execute(
+                "DELETE FROM join_tokens WHERE node = ?1 AND used IS NULL",
+                params![node.name],
+            )?;
+            tx.execute(
+                "INSERT INTO join_tokens (id, node, secret_sha256, expires) VALUES (?1, ?2, ?3, ?4)",
+                params![token_id, node.name, hash, expires],
+            )?;
+            tx.commit()
+        })
+    }
+
+    /// Checks and uses up a join token; returns the node it was made for.
+    pub fn consume_token(
+        &self,
+        token: &str,
+        now: i64,
+    ) -> Result<Result<String, JoinRefusal>, DbError> {
+        let Some((id, secret)) = token.split_once('.') else {
+            return Ok(Err(JoinRefusal::Malformed));
+        };
+        let hash = Sha256::digest(secret.as_bytes());
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let row = tx
+                .query_row(
+                    "SELECT t.node, t.secret_sha256, t.expires, t.used, n.state
+                     FROM join_tokens t JOIN nodes n ON n.name = t.node WHERE t.id = ?1",
+                    params![id],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, Vec<u8>>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, Option<i64>>(3)?,
+                            r.get::<_, String>(4)?,
+                        ))
+                    },
+                )
+                .optional()?;
+            let id = id.to_owned();
+            let Some((node, stored, expires, used, state)) = row else {
+                return Ok(Err(JoinRefusal::Unknown(id)));
+            };
+            if !bool::from(stored.ct_eq(hash.as_slice())) {
+                return Ok(Err(JoinRefusal::WrongSecret(id)));
+            }
+            if used.is_some() {
+                return Ok(Err(JoinRefusal::Used(id)));
+            }
+            if now >= expires {
+                return Ok(Err(JoinRefusal::Expired(id)));
+            }
+            if state != "pending" {
+                return Ok(Err(JoinRefusal::NodeState { id, node, state }));
+            }
+            tx.execute(
+                "UPDATE join_tokens SET used = ?2 WHERE id = ?1",
+                params![id, now],
+            )?;
+            tx.commit()?;
+            Ok(Ok(node))
+        })
+    }
+
+    /// Records the certificate a node now holds and makes it active.
+    pub fn activate(
+        &self,
+        node: &str,
+        serial: &str,
+        not_after: i64,
+        now: i64,
+    ) -> Result<(), DbError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE nodes SET state = 'active', cert_serial = ?2, cert_not_after = ?3, last_contact = ?4
+                 WHERE name = ?1",
+                params![node, serial, not_after, now],
+            )
+        })?;
+        Ok(())
+    }
+
+    pub fn remove(&self, node: &str) -> Result<(), DbError> {
+        let changed = self.with(|c| {
+            let tx = c.transaction()?;
+            let n = tx.execute(
+                "UPDATE nodes SET state = 'removed' WHERE name = ?1",
+                params![node],
+            )?;
+            tx.execute(
+                "DELETE FROM join_tokens WHERE node = ?1 AND used IS NULL",
+                params![node],
+            )?;
+            tx.commit()?;
+            Ok(n)
+        })?;
+        if changed == 0 {
+            return Err(DbError::UnknownNode(node.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Records a successful exchange with each of `nodes`, in one transaction.
+    pub fn touch(&self, nodes: &[&str], now: i64) -> Result<(), DbError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            {
+                let mut stmt = tx.prepare("UPDATE nodes SET last_contact = ?2 WHERE name = ?1")?;
+                for node in nodes {
+                    stmt.execute(params![node, now])?;
+                }
+            }
+            tx.commit()
+        })
+    }
+
+    pub fn node(&self, name: &str) -> Result<Option<NodeRecord>, DbError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT name, agent, http01, state, cert_not_after, last_contact FROM nodes WHERE name = ?1",
+                params![name],
+                row_to_node,
+            )
+            .optional()
+        })
+    }
+
+    /// Every registered node, sorted by name.
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>, DbError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT name, agent, http01, state, cert_not_after, last_contact FROM nodes ORDER BY name",
+            )?;
+            let rows = stmt.query_map([], row_to_node)?;
+            rows.collect()
+        })
+    }
+
+    pub fn audit(
+        &self,
+        uid: Option<u32>,
+        action: &str,
+        detail: &str,
+        now: i64,
+    ) -> Result<(), DbError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO audit (at, uid, action, detail) VALUES (?1, ?2, ?3, ?4)",
+                params![now, uid, action, detail],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// The audit log, oldest first.
+    pub fn audit_log(&self) -> Result<Vec<AuditEntry>, DbError> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT at, uid, action, detail FROM audit ORDER BY id")?;
+            let rows = stmt.query_map([], |r| {
+                Ok(AuditEntry {
+                    at: r.get(0)?,
+                    uid: r.get(1)?,
+                    action: r.get(2)?,
+                    detail: r.get(3)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+}
+
+fn row_to_node(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRecord> {
+    Ok(NodeRecord {
+        name: r.get(0)?,
+        agent: r.get(1)?,
+        http01: r.get(2)?,
+        state: r.get(3)?,
+        cert_not_after: r.get(4)?,
+        last_contact: r.get(5)?,
+    })
+}
+
+/// Seconds since the Unix epoch.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            agent: "127.0.0.2:7443".into(),
+            http01: "127.0.0.2".into(),
+            state: "pending".into(),
+            cert_not_after: 0,
+            last_contact: 0,
+        }
+    }
+
+    #[test]
+    fn a_token_works_once_before_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        db.add_node(&node("a"), "id1", "s3cret", 100, 0).unwrap();
+        assert_eq!(
+            db.consume_token("id1.wrong", 10).unwrap(),
+            Err(JoinRefusal::WrongSecret("id1".into()))
+        );
+        assert_eq!(
+            db.consume_token("id1.s3cret", 100).unwrap(),
+            Err(JoinRefusal::Expired("id1".into()))
+        );
+        assert_eq!(db.consume_token("id1.s3cret", 10).unwrap(), Ok("a".into()));
+        assert_eq!(
+            db.consume_token("id1.s3cret", 11).unwrap(),
+            Err(JoinRefusal::Used("id1".into()))
+        );
+        assert_eq!(
+            db.consume_token("nope.x", 11).unwrap(),
+            Err(JoinRefusal::Unknown("nope".into()))
+        );
+        assert_eq!(
+            db.consume_token("nodot", 11).unwrap(),
+            Err(JoinRefusal::Malformed)
+        );
+        db.activate("a", "01", 1000, 12).unwrap();
+        assert!(matches!(
+            db.add_node(&node("a"), "id2", "x", 100, 0),
+            Err(DbError::Active(_))
+        ));
+        db.remove("a").unwrap();
+        assert_eq!(db.node("a").unwrap().unwrap().state, "removed");
+        assert!(matches!(db.remove("zz"), Err(DbError::UnknownNode(_))));
+        // The secret is stored only as a hash, in the database and its WAL.
+        drop(db);
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let raw = std::fs::read(entry.unwrap().path()).unwrap();
+            assert!(!raw.windows(6).any(|w| w == b"s3cret"));
+        }
+    }
+}
