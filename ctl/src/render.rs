@@ -199,6 +199,7 @@ pub(crate) fn node_added(name: &str, r: &pb::AddNodeResponse, json: bool) {
                 "token": r.token,
                 "ca_pin": r.ca_pin,
                 "expires": date(r.expires_unix),
+                "expires_unix": r.expires_unix,
                 "join_command": r.join_command,
             })
         );

@@ -424,7 +424,28 @@ listen = "{enrollment}"
         Ok(node)
     }
 
+    /// Starts the coordinator. If its enrollment port was taken between
+    /// picking and binding, it is started again on a new one.
     pub async fn start_coordinator(&mut self) -> anyhow::Result<()> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.start_coordinator_once().await {
+                Err(e) if attempt < 5 && format!("{e:#}").contains("binding enrollment.listen") => {
+                    let old = self.enrollment;
+                    self.enrollment = SocketAddr::new(old.ip(), free_port(old.ip()));
+                    let config = std::fs::read_to_string(&self.config_path)?.replace(
+                        &format!("listen = \"{old}\""),
+                        &format!("listen = \"{}\"", self.enrollment),
+                    );
+                    std::fs::write(&self.config_path, config)?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_coordinator_once(&mut self) -> anyhow::Result<()> {
         let mut cmd = Command::new(bin("certfleet-coordinator"));
         cmd.arg("--config").arg(&self.config_path);
         let log = self.dir.path().join("coordinator/coordinator.log");

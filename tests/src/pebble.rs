@@ -41,9 +41,31 @@ pub struct Pebble {
 }
 
 const STARTUP: Duration = Duration::from_secs(20);
+const START_ATTEMPTS: usize = 5;
 
 impl Pebble {
+    /// Starts Pebble and challtestsrv. A port picked as free can be taken
+    /// (by another test, or as the source port of an outgoing connection)
+    /// before the server binds it, so a failed start is retried on new ports.
     pub async fn start(dir: &Path, http_port: u16, options: PebbleOptions) -> anyhow::Result<Self> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start_once(dir, http_port, options).await {
+                Ok(pebble) => return Ok(pebble),
+                Err(e) if attempt < START_ATTEMPTS => {
+                    eprintln!("pebble start attempt {attempt} failed, retrying: {e:#}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn start_once(
+        dir: &Path,
+        http_port: u16,
+        options: PebbleOptions,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let listener_ca = write_listener_certs(dir)?;
         let localhost: IpAddr = "127.0.0.1".parse()?;
@@ -107,13 +129,23 @@ impl Pebble {
         format!("https://127.0.0.1:{}/dir", self.acme_port)
     }
 
-    /// Makes challtestsrv's DNS answer `host` with `ip`.
+    /// Makes challtestsrv's DNS answer `host` with `ip` alone (replacing
+    /// any address it answered before).
     pub async fn add_a(&self, host: &str, ip: IpAddr) -> anyhow::Result<()> {
-        let body = serde_json::json!({ "host": host, "addresses": [ip.to_string()] });
-        let url = format!("http://127.0.0.1:{}/add-a", self.chall_port);
+        self.challtestsrv("clear-a", serde_json::json!({ "host": host }))
+            .await?;
+        self.challtestsrv(
+            "add-a",
+            serde_json::json!({ "host": host, "addresses": [ip.to_string()] }),
+        )
+        .await
+    }
+
+    async fn challtestsrv(&self, path: &str, body: serde_json::Value) -> anyhow::Result<()> {
+        let url = format!("http://127.0.0.1:{}/{path}", self.chall_port);
         let (status, text) = http(http::Method::POST, &url, None, Some(body.to_string())).await?;
         if !status.is_success() {
-            bail!("challtestsrv add-a {host} -> {ip}: {status} {text}");
+            bail!("challtestsrv {path} {body}: {status} {text}");
         }
         Ok(())
     }

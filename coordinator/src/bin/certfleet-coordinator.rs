@@ -102,6 +102,14 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Enrollment first: once the admin socket answers, everything is up.
+    let enrollment = match tokio::net::TcpListener::bind(enrollment_addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("certfleet-coordinator: binding enrollment.listen {enrollment_addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let admin = match admin::bind_socket(&socket) {
         Ok(l) => l,
         Err(e) => {
@@ -109,13 +117,6 @@ async fn serve(config: Config) -> ExitCode {
                 "certfleet-coordinator: binding admin socket {}: {e}",
                 socket.display()
             );
-            return ExitCode::FAILURE;
-        }
-    };
-    let enrollment = match tokio::net::TcpListener::bind(enrollment_addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("certfleet-coordinator: binding enrollment.listen {enrollment_addr}: {e}");
             return ExitCode::FAILURE;
         }
     };

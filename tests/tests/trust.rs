@@ -1,0 +1,588 @@
+//! Trust between the coordinator and the agents, through the real
+//! processes and real TLS: who may call whom, how nodes join and renew, and
+//! what is refused (each refusal asserted by what it says).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use certfleet_coordinator::db::Db;
+use certfleet_proto::identity::{
+    COORDINATOR_IDENTITY, ExpectIdentity, LiveIdentity, client_config, node_identity,
+};
+use certfleet_proto::pb;
+use certfleet_proto::pb::enrollment_client::EnrollmentClient;
+use certfleet_tests::cluster::{CERT, Cluster, ClusterSpec, Credentials, join};
+use certfleet_tests::process::eventually;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+async fn cluster(nodes: usize) -> Cluster {
+    Cluster::start(ClusterSpec {
+        nodes,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// Waits until the agent's log says `needle` (refusals are logged as the
+/// handshake fails, a moment after the client sees the connection drop).
+async fn agent_logged(cluster: &Cluster, node: usize, needle: &str) {
+    let log = cluster.nodes[node].dir.join("agent.log");
+    let found = eventually(
+        &format!("{needle:?} in {}", log.display()),
+        Duration::from_secs(5),
+        || {
+            let log = log.clone();
+            async move {
+                std::fs::read_to_string(&log)
+                    .ok()
+                    .filter(|text| text.contains(needle))
+                    .map(|_| ())
+            }
+        },
+    )
+    .await;
+    if let Err(e) = found {
+        panic!(
+            "{e}\n--- agent log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+}
+
+/// The call never reached the service: the connection was refused during
+/// the TLS handshake (hyper reports the alert as a transport error).
+fn assert_tls_refused(err: &tonic::Status) {
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+        ),
+        "{err:?}"
+    );
+    assert!(
+        [
+            "transport error",
+            "h2 protocol error",
+            "operation was canceled"
+        ]
+        .iter()
+        .any(|m| err.message().contains(m)),
+        "{err:?}"
+    );
+}
+
+/// A CA that is not the cluster's, and a certificate from it that claims
+/// to be the coordinator.
+fn foreign_coordinator() -> Credentials {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "some other CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec![COORDINATOR_IDENTITY.to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    Credentials {
+        chain_pem: format!("{}{}", cert.pem(), ca.pem()),
+        key_pem: key.serialize_pem(),
+        ca_pem: ca.pem(),
+    }
+}
+
+/// A certificate for `node` signed by the real cluster CA (read from the
+/// coordinator's state, as only root could), already expired.
+fn expired_node_identity(state_dir: &Path, node: &str) -> String {
+    let ca_pem = std::fs::read_to_string(state_dir.join("ca/ca.pem")).unwrap();
+    let ca_key =
+        KeyPair::from_pem(&std::fs::read_to_string(state_dir.join("ca/ca.key")).unwrap()).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec![node_identity(node)]).unwrap();
+    let now = SystemTime::now();
+    params.not_before = (now - Duration::from_secs(2 * 86_400)).into();
+    params.not_after = (now - Duration::from_secs(86_400)).into();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    format!("{}{}", key.serialize_pem(), cert.pem())
+}
+
+/// An Enrollment client presenting `creds` (or nothing).
+fn enrollment_client(
+    cluster: &Cluster,
+    creds: Option<&Credentials>,
+) -> EnrollmentClient<tonic::transport::Channel> {
+    let ca_pem = std::fs::read_to_string(cluster.state_dir.join("ca/ca.pem")).unwrap();
+    let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap();
+    let verifier = ExpectIdentity::new(&ca, COORDINATOR_IDENTITY.to_owned()).unwrap();
+    let identity =
+        creds.map(|c| Arc::new(LiveIdentity::from_pem(&c.chain_pem, &c.key_pem).unwrap()));
+    let config = client_config(Arc::new(verifier), identity).unwrap();
+    EnrollmentClient::new(certfleet_proto::tls::channel(
+        cluster.enrollment,
+        Arc::new(config),
+        COORDINATOR_IDENTITY,
+    ))
+}
+
+/// Writes an agent config for a node that is not part of the harness's set.
+fn extra_agent_config(cluster: &Cluster, name: &str) -> PathBuf {
+    let dir = cluster.dir.path().join("extra").join(name);
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    let path = dir.join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "node = \"{name}\"\nstate_dir = \"{}\"\n[grpc]\nlisten = \"127.0.0.1:1\"\n[http01]\nmode = \"standalone\"\nlisten = \"127.0.0.1:1\"\n",
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_accept_only_the_coordinator() {
+    let cluster = cluster(2).await;
+    let status = pb::GetStatusRequest {};
+
+    // The coordinator's own identity works (the control case).
+    let ok = cluster.nodes[1]
+        .client()
+        .await
+        .unwrap()
+        .get_status(status)
+        .await
+        .unwrap();
+    assert_eq!(ok.into_inner().node, "cn-unm-1");
+
+    // A plaintext client.
+    let plain =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.nodes[1].grpc))
+            .unwrap()
+            .connect_lazy();
+    let err = certfleet_proto::pb::agent_client::AgentClient::new(plain)
+        .get_status(status)
+        .await
+        .unwrap_err();
+    assert_tls_refused(&err);
+    agent_logged(&cluster, 1, "refused a TLS connection").await;
+    agent_logged(&cluster, 1, "corrupt message").await;
+
+    // No client certificate.
+    let err = cluster.nodes[1]
+        .client_as(None)
+        .unwrap()
+        .get_status(status)
+        .await
+        .unwrap_err();
+    assert_tls_refused(&err);
+    agent_logged(&cluster, 1, "peer sent no certificates").await;
+
+    // A certificate from another CA claiming to be the coordinator.
+    let foreign = foreign_coordinator();
+    let err = cluster.nodes[1]
+        .client_as(Some(&foreign))
+        .unwrap()
+        .get_status(status)
+        .await
+        .unwrap_err();
+    assert_tls_refused(&err);
+    agent_logged(&cluster, 1, "UnknownIssuer").await;
+
+    // Node cn-ucsb-1's own certificate used to call cn-unm-1's agent.
+    let neighbour = Credentials::node(&cluster.nodes[0].state_dir).unwrap();
+    let err = cluster.nodes[1]
+        .client_as(Some(&neighbour))
+        .unwrap()
+        .get_status(status)
+        .await
+        .unwrap_err();
+    assert_tls_refused(&err);
+    agent_logged(
+        &cluster,
+        1,
+        "certificate belongs to node cn-ucsb-1, not the coordinator",
+    )
+    .await;
+
+    // Still healthy for the coordinator afterwards.
+    cluster.nodes[1]
+        .client()
+        .await
+        .unwrap()
+        .get_status(status)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_coordinator_refuses_an_agent_with_an_expired_certificate() {
+    let mut cluster = cluster(2).await;
+    let node = &cluster.nodes[1];
+    std::fs::write(
+        node.state_dir.join("identity/node.pem"),
+        expired_node_identity(&cluster.state_dir, &node.name),
+    )
+    .unwrap();
+    cluster.nodes[1].start_agent().await.unwrap();
+
+    let out = cluster.issue().await.unwrap();
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    let last = out.last_json();
+    assert_eq!(last["error"]["node"], "cn-unm-1");
+    let message = last["error"]["message"].as_str().unwrap().to_lowercase();
+    assert!(message.contains("expired"), "{message}");
+    // Its renewal with the expired certificate is refused too: the agent
+    // logs the failure and keeps trying, it does not die.
+    agent_logged(&cluster, 1, "renewing the node certificate failed").await;
+    cluster.nodes[1]
+        .agent
+        .as_mut()
+        .unwrap()
+        .check_running()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn join_tokens_are_one_time_short_lived_and_pinned() {
+    let cluster = cluster(1).await;
+    let enrollment = cluster.enrollment.to_string();
+
+    // A wrong CA pin: refused before the token is even sent.
+    let config = extra_agent_config(&cluster, "cn-extra-1");
+    let (token, pin) = cluster
+        .node_add("cn-extra-1", "127.0.0.1:1".parse().unwrap(), &[])
+        .await
+        .unwrap();
+    let wrong_pin = format!("sha256:{}", "0".repeat(64));
+    let (code, stderr) = join(&config, &enrollment, &token, &wrong_pin).unwrap();
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("no CA matching the pin"), "{stderr}");
+
+    // The right pin: the same token still works, once.
+    let (code, stderr) = join(&config, &enrollment, &token, &pin).unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    let identity =
+        std::fs::read_to_string(config.parent().unwrap().join("state/identity/node.pem")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(config.parent().unwrap().join("state/identity/node.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // Replayed.
+    let replay = extra_agent_config(&cluster, "cn-replay-1");
+    let (code, stderr) = join(&replay, &enrollment, &token, &pin).unwrap();
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("was already used"), "{stderr}");
+
+    // Expired: a token valid for one second, used after that second.
+    let out = cluster
+        .ctl(&[
+            "--json",
+            "node",
+            "add",
+            "cn-late-1",
+            "--agent",
+            "127.0.0.1:1",
+            "--token-ttl",
+            "1",
+        ])
+        .await
+        .unwrap();
+    let added = out.last_json();
+    let late_token = added["token"].as_str().unwrap().to_owned();
+    let expires = added["expires_unix"].as_i64().unwrap();
+    eventually(
+        "the join token's expiry",
+        Duration::from_secs(5),
+        || async move {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs() as i64;
+            (now > expires).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let late = extra_agent_config(&cluster, "cn-late-1");
+    let (code, stderr) = join(&late, &enrollment, &late_token, &pin).unwrap();
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("has expired"), "{stderr}");
+
+    // A token made for one node cannot enrol another name.
+    let (token, _) = cluster
+        .node_add("cn-other-1", "127.0.0.1:1".parse().unwrap(), &[])
+        .await
+        .unwrap();
+    let impostor = extra_agent_config(&cluster, "cn-impostor-1");
+    let (code, stderr) = join(&impostor, &enrollment, &token, &pin).unwrap();
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("made for node \"cn-other-1\""), "{stderr}");
+
+    // An oversized CSR is refused by the decoder.
+    let err = enrollment_client(&cluster, None)
+        .join(pb::JoinRequest {
+            token: "x.y".into(),
+            csr_der: vec![0; 200 * 1024],
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
+        "{err:?}"
+    );
+
+    // Nodes list what happened; secrets never reached the logs.
+    let out = cluster.ctl(&["--json", "nodes"]).await.unwrap();
+    let nodes: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let state = |name: &str| {
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .map(|n| n["state"].clone())
+    };
+    assert_eq!(state("cn-extra-1"), Some("active".into()));
+    assert_eq!(state("cn-late-1"), Some("pending".into()));
+    let secret = token.split_once('.').unwrap().1;
+    assert!(!cluster.coordinator_log().contains(secret));
+    assert!(!identity.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_node_is_refused_and_no_longer_contacted() {
+    let cluster = cluster(3).await;
+    let removed = Credentials::node(&cluster.nodes[1].state_dir).unwrap();
+    let out = cluster.ctl(&["node", "remove", "cn-unm-1"]).await.unwrap();
+    assert_eq!(out.code, 0, "{}", out.stderr);
+
+    // Its certificate is refused for renewal.
+    let csr = {
+        let key = KeyPair::generate().unwrap();
+        CertificateParams::new(vec![node_identity("cn-unm-1")])
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .der()
+            .to_vec()
+    };
+    let err = enrollment_client(&cluster, Some(&removed))
+        .renew(pb::RenewRequest {
+            csr_der: csr.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("node cn-unm-1 is removed"),
+        "{err:?}"
+    );
+    // An active node renews the same way, and succeeds.
+    let active = Credentials::node(&cluster.nodes[0].state_dir).unwrap();
+    let csr0 = {
+        let key = KeyPair::generate().unwrap();
+        CertificateParams::new(vec![node_identity("cn-ucsb-1")])
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .der()
+            .to_vec()
+    };
+    enrollment_client(&cluster, Some(&active))
+        .renew(pb::RenewRequest { csr_der: csr0 })
+        .await
+        .unwrap();
+
+    // The coordinator no longer contacts it: the order goes to the others.
+    // (DNS no longer sends any name to it: its own name and the shared name
+    // now go to cn-ucsb-1, as an admin would arrange when retiring a node.)
+    for name in ["cn-unm-1.dataone.test", "cn.dataone.test"] {
+        cluster
+            .pebble
+            .add_a(name, cluster.nodes[0].ip)
+            .await
+            .unwrap();
+    }
+    let out = cluster.issue().await.unwrap();
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, cluster.logs());
+    assert!(!out.stdout.contains("cn-unm-1\""), "{}", out.stdout);
+    let log = std::fs::read_to_string(cluster.nodes[1].dir.join("agent.log")).unwrap();
+    assert!(
+        !log.contains("placed tokens"),
+        "the removed node was contacted:\n{log}"
+    );
+
+    // Naming it explicitly is a clear error.
+    let out = cluster.ctl(&["nodes"]).await.unwrap();
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("cn-unm-1") && l.contains("removed")),
+        "{}",
+        out.stdout
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_renew_their_certificate_and_keep_serving() {
+    // Node certificates valid for 12 s: renewed at two thirds, 8 s.
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 2,
+        agent_cert_validity_secs: Some(12),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let path = cluster.nodes[0].state_dir.join("identity/node.pem");
+    let first = std::fs::read_to_string(&path).unwrap();
+    let not_after = |pem: &str| {
+        let cert = &pem[pem.find("-----BEGIN CERTIFICATE-----").unwrap()..];
+        certfleet_proto::bundle::Bundle::parse(cert, None, &[])
+            .unwrap()
+            .not_after
+    };
+    let first_not_after = not_after(&first);
+    let renewed = eventually(
+        "cn-ucsb-1's certificate renewal",
+        Duration::from_secs(30),
+        || {
+            let path = path.clone();
+            let first = first.clone();
+            async move {
+                std::fs::read_to_string(&path)
+                    .ok()
+                    .filter(|now| *now != first)
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert!(not_after(&renewed) > first_not_after);
+    // Past the first certificate's expiry, the coordinator still reaches the
+    // agent: the renewed certificate is the one served.
+    eventually(
+        "the first certificate's expiry",
+        Duration::from_secs(20),
+        || async move {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs() as i64;
+            (now > first_not_after).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let out = cluster.issue().await.unwrap();
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, cluster.logs());
+    assert_eq!(out.last_json()["certificate"]["version"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_secret_reaches_a_log_and_every_admin_request_is_audited() {
+    let cluster = cluster(2).await;
+    // One more node through the whole join flow, so its token passes through.
+    let config = extra_agent_config(&cluster, "cn-audit-1");
+    let (token, pin) = cluster
+        .node_add("cn-audit-1", "127.0.0.1:1".parse().unwrap(), &[])
+        .await
+        .unwrap();
+    let (code, stderr) = join(&config, &cluster.enrollment.to_string(), &token, &pin).unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    let out = cluster
+        .ctl(&["--json", "node", "remove", "cn-audit-1"])
+        .await
+        .unwrap();
+    assert_eq!(out.code, 0);
+    let out = cluster.issue().await.unwrap();
+    assert_eq!(out.code, 0, "{}", out.stdout);
+
+    // What must never be logged: the join secret, the certificate's key,
+    // every node key, the CA key, the coordinator's key, the ACME account key.
+    let body = |pem: &str| -> Vec<String> {
+        pem.lines()
+            .filter(|l| !l.starts_with("-----") && l.len() >= 40)
+            .map(str::to_owned)
+            .collect()
+    };
+    let mut secrets = vec![token.split_once('.').unwrap().1.to_owned()];
+    let state = &cluster.state_dir;
+    for key in [
+        state.join(format!("live/{CERT}/privkey.pem")),
+        state.join("ca/ca.key"),
+        state.join("identity/coordinator.key"),
+    ] {
+        secrets.extend(body(&std::fs::read_to_string(&key).unwrap()));
+    }
+    for node in &cluster.nodes {
+        let pem = std::fs::read_to_string(node.state_dir.join("identity/node.pem")).unwrap();
+        let key_only: String = pem
+            .split("-----BEGIN CERTIFICATE-----")
+            .next()
+            .unwrap()
+            .to_owned();
+        secrets.extend(body(&key_only));
+    }
+    for entry in std::fs::read_dir(state.join("acme")).unwrap() {
+        let creds: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(entry.unwrap().path()).unwrap()).unwrap();
+        secrets.push(creds["key_pkcs8"].as_str().unwrap().to_owned());
+    }
+    assert!(secrets.len() > 6);
+    let mut logs = vec![("coordinator".to_owned(), cluster.coordinator_log())];
+    for node in &cluster.nodes {
+        logs.push((
+            node.name.clone(),
+            std::fs::read_to_string(node.dir.join("agent.log")).unwrap(),
+        ));
+    }
+    for (who, log) in &logs {
+        assert!(!log.is_empty(), "{who} logged nothing");
+        for secret in &secrets {
+            assert!(
+                !log.contains(secret.as_str()),
+                "{who}'s log contains a secret"
+            );
+        }
+    }
+
+    // The audit log has who (uid) asked for what.
+    let audit = Db::open(state).unwrap().audit_log().unwrap();
+    let uid = nix::unistd::getuid().as_raw();
+    for action in ["node add", "node remove", "issue"] {
+        assert!(
+            audit
+                .iter()
+                .any(|e| e.action == action && e.uid == Some(uid)),
+            "no {action} by uid {uid} in {audit:?}"
+        );
+    }
+    assert!(
+        audit
+            .iter()
+            .all(|e| !e.detail.contains(token.split_once('.').unwrap().1))
+    );
+
+    // The admin socket is 0660.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&cluster.socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o660);
+}
