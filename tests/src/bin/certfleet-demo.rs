@@ -9,7 +9,9 @@ use certfleet_tests::cluster::{CERT, Cluster, ClusterSpec};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    println!("Starting Pebble (ACME CA), 3 agents on loopback and the coordinator…");
+    println!(
+        "Starting Pebble (ACME CA), the coordinator (with its cluster CA) and 3 agents on loopback, each joined with a one-time token…"
+    );
     let cluster = Cluster::start(ClusterSpec {
         nodes: 3,
         ..Default::default()
@@ -17,7 +19,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     for node in &cluster.nodes {
         println!(
-            "  node {:<10} agent {}  HTTP-01 on {}:{}",
+            "  node {:<10} agent {} (mutual TLS)  HTTP-01 on {}:{}",
             node.name, node.grpc, node.ip, cluster.pebble.http_port
         );
     }
