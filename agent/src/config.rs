@@ -29,7 +29,7 @@ pub enum ConfigError {
     #[error("config {origin}: key `{key}`: {reason}")]
     Invalid {
         origin: String,
-        key: &'static str,
+        key: String,
         reason: String,
     },
 }
@@ -41,6 +41,27 @@ struct RawConfig {
     state_dir: Option<PathBuf>,
     grpc: RawGrpc,
     http01: RawHttp01,
+    #[serde(default)]
+    certificates: Vec<RawCertificate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    name: String,
+    live_dir: Option<PathBuf>,
+    #[serde(default)]
+    files: Vec<RawFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    content: String,
+    path: PathBuf,
+    owner: Option<String>,
+    group: Option<String>,
+    mode: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -68,7 +89,60 @@ pub struct Config {
     /// Where the gRPC service listens.
     pub grpc_listen: SocketAddr,
     pub http01: Http01Config,
+    /// Where each certificate's files go on this node, by certificate name.
+    pub certificates: Vec<CertificateTargets>,
 }
+
+/// What a target file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Content {
+    Cert,
+    Chain,
+    Fullchain,
+    Privkey,
+    /// The key followed by the full chain, in one file (haproxy, some mail servers).
+    KeyFullchain,
+}
+
+impl Content {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Cert => "cert",
+            Self::Chain => "chain",
+            Self::Fullchain => "fullchain",
+            Self::Privkey => "privkey",
+            Self::KeyFullchain => "key+fullchain",
+        }
+    }
+
+    /// Whether the file holds the private key.
+    pub fn has_key(self) -> bool {
+        matches!(self, Self::Privkey | Self::KeyFullchain)
+    }
+}
+
+/// One file the agent writes for a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetFile {
+    pub content: Content,
+    pub path: PathBuf,
+    pub owner: String,
+    pub uid: u32,
+    pub group: String,
+    pub gid: u32,
+    pub mode: u32,
+}
+
+/// Where one certificate is installed on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateTargets {
+    pub name: String,
+    pub files: Vec<TargetFile>,
+}
+
+/// Where a certificate goes when the config names no files: certbot's
+/// layout, so service configs pointing at /etc/letsencrypt/live keep working.
+pub const DEFAULT_LIVE_ROOT: &str = "/etc/letsencrypt/live";
 
 #[derive(Debug, Clone)]
 pub struct Http01Config {
@@ -117,9 +191,9 @@ impl Config {
 }
 
 fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
-    let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
+    let invalid = |key: &str, reason: String| ConfigError::Invalid {
         origin: origin.to_owned(),
-        key,
+        key: key.to_owned(),
         reason,
     };
     if raw.node.is_empty()
@@ -217,7 +291,9 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             ));
         }
     };
+    let certificates = validate_certificates(raw.certificates, origin)?;
     Ok(Config {
+        certificates,
         node: raw.node,
         state_dir,
         grpc_listen,
@@ -226,6 +302,163 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             token_ttl: Duration::from_secs(ttl_secs),
         },
     })
+}
+
+fn validate_certificates(
+    raw: Vec<RawCertificate>,
+    origin: &str,
+) -> Result<Vec<CertificateTargets>, ConfigError> {
+    let invalid = |key: String, reason: String| ConfigError::Invalid {
+        origin: origin.to_owned(),
+        key,
+        reason,
+    };
+    let mut out: Vec<CertificateTargets> = Vec::with_capacity(raw.len());
+    let mut all_paths: Vec<PathBuf> = Vec::new();
+    for (i, c) in raw.into_iter().enumerate() {
+        let name_ok = !c.name.is_empty()
+            && c.name.len() <= 64
+            && !c.name.starts_with('.')
+            && c.name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_' || ch == '.');
+        if !name_ok {
+            return Err(invalid(
+                format!("certificates[{i}].name"),
+                format!("{:?} must be 1-64 characters of A-Z a-z 0-9 - _ .", c.name),
+            ));
+        }
+        if out.iter().any(|t| t.name == c.name) {
+            return Err(invalid(
+                format!("certificates[{i}].name"),
+                format!("{:?} is listed twice", c.name),
+            ));
+        }
+        let raw_files = if c.files.is_empty() {
+            let dir = c
+                .live_dir
+                .clone()
+                .unwrap_or_else(|| Path::new(DEFAULT_LIVE_ROOT).join(&c.name));
+            ["cert", "chain", "fullchain", "privkey"]
+                .into_iter()
+                .map(|content| RawFile {
+                    content: content.to_owned(),
+                    path: dir.join(format!("{content}.pem")),
+                    owner: None,
+                    group: None,
+                    mode: None,
+                })
+                .collect()
+        } else if c.live_dir.is_some() {
+            return Err(invalid(
+                format!("certificates[{i}].live_dir"),
+                "only applies when no [[certificates.files]] are listed".into(),
+            ));
+        } else {
+            c.files
+        };
+        let mut files = Vec::with_capacity(raw_files.len());
+        for (j, f) in raw_files.into_iter().enumerate() {
+            let key = |field: &str| format!("certificates[{i}].files[{j}].{field}");
+            let content = match f.content.as_str() {
+                "cert" => Content::Cert,
+                "chain" => Content::Chain,
+                "fullchain" => Content::Fullchain,
+                "privkey" => Content::Privkey,
+                "key+fullchain" => Content::KeyFullchain,
+                other => {
+                    return Err(invalid(
+                        key("content"),
+                        format!(
+                            "{other:?} is not one of \"cert\", \"chain\", \"fullchain\", \"privkey\", \"key+fullchain\""
+                        ),
+                    ));
+                }
+            };
+            if !f.path.is_absolute()
+                || f.path
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+                || f.path.file_name().is_none()
+            {
+                return Err(invalid(
+                    key("path"),
+                    format!(
+                        "{} must be an absolute file path without ..",
+                        f.path.display()
+                    ),
+                ));
+            }
+            if all_paths.contains(&f.path) {
+                return Err(invalid(
+                    key("path"),
+                    format!("{} is the target of two files", f.path.display()),
+                ));
+            }
+            all_paths.push(f.path.clone());
+            let owner = f.owner.unwrap_or_else(|| "root".into());
+            let uid = nix::unistd::User::from_name(&owner)
+                .ok()
+                .flatten()
+                .map(|u| u.uid.as_raw())
+                .ok_or_else(|| {
+                    invalid(
+                        key("owner"),
+                        format!("no user named {owner:?} on this node"),
+                    )
+                })?;
+            let group = f.group.unwrap_or_else(|| "root".into());
+            let gid = nix::unistd::Group::from_name(&group)
+                .ok()
+                .flatten()
+                .map(|g| g.gid.as_raw())
+                .ok_or_else(|| {
+                    invalid(
+                        key("group"),
+                        format!("no group named {group:?} on this node"),
+                    )
+                })?;
+            let default_mode = if content.has_key() { "0600" } else { "0644" };
+            let mode_text = f.mode.unwrap_or_else(|| default_mode.into());
+            let mode = u32::from_str_radix(mode_text.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|m| *m <= 0o777)
+                .ok_or_else(|| {
+                    invalid(
+                        key("mode"),
+                        format!("{mode_text:?} is not an octal mode like \"0640\""),
+                    )
+                })?;
+            if content.has_key() && mode & 0o007 != 0 {
+                return Err(invalid(
+                    key("mode"),
+                    format!(
+                        "{mode_text} would let every user read or change the private key; use 0600 or 0640"
+                    ),
+                ));
+            }
+            files.push(TargetFile {
+                content,
+                path: f.path,
+                owner,
+                uid,
+                group,
+                gid,
+                mode,
+            });
+        }
+        if !files.iter().any(|f| f.content.has_key()) {
+            return Err(invalid(
+                format!("certificates[{i}].files"),
+                "no file holds the private key (\"privkey\" or \"key+fullchain\"): the certificate would be unusable".into(),
+            ));
+        }
+        out.push(CertificateTargets {
+            name: c.name,
+            files,
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -303,6 +536,36 @@ listen = "127.0.0.2:80"
             .unwrap_err()
             .to_string();
         assert!(err.contains("http01.token_ttl_secs"), "{err}");
+    }
+
+    #[test]
+    fn certificate_targets_default_to_certbots_layout_and_check_modes() {
+        let text = format!("{GOOD}\n[[certificates]]\nname = \"cn\"\n");
+        let c = Config::from_toml_str(&text, "a.toml").unwrap();
+        let files = &c.certificates[0].files;
+        assert_eq!(files.len(), 4);
+        assert_eq!(
+            files[3].path,
+            Path::new("/etc/letsencrypt/live/cn/privkey.pem")
+        );
+        assert_eq!((files[3].mode, files[0].mode), (0o600, 0o644));
+        let text = format!(
+            "{GOOD}\n[[certificates]]\nname = \"cn\"\n[[certificates.files]]\ncontent = \"privkey\"\npath = \"/k.pem\"\nmode = \"0644\"\n"
+        );
+        let err = Config::from_toml_str(&text, "a.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("certificates[0].files[0].mode"), "{err}");
+        let text = format!(
+            "{GOOD}\n[[certificates]]\nname = \"cn\"\n[[certificates.files]]\ncontent = \"cert\"\npath = \"/c.pem\"\ngroup = \"no-such-group-x\"\n"
+        );
+        let err = Config::from_toml_str(&text, "a.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("files[0].group") && err.contains("no-such-group-x"),
+            "{err}"
+        );
     }
 
     #[test]

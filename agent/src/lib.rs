@@ -10,6 +10,8 @@
 //!   only `GET /.well-known/acme-challenge/{token}`.
 //! - [`service`] is the gRPC service: it checks every request (tokens are
 //!   untrusted input) and turns it into calls on [`tokens`].
+//! - [`install`] puts certificate versions into the files this node's
+//!   config declares (owner, group, mode), all at once and crash-safe.
 //! - [`identity`] is the node's place in the cluster: `join` with a
 //!   one-time token and a pinned CA, then a certificate renewed over mutual
 //!   TLS. The gRPC service accepts only the coordinator's identity.
@@ -22,6 +24,7 @@
 pub mod config;
 pub mod http01;
 pub mod identity;
+pub mod install;
 pub mod service;
 pub mod tokens;
 
@@ -35,6 +38,7 @@ use tracing::info;
 
 use crate::config::{Config, Http01Mode};
 use crate::identity::Identity;
+use crate::install::Installer;
 use crate::tokens::Tokens;
 
 /// The agent's listeners, bound by the caller so tests can pass port 0.
@@ -52,6 +56,8 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Finish any install a crash interrupted before serving anything.
+    let installer = Arc::new(Installer::open(&config.state_dir, &config.certificates)?);
     let tokens = Arc::new(Tokens::new(&config.http01));
     let stop = CancellationToken::new();
 
@@ -73,7 +79,12 @@ pub async fn run(
     let tls = server_config(Arc::clone(&identity.live), Arc::new(clients))?;
     let grpc = tokio::spawn(service::serve(
         certfleet_proto::tls::incoming(listeners.grpc, Arc::new(tls)),
-        service::AgentService::new(config.node.clone(), config.http01.mode.name(), tokens),
+        service::AgentService::new(
+            config.node.clone(),
+            config.http01.mode.name(),
+            tokens,
+            installer,
+        ),
         stop.clone().cancelled_owned(),
     ));
     let renewal = tokio::spawn(Arc::clone(&identity).renew_until(stop.clone().cancelled_owned()));

@@ -19,6 +19,7 @@ use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+use crate::install::{InstallError, Installed, Installer};
 use crate::tokens::{PlaceError, Tokens};
 
 /// Longest any one call may take before the agent gives up on it.
@@ -30,11 +31,57 @@ pub struct AgentService {
     node: String,
     mode: &'static str,
     tokens: Arc<Tokens>,
+    installer: Arc<Installer>,
 }
 
 impl AgentService {
-    pub fn new(node: String, mode: &'static str, tokens: Arc<Tokens>) -> Self {
-        Self { node, mode, tokens }
+    pub fn new(
+        node: String,
+        mode: &'static str,
+        tokens: Arc<Tokens>,
+        installer: Arc<Installer>,
+    ) -> Self {
+        Self {
+            node,
+            mode,
+            tokens,
+            installer,
+        }
+    }
+}
+
+/// Most names an install request may say the leaf must cover (Let's
+/// Encrypt's limit per certificate).
+pub const MAX_NAMES: usize = 100;
+
+fn install_status(e: InstallError) -> Status {
+    warn!(error = %e, "install refused or failed");
+    match e {
+        InstallError::Unknown(_) => Status::not_found(e.to_string()),
+        InstallError::Invalid { .. } | InstallError::Version => {
+            Status::invalid_argument(e.to_string())
+        }
+        InstallError::Io { .. } => Status::internal(e.to_string()),
+    }
+}
+
+fn installed_to_pb(installed: Installed) -> pb::InstallCertificateResponse {
+    pb::InstallCertificateResponse {
+        version: installed.version,
+        leaf_sha256: installed.leaf_sha256,
+        changed: installed.changed,
+        files: installed
+            .files
+            .into_iter()
+            .map(|f| pb::InstalledFile {
+                path: f.target.path.display().to_string(),
+                content: f.target.content.name().to_owned(),
+                sha256: f.sha256,
+                owner: f.target.owner,
+                group: f.target.group,
+                mode: f.target.mode,
+            })
+            .collect(),
     }
 }
 
@@ -112,6 +159,50 @@ impl Agent for AgentService {
             })
             .collect();
         Ok(Response::new(pb::ListTokensResponse { tokens }))
+    }
+
+    async fn install_certificate(
+        &self,
+        request: Request<pb::InstallCertificateRequest>,
+    ) -> Result<Response<pb::InstallCertificateResponse>, Status> {
+        let r = request.into_inner();
+        if r.names.len() > MAX_NAMES {
+            return Err(Status::invalid_argument(format!(
+                "{} names; at most {MAX_NAMES} are allowed",
+                r.names.len()
+            )));
+        }
+        let installer = Arc::clone(&self.installer);
+        let installed = tokio::task::spawn_blocking(move || {
+            installer.install(
+                &r.certificate,
+                r.version,
+                &r.fullchain_pem,
+                &r.key_pem,
+                &r.names,
+            )
+        })
+        .await
+        .map_err(|e| Status::internal(format!("install task: {e}")))?
+        .map_err(install_status)?;
+        Ok(Response::new(installed_to_pb(installed)))
+    }
+
+    async fn get_certificate(
+        &self,
+        request: Request<pb::GetCertificateRequest>,
+    ) -> Result<Response<pb::GetCertificateResponse>, Status> {
+        let name = request.into_inner().certificate;
+        let installer = Arc::clone(&self.installer);
+        let status = tokio::task::spawn_blocking(move || installer.status(&name))
+            .await
+            .map_err(|e| Status::internal(format!("status task: {e}")))?
+            .map_err(install_status)?;
+        Ok(Response::new(pb::GetCertificateResponse {
+            version: status.version,
+            leaf_sha256: status.leaf_sha256,
+            intact: status.intact,
+        }))
     }
 
     async fn get_status(

@@ -30,3 +30,37 @@ pub mod pb {
 /// [`challenge::MAX_TOKENS_PER_REQUEST`] tokens, each far below this. tonic's
 /// own 4 MiB default is not a policy, so every server and client sets this.
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+impl std::fmt::Debug for pb::InstallCertificateRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InstallCertificateRequest")
+            .field("certificate", &self.certificate)
+            .field("version", &self.version)
+            .field(
+                "fullchain_pem",
+                &format_args!("<{} bytes>", self.fullchain_pem.len()),
+            )
+            .field("key_pem", &"<redacted>")
+            .field("names", &self.names)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn install_request_debug_redacts_the_key() {
+        let request = super::pb::InstallCertificateRequest {
+            certificate: "cn".into(),
+            version: 1,
+            fullchain_pem: "CHAIN".into(),
+            key_pem: "-----BEGIN PRIVATE KEY-----SECRET".into(),
+            names: vec![],
+        };
+        let shown = format!("{request:?}");
+        assert!(
+            !shown.contains("SECRET") && shown.contains("redacted"),
+            "{shown}"
+        );
+    }
+}

@@ -1,0 +1,578 @@
+//! Installing a certificate version into the files this node's config
+//! declares, so that services never see a key with the wrong certificate.
+//!
+//! 1. The bundle is validated (chain in order, key matches leaf, names
+//!    covered) before anything is written.
+//! 2. It is kept in the agent's own archive,
+//!    `<state>/certs/<name>/<version>/{fullchain,privkey}.pem`, the last
+//!    [`KEEP_VERSIONS`] of them, for rollback.
+//! 3. Every target is written as a temp file beside it (owner, group, mode
+//!    set, fsynced). Then a journal naming every rename is written and
+//!    fsynced, and only then are the temps renamed over the targets.
+//! 4. If the agent dies between 3 and the end, the journal is rolled
+//!    forward when it starts again, before it serves anything: the targets
+//!    hold the old set or the new set, never a mix. Dying before the journal
+//!    exists leaves only temp files, which are removed.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use certfleet_proto::bundle::{Bundle, InvalidBundle, hex};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+use crate::config::{CertificateTargets, Content, TargetFile};
+
+/// Versions kept in the agent's archive per certificate (current, previous,
+/// one more).
+pub const KEEP_VERSIONS: usize = 3;
+/// Prefix of every temp file the agent writes beside a target.
+const TEMP_PREFIX: &str = ".certfleet-";
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("certificate {0:?} has no install targets in this agent's config")]
+    Unknown(String),
+    #[error("certificate {name} version {version} refused: {source}")]
+    Invalid {
+        name: String,
+        version: u32,
+        source: InvalidBundle,
+    },
+    #[error("version must be at least 1")]
+    Version,
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
+    move |source| InstallError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A target file as it is on disk after an install.
+#[derive(Debug, Clone)]
+pub struct FileState {
+    pub target: TargetFile,
+    pub sha256: String,
+}
+
+/// The outcome of an install.
+#[derive(Debug, Clone)]
+pub struct Installed {
+    pub version: u32,
+    pub leaf_sha256: String,
+    pub changed: bool,
+    pub files: Vec<FileState>,
+}
+
+/// What is installed for a certificate.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    pub version: u32,
+    pub leaf_sha256: String,
+    /// Every target holds exactly what `version` should.
+    pub intact: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Journal {
+    version: u32,
+    renames: Vec<(PathBuf, PathBuf)>,
+}
+
+/// Installs certificates; one install at a time on this node.
+pub struct Installer {
+    root: PathBuf,
+    targets: HashMap<String, CertificateTargets>,
+    lock: std::sync::Mutex<()>,
+}
+
+impl Installer {
+    /// Opens the archive under `state_dir` and finishes any install a crash
+    /// interrupted.
+    pub fn open(state_dir: &Path, targets: &[CertificateTargets]) -> Result<Self, InstallError> {
+        let this = Self {
+            root: state_dir.join("certs"),
+            targets: targets
+                .iter()
+                .map(|t| (t.name.clone(), t.clone()))
+                .collect(),
+            lock: std::sync::Mutex::new(()),
+        };
+        for t in targets {
+            this.recover(t)?;
+        }
+        Ok(this)
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    fn targets(&self, name: &str) -> Result<&CertificateTargets, InstallError> {
+        self.targets
+            .get(name)
+            .ok_or_else(|| InstallError::Unknown(name.to_owned()))
+    }
+
+    /// Installs `version` (blocking: call from a blocking thread).
+    pub fn install(
+        &self,
+        name: &str,
+        version: u32,
+        fullchain_pem: &str,
+        key_pem: &str,
+        names: &[String],
+    ) -> Result<Installed, InstallError> {
+        let targets = self.targets(name)?;
+        if version == 0 {
+            return Err(InstallError::Version);
+        }
+        let bundle = Bundle::parse(fullchain_pem, Some(key_pem), names).map_err(|source| {
+            InstallError::Invalid {
+                name: name.to_owned(),
+                version,
+                source,
+            }
+        })?;
+        let _guard = self.lock.lock().expect("install lock poisoned");
+        let contents = contents(&bundle, key_pem, targets);
+        if self.current(name)? == version && self.matches(&contents)? {
+            return Ok(self.report(version, &bundle, &contents, false));
+        }
+        self.archive(name, version, fullchain_pem, key_pem)?;
+        self.swap(name, version, &contents)?;
+        info!(certificate = name, version, "installed");
+        Ok(self.report(version, &bundle, &contents, true))
+    }
+
+    fn report(
+        &self,
+        version: u32,
+        bundle: &Bundle,
+        contents: &[(TargetFile, Vec<u8>)],
+        changed: bool,
+    ) -> Installed {
+        Installed {
+            version,
+            leaf_sha256: bundle.leaf_sha256_hex(),
+            changed,
+            files: contents
+                .iter()
+                .map(|(t, data)| FileState {
+                    target: t.clone(),
+                    sha256: hex(&Sha256::digest(data)),
+                })
+                .collect(),
+        }
+    }
+
+    /// What is installed for `name`, checked against the files on disk.
+    pub fn status(&self, name: &str) -> Result<Status, InstallError> {
+        let targets = self.targets(name)?;
+        let _guard = self.lock.lock().expect("install lock poisoned");
+        let version = self.current(name)?;
+        if version == 0 {
+            return Ok(Status::default());
+        }
+        let dir = self.dir(name).join(version.to_string());
+        let read = |file: &str| {
+            let path = dir.join(file);
+            std::fs::read_to_string(&path).map_err(io(&path))
+        };
+        let (fullchain, key) = (read("fullchain.pem")?, read("privkey.pem")?);
+        let Ok(bundle) = Bundle::parse(&fullchain, Some(&key), &[]) else {
+            return Ok(Status {
+                version,
+                ..Status::default()
+            });
+        };
+        let intact = self.matches(&contents(&bundle, &key, targets))?;
+        Ok(Status {
+            version,
+            leaf_sha256: bundle.leaf_sha256_hex(),
+            intact,
+        })
+    }
+
+    fn current(&self, name: &str) -> Result<u32, InstallError> {
+        let path = self.dir(name).join("current");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(text.trim().parse().unwrap_or(0)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// Whether every target holds exactly its expected bytes, owner and mode.
+    fn matches(&self, contents: &[(TargetFile, Vec<u8>)]) -> Result<bool, InstallError> {
+        for (target, data) in contents {
+            let meta = match std::fs::metadata(&target.path) {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(io(&target.path)(e)),
+            };
+            if meta.uid() != target.uid
+                || meta.gid() != target.gid
+                || meta.permissions().mode() & 0o777 != target.mode
+            {
+                return Ok(false);
+            }
+            let on_disk = std::fs::read(&target.path).map_err(io(&target.path))?;
+            if on_disk != *data {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn archive(
+        &self,
+        name: &str,
+        version: u32,
+        fullchain: &str,
+        key: &str,
+    ) -> Result<(), InstallError> {
+        let dir = self.dir(name).join(version.to_string());
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io(&dir))?;
+        write_file(&dir.join("fullchain.pem"), fullchain.as_bytes(), 0o600)?;
+        write_file(&dir.join("privkey.pem"), key.as_bytes(), 0o600)?;
+        self.prune(name, version)
+    }
+
+    /// Keeps the newest [`KEEP_VERSIONS`] archived versions.
+    fn prune(&self, name: &str, keep_at_least: u32) -> Result<(), InstallError> {
+        let dir = self.dir(name);
+        let mut versions: Vec<u32> = std::fs::read_dir(&dir)
+            .map_err(io(&dir))?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        versions.sort_unstable_by(|a, b| b.cmp(a));
+        for old in versions.into_iter().skip(KEEP_VERSIONS) {
+            if old != keep_at_least {
+                let _ = std::fs::remove_dir_all(dir.join(old.to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    fn swap(
+        &self,
+        name: &str,
+        version: u32,
+        contents: &[(TargetFile, Vec<u8>)],
+    ) -> Result<(), InstallError> {
+        // Stage every temp; if any fails (disk full, permissions), the ones
+        // already written are removed and the targets are untouched.
+        let mut staged: Vec<(tempfile::TempPath, PathBuf)> = Vec::with_capacity(contents.len());
+        for (target, data) in contents {
+            let parent = target
+                .path
+                .parent()
+                .expect("targets are absolute file paths");
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+            let temp = stage(parent, data, target)?;
+            staged.push((temp, target.path.clone()));
+        }
+        let renames: Vec<(PathBuf, PathBuf)> = staged
+            .into_iter()
+            .map(|(temp, target)| {
+                let kept = temp.keep().expect("keeping a temp file only forgets it");
+                (kept, target)
+            })
+            .collect();
+        let journal_path = self.dir(name).join("journal.json");
+        let journal = Journal { version, renames };
+        let json = serde_json::to_vec(&journal).expect("a journal serializes");
+        if let Err(e) = write_file(&journal_path, &json, 0o600) {
+            for (temp, _) in &journal.renames {
+                let _ = std::fs::remove_file(temp);
+            }
+            return Err(e);
+        }
+        self.roll_forward(name, &journal)
+    }
+
+    /// Finishes the renames a journal names, records the version, drops
+    /// the journal.
+    fn roll_forward(&self, name: &str, journal: &Journal) -> Result<(), InstallError> {
+        for (temp, target) in &journal.renames {
+            if temp.exists() {
+                std::fs::rename(temp, target).map_err(io(target))?;
+            }
+        }
+        for (_, target) in &journal.renames {
+            if let Some(parent) = target.parent() {
+                sync_dir(parent)?;
+            }
+        }
+        let dir = self.dir(name);
+        write_file(
+            &dir.join("current"),
+            journal.version.to_string().as_bytes(),
+            0o600,
+        )?;
+        let journal_path = dir.join("journal.json");
+        std::fs::remove_file(&journal_path).map_err(io(&journal_path))?;
+        sync_dir(&dir)
+    }
+
+    /// At start: roll an interrupted install forward, and remove temps a
+    /// crash left before its journal existed.
+    fn recover(&self, targets: &CertificateTargets) -> Result<(), InstallError> {
+        let dir = self.dir(&targets.name);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io(&dir))?;
+        let journal_path = dir.join("journal.json");
+        match std::fs::read(&journal_path) {
+            Ok(bytes) => match serde_json::from_slice::<Journal>(&bytes) {
+                Ok(journal) => {
+                    warn!(certificate = %targets.name, version = journal.version, "finishing an install a crash interrupted");
+                    self.roll_forward(&targets.name, &journal)?;
+                }
+                Err(e) => {
+                    // Written atomically, so a torn journal means it never
+                    // became the journal: the targets were never touched.
+                    warn!(certificate = %targets.name, error = %e, "discarding an unreadable journal");
+                    std::fs::remove_file(&journal_path).map_err(io(&journal_path))?;
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&journal_path)(e)),
+        }
+        for target in &targets.files {
+            let Some(parent) = target.path.parent() else {
+                continue;
+            };
+            let Ok(entries) = std::fs::read_dir(parent) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The bytes each target gets.
+fn contents(
+    bundle: &Bundle,
+    key_pem: &str,
+    targets: &CertificateTargets,
+) -> Vec<(TargetFile, Vec<u8>)> {
+    let fullchain = format!("{}{}", bundle.leaf_pem, bundle.chain_pem);
+    let key = if key_pem.ends_with('\n') {
+        key_pem.to_owned()
+    } else {
+        format!("{key_pem}\n")
+    };
+    targets
+        .files
+        .iter()
+        .map(|t| {
+            let data = match t.content {
+                Content::Cert => bundle.leaf_pem.clone(),
+                Content::Chain => bundle.chain_pem.clone(),
+                Content::Fullchain => fullchain.clone(),
+                Content::Privkey => key.clone(),
+                Content::KeyFullchain => format!("{key}{fullchain}"),
+            };
+            (t.clone(), data.into_bytes())
+        })
+        .collect()
+}
+
+/// Writes a temp file beside a target with its owner, group and mode.
+fn stage(
+    parent: &Path,
+    data: &[u8],
+    target: &TargetFile,
+) -> Result<tempfile::TempPath, InstallError> {
+    let mut temp = tempfile::Builder::new()
+        .prefix(TEMP_PREFIX)
+        .tempfile_in(parent)
+        .map_err(io(&target.path))?;
+    temp.write_all(data).map_err(io(&target.path))?;
+    let file = temp.as_file();
+    let meta = file.metadata().map_err(io(&target.path))?;
+    if meta.uid() != target.uid || meta.gid() != target.gid {
+        nix::unistd::fchown(
+            file,
+            Some(nix::unistd::Uid::from_raw(target.uid)),
+            Some(nix::unistd::Gid::from_raw(target.gid)),
+        )
+        .map_err(|e| io(&target.path)(e.into()))?;
+    }
+    file.set_permissions(std::fs::Permissions::from_mode(target.mode))
+        .map_err(io(&target.path))?;
+    file.sync_all().map_err(io(&target.path))?;
+    Ok(temp.into_temp_path())
+}
+
+fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), InstallError> {
+    let parent = path.parent().expect("archive files live in a directory");
+    let mut temp = tempfile::Builder::new()
+        .prefix(TEMP_PREFIX)
+        .tempfile_in(parent)
+        .map_err(io(path))?;
+    temp.write_all(data).map_err(io(path))?;
+    temp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io(path))?;
+    temp.as_file().sync_all().map_err(io(path))?;
+    temp.persist(path).map_err(|e| io(path)(e.error))?;
+    sync_dir(parent)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), InstallError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, KeyPair};
+
+    fn bundle(name: &str) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![name.to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn targets(dir: &Path) -> CertificateTargets {
+        let (uid, gid) = (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        );
+        let file = |content, name: &str, mode| TargetFile {
+            content,
+            path: dir.join(name),
+            owner: String::new(),
+            uid,
+            group: String::new(),
+            gid,
+            mode,
+        };
+        CertificateTargets {
+            name: "web".into(),
+            files: vec![
+                file(Content::Fullchain, "live/fullchain.pem", 0o644),
+                file(Content::Privkey, "private/server.key", 0o640),
+            ],
+        }
+    }
+
+    #[test]
+    fn installs_once_reports_no_op_and_repairs_drift() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = targets(dir.path());
+        let installer =
+            Installer::open(&dir.path().join("state"), std::slice::from_ref(&t)).unwrap();
+        let (chain, key) = bundle("a.example.org");
+        let names = vec!["a.example.org".to_owned()];
+        let first = installer.install("web", 1, &chain, &key, &names).unwrap();
+        assert!(first.changed);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("private/server.key")).unwrap(),
+            key
+        );
+        let mode = std::fs::metadata(dir.path().join("private/server.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o640);
+        assert!(
+            !installer
+                .install("web", 1, &chain, &key, &names)
+                .unwrap()
+                .changed
+        );
+        // Drift: someone edits a target; the same version is rewritten.
+        std::fs::write(dir.path().join("live/fullchain.pem"), "edited").unwrap();
+        assert!(!installer.status("web").unwrap().intact);
+        assert!(
+            installer
+                .install("web", 1, &chain, &key, &names)
+                .unwrap()
+                .changed
+        );
+        assert!(installer.status("web").unwrap().intact);
+        // A wrong key or a missing name is refused before anything is written.
+        let (_, other_key) = bundle("a.example.org");
+        assert!(matches!(
+            installer.install("web", 2, &chain, &other_key, &names),
+            Err(InstallError::Invalid { .. })
+        ));
+        assert!(matches!(
+            installer.install("web", 2, &chain, &key, &["b.example.org".to_owned()]),
+            Err(InstallError::Invalid { .. })
+        ));
+        assert!(matches!(
+            installer.install("nope", 1, &chain, &key, &names),
+            Err(InstallError::Unknown(_))
+        ));
+        assert_eq!(installer.status("web").unwrap().version, 1);
+    }
+
+    #[test]
+    fn an_interrupted_swap_is_finished_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let t = targets(dir.path());
+        let installer = Installer::open(&state, std::slice::from_ref(&t)).unwrap();
+        let (chain1, key1) = bundle("a.example.org");
+        installer.install("web", 1, &chain1, &key1, &[]).unwrap();
+        // Stage version 2 and write its journal, then "crash" after the
+        // first rename: the key is new, the chain is old.
+        let (chain2, key2) = bundle("a.example.org");
+        let b2 = Bundle::parse(&chain2, Some(&key2), &[]).unwrap();
+        installer.archive("web", 2, &chain2, &key2).unwrap();
+        let contents = contents(&b2, &key2, &t);
+        let renames: Vec<(PathBuf, PathBuf)> = contents
+            .iter()
+            .map(|(target, data)| {
+                let temp = stage(target.path.parent().unwrap(), data, target).unwrap();
+                (temp.keep().unwrap(), target.path.clone())
+            })
+            .collect();
+        let journal = Journal {
+            version: 2,
+            renames,
+        };
+        std::fs::write(
+            state.join("certs/web/journal.json"),
+            serde_json::to_vec(&journal).unwrap(),
+        )
+        .unwrap();
+        let (temp, target) = &journal.renames[1];
+        std::fs::rename(temp, target).unwrap();
+        drop(installer);
+
+        let installer = Installer::open(&state, std::slice::from_ref(&t)).unwrap();
+        let fullchain = std::fs::read_to_string(dir.path().join("live/fullchain.pem")).unwrap();
+        let key = std::fs::read_to_string(dir.path().join("private/server.key")).unwrap();
+        Bundle::parse(&fullchain, Some(&key), &[]).expect("the pair matches after recovery");
+        assert_eq!(key, key2);
+        let status = installer.status("web").unwrap();
+        assert_eq!((status.version, status.intact), (2, true));
+        assert!(!state.join("certs/web/journal.json").exists());
+    }
+}
