@@ -21,6 +21,7 @@ use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::{Request, Response, Status};
 
 use crate::db::{DbError, NodeRecord, now};
+use crate::distribute::{DistributeError, Distributed, distribute};
 use crate::issue::{Failed, IssueError, Issued, Issuer};
 use crate::progress::{Event, Progress, Stage};
 use crate::store::Stored;
@@ -114,7 +115,38 @@ fn random_b64(bytes: usize) -> String {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    type IssueStream = ReceiverStream<Result<pb::IssueEvent, Status>>;
+    type IssueStream = EventStream;
+    type DistributeStream = EventStream;
+
+    async fn distribute(
+        &self,
+        request: Request<pb::DistributeRequest>,
+    ) -> Result<Response<Self::DistributeStream>, Status> {
+        let uid = caller_uid(&request);
+        let r = request.into_inner();
+        self.audit(
+            uid,
+            "distribute",
+            &format!(
+                "certificate {:?} version {} nodes {:?}",
+                r.certificate, r.version, r.nodes
+            ),
+        );
+        if self.issuer.config().certificate(&r.certificate).is_none() {
+            return Err(Status::not_found(
+                IssueError::UnknownCertificate(r.certificate).to_string(),
+            ));
+        }
+        let issuer = Arc::clone(&self.issuer);
+        Ok(Response::new(stream_operation(
+            move |progress| async move {
+                let version = (r.version > 0).then_some(r.version);
+                let result =
+                    distribute(&issuer, &r.certificate, version, &r.nodes, &progress).await;
+                distributed_to_pb(&r.certificate, result)
+            },
+        )))
+    }
 
     async fn issue(
         &self,
@@ -128,28 +160,15 @@ impl Admin for AdminService {
                 IssueError::UnknownCertificate(name).to_string(),
             ));
         }
-        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let issuer = Arc::clone(&self.issuer);
-        tokio::spawn(async move {
-            let (progress, mut events) = Progress::channel();
-            let order = tokio::spawn(async move { issuer.issue(&name, &progress).await });
-            while let Some(event) = events.recv().await {
-                // A client that hung up does not stop the order.
-                let _ = tx.send(Ok(event_to_pb(event))).await;
-            }
-            let last = match order.await {
-                Ok(Ok(issued)) => done_to_pb(&issued),
-                Ok(Err(failed)) => failed_to_pb(&failed),
-                Err(panic) => {
-                    let _ = tx
-                        .send(Err(Status::internal(format!("order task failed: {panic}"))))
-                        .await;
-                    return;
+        Ok(Response::new(stream_operation(
+            move |progress| async move {
+                match issuer.issue(&name, &progress).await {
+                    Ok(issued) => done_to_pb(&issued),
+                    Err(failed) => failed_to_pb(&failed),
                 }
-            };
-            let _ = tx.send(Ok(last)).await;
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+            },
+        )))
     }
 
     async fn list_certificates(
@@ -270,6 +289,81 @@ impl Admin for AdminService {
     }
 }
 
+/// A stream of an operation's events, ending with its DONE or FAILED event.
+type EventStream = ReceiverStream<Result<pb::IssueEvent, Status>>;
+
+/// Runs `operation` in its own task (it keeps running if the client hangs
+/// up) and streams its progress, then the event it ends with.
+fn stream_operation<F, Fut>(operation: F) -> EventStream
+where
+    F: FnOnce(Progress) -> Fut + Send + 'static,
+    Fut: Future<Output = pb::IssueEvent> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+    tokio::spawn(async move {
+        let (progress, mut events) = Progress::channel();
+        let task = tokio::spawn(operation(progress));
+        while let Some(event) = events.recv().await {
+            // A client that hung up does not stop the operation.
+            let _ = tx.send(Ok(event_to_pb(event))).await;
+        }
+        let last = task
+            .await
+            .map_err(|e| Status::internal(format!("operation task failed: {e}")));
+        let _ = tx.send(last).await;
+    });
+    ReceiverStream::new(rx)
+}
+
+fn distributed_to_pb(name: &str, result: Result<Distributed, DistributeError>) -> pb::IssueEvent {
+    match result {
+        Ok(d) => {
+            let changed = d.nodes.iter().filter(|(_, i)| i.changed).count();
+            pb::IssueEvent {
+                stage: pb::Stage::Done.into(),
+                ok: true,
+                message: format!(
+                    "{name} version {} is on all {} nodes ({changed} changed, {} already had it)",
+                    d.version,
+                    d.nodes.len(),
+                    d.nodes.len() - changed
+                ),
+                ..Default::default()
+            }
+        }
+        Err(e) => {
+            let (kind, node) = match &e {
+                DistributeError::Nodes { failed, .. } => (
+                    "node",
+                    failed
+                        .iter()
+                        .map(|(n, _)| n.clone())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
+                DistributeError::NotServing(n) => ("config", n.clone()),
+                DistributeError::Setup(_)
+                | DistributeError::NoVersion { .. }
+                | DistributeError::NotIssued(_) => ("config", String::new()),
+                DistributeError::Store(_) => ("store", String::new()),
+            };
+            pb::IssueEvent {
+                stage: pb::Stage::Failed.into(),
+                node: node.clone(),
+                ok: false,
+                message: e.to_string(),
+                failure: Some(pb::Failure {
+                    kind: kind.into(),
+                    message: e.to_string(),
+                    node,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        }
+    }
+}
+
 fn stage_to_pb(stage: Stage) -> pb::Stage {
     match stage {
         Stage::Order => pb::Stage::Order,
@@ -279,6 +373,7 @@ fn stage_to_pb(stage: Stage) -> pb::Stage {
         Stage::Finalize => pb::Stage::Finalize,
         Stage::Store => pb::Stage::Store,
         Stage::Cleanup => pb::Stage::Cleanup,
+        Stage::Distribute => pb::Stage::Distribute,
     }
 }
 

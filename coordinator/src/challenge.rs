@@ -93,7 +93,7 @@ pub struct FanOut {
 impl FanOut {
     /// Runs `f` for every node, at most `concurrency` at once, each bounded
     /// by `node_timeout`; yields each node's result in completion order.
-    async fn run<'a, T, F, Fut>(
+    pub(crate) async fn run<'a, T, F, Fut>(
         &self,
         nodes: &'a [FleetNode],
         f: F,

@@ -29,6 +29,14 @@ CREATE TABLE IF NOT EXISTS join_tokens (
     expires INTEGER NOT NULL,
     used INTEGER
 );
+CREATE TABLE IF NOT EXISTS installed (
+    node TEXT NOT NULL,
+    certificate TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    leaf_sha256 TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (node, certificate)
+);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY,
     at INTEGER NOT NULL,
@@ -283,6 +291,47 @@ impl Db {
                 row_to_node,
             )
             .optional()
+        })
+    }
+
+    /// Records what each node reported installed for `certificate`:
+    /// (node, version, leaf SHA-256).
+    pub fn record_installs(
+        &self,
+        certificate: &str,
+        installs: &[(String, u32, String)],
+        now: i64,
+    ) -> Result<(), DbError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            {
+                let mut stmt = tx.prepare(
+                    "INSERT INTO installed (node, certificate, version, leaf_sha256, at) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT(node, certificate) DO UPDATE SET version = ?3, leaf_sha256 = ?4, at = ?5",
+                )?;
+                for (node, version, sha) in installs {
+                    stmt.execute(params![node, certificate, version, sha, now])?;
+                }
+                stmt.finalize()?;
+            }
+            let names: Vec<&str> = installs.iter().map(|(n, _, _)| n.as_str()).collect();
+            let mut touch = tx.prepare("UPDATE nodes SET last_contact = ?2 WHERE name = ?1")?;
+            for node in names {
+                touch.execute(params![node, now])?;
+            }
+            drop(touch);
+            tx.commit()
+        })
+    }
+
+    /// What each node last reported installed for `certificate`.
+    pub fn installs(&self, certificate: &str) -> Result<Vec<(String, u32, String)>, DbError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT node, version, leaf_sha256 FROM installed WHERE certificate = ?1 ORDER BY node",
+            )?;
+            let rows = stmt.query_map(params![certificate], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect()
         })
     }
 

@@ -238,6 +238,15 @@ impl Issuer {
         &self.ca_pin
     }
 
+    /// The fan-out limits every operation uses.
+    pub(crate) fn fan_out(&self) -> FanOut {
+        let p = &self.config.placement;
+        FanOut {
+            concurrency: p.concurrency,
+            node_timeout: p.node_timeout,
+        }
+    }
+
     /// Stops using `node`'s channel (the node was removed).
     pub fn forget_node(&self, node: &str) {
         self.channels
@@ -248,7 +257,7 @@ impl Issuer {
 
     /// The nodes that serve `spec`, from the registry: only active ones are
     /// ever contacted.
-    fn fleet(&self, spec: &CertificateSpec) -> Result<Vec<FleetNode>, IssueError> {
+    pub(crate) fn fleet(&self, spec: &CertificateSpec) -> Result<Vec<FleetNode>, IssueError> {
         let records = self.db.nodes()?;
         let names: Vec<&str> = match &spec.nodes {
             Some(list) => list.iter().map(String::as_str).collect(),
@@ -415,11 +424,7 @@ struct OrderRun<'a> {
 
 impl OrderRun<'_> {
     fn limits(&self) -> FanOut {
-        let p = &self.issuer.config.placement;
-        FanOut {
-            concurrency: p.concurrency,
-            node_timeout: p.node_timeout,
-        }
+        self.issuer.fan_out()
     }
 
     async fn run(&mut self) -> Result<(Stored, usize), IssueError> {

@@ -12,6 +12,8 @@
 //!   removing tokens — bounded, parallel fan-outs.
 //! - [`issue`]: one order end to end, in the order that keeps the CA from
 //!   looking before every node is ready.
+//! - [`distribute`]: a stored version onto every node, each into the
+//!   targets its own agent config declares.
 //! - [`store`]: certbot's `archive/` + `live/` layout, swapped atomically.
 //! - [`admin`]: the admin API on a Unix socket, with a progress stream.
 //! - [`progress`]: the events an operation reports.
@@ -25,6 +27,7 @@ pub mod admin;
 pub mod challenge;
 pub mod config;
 pub mod db;
+pub mod distribute;
 pub mod enrollment;
 mod fsutil;
 pub mod issue;

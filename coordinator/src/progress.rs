@@ -12,6 +12,7 @@ pub enum Stage {
     Finalize,
     Store,
     Cleanup,
+    Distribute,
 }
 
 /// One step of an operation, for a human or a `--json` consumer.

@@ -154,6 +154,27 @@ impl Store {
         sync_dir(&self.live).map_err(at(&self.live))
     }
 
+    /// Version `version` of `name` from the archive: (fullchain, key) PEM.
+    pub fn read_version(
+        &self,
+        name: &str,
+        version: u32,
+    ) -> Result<Option<(String, String)>, StoreError> {
+        let dir = self.archive.join(name);
+        let read = |file: &str| {
+            let path = dir.join(format!("{file}{version}.pem"));
+            match std::fs::read_to_string(&path) {
+                Ok(text) => Ok(Some(text)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(at(&path)(e)),
+            }
+        };
+        match (read("fullchain")?, read("privkey")?) {
+            (Some(fullchain), Some(key)) => Ok(Some((fullchain, key))),
+            _ => Ok(None),
+        }
+    }
+
     /// The version `live/<name>` points at, read back and parsed.
     pub fn live(&self, name: &str) -> Result<Option<Stored>, StoreError> {
         let live_dir = self.live.join(name);

@@ -69,6 +69,39 @@ pub trait Transport: Send + Sync {
     ) -> Result<(), TransportError>;
     /// Stops serving `tokens`; returns how many were being served.
     async fn remove_tokens(&self, tokens: &[Token]) -> Result<u32, TransportError>;
+    /// Installs a certificate version into the node's own targets.
+    async fn install_certificate(
+        &self,
+        bundle: &BundleToInstall,
+    ) -> Result<NodeInstall, TransportError>;
+}
+
+/// A certificate version as sent to nodes. Its Debug never shows the key.
+pub struct BundleToInstall {
+    pub certificate: String,
+    pub version: u32,
+    pub fullchain_pem: String,
+    pub key_pem: String,
+    pub names: Vec<String>,
+}
+
+impl std::fmt::Debug for BundleToInstall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BundleToInstall")
+            .field("certificate", &self.certificate)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a node reports after an install.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInstall {
+    pub version: u32,
+    /// SHA-256 of the installed leaf, lowercase hex.
+    pub leaf_sha256: String,
+    /// False when the node already had exactly this.
+    pub changed: bool,
 }
 
 /// What the coordinator presents and trusts on every agent connection.
@@ -119,6 +152,30 @@ impl Transport for GrpcAgent {
         };
         self.client.clone().place_tokens(request).await?;
         Ok(())
+    }
+
+    async fn install_certificate(
+        &self,
+        bundle: &BundleToInstall,
+    ) -> Result<NodeInstall, TransportError> {
+        let request = pb::InstallCertificateRequest {
+            certificate: bundle.certificate.clone(),
+            version: bundle.version,
+            fullchain_pem: bundle.fullchain_pem.clone(),
+            key_pem: bundle.key_pem.clone(),
+            names: bundle.names.clone(),
+        };
+        let r = self
+            .client
+            .clone()
+            .install_certificate(request)
+            .await?
+            .into_inner();
+        Ok(NodeInstall {
+            version: r.version,
+            leaf_sha256: r.leaf_sha256,
+            changed: r.changed,
+        })
     }
 
     async fn remove_tokens(&self, tokens: &[Token]) -> Result<u32, TransportError> {

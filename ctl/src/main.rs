@@ -45,6 +45,17 @@ enum Command {
     },
     /// List the certificates in the store: names, serial, expiry, days left.
     Certificates,
+    /// Send a stored version to every node serving it (or the ones named).
+    Distribute {
+        /// The certificate's name as configured in [[certificates]].
+        certificate: String,
+        /// The version to send (default: the live one).
+        #[arg(long)]
+        version: Option<u32>,
+        /// Only these nodes (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        nodes: Vec<String>,
+    },
     /// Register or remove nodes.
     #[command(subcommand)]
     Node(NodeCommand),
@@ -100,7 +111,30 @@ fn main() -> ExitCode {
             }
         };
         match &cli.command {
-            Command::Issue { certificate } => issue(client, certificate, cli.json).await,
+            Command::Issue { certificate } => {
+                let request = pb::IssueRequest {
+                    certificate: certificate.clone(),
+                };
+                match client.clone().issue(request).await {
+                    Ok(r) => follow(r.into_inner(), cli.json).await,
+                    Err(status) => refused(&status),
+                }
+            }
+            Command::Distribute {
+                certificate,
+                version,
+                nodes,
+            } => {
+                let request = pb::DistributeRequest {
+                    certificate: certificate.clone(),
+                    version: version.unwrap_or(0),
+                    nodes: nodes.clone(),
+                };
+                match client.clone().distribute(request).await {
+                    Ok(r) => follow(r.into_inner(), cli.json).await,
+                    Err(status) => refused(&status),
+                }
+            }
             Command::Certificates => certificates(client, cli.json).await,
             Command::Node(NodeCommand::Add {
                 name,
@@ -179,14 +213,8 @@ fn refused(status: &tonic::Status) -> Outcome {
     }
 }
 
-async fn issue(mut client: AdminClient<Channel>, certificate: &str, json: bool) -> Outcome {
-    let request = pb::IssueRequest {
-        certificate: certificate.to_owned(),
-    };
-    let mut stream = match client.issue(request).await {
-        Ok(r) => r.into_inner(),
-        Err(status) => return refused(&status),
-    };
+/// Shows an operation's event stream until its DONE or FAILED event.
+async fn follow(mut stream: tonic::Streaming<pb::IssueEvent>, json: bool) -> Outcome {
     let mut view = render::IssueView::new(json);
     loop {
         match stream.message().await {
@@ -200,7 +228,9 @@ async fn issue(mut client: AdminClient<Channel>, certificate: &str, json: bool) 
             }
             Ok(None) => {
                 view.finish();
-                eprintln!("certfleet: the coordinator closed the stream before the order ended");
+                eprintln!(
+                    "certfleet: the coordinator closed the stream before the operation ended"
+                );
                 return Outcome::Failed;
             }
             Err(status) => {

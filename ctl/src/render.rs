@@ -17,6 +17,7 @@ fn stage_name(stage: pb::Stage) -> &'static str {
         pb::Stage::Finalize => "finalize",
         pb::Stage::Store => "store",
         pb::Stage::Cleanup => "cleanup",
+        pb::Stage::Distribute => "distribute",
         pb::Stage::Done => "done",
         pb::Stage::Failed => "failed",
     }
@@ -106,6 +107,9 @@ impl IssueView {
         match stage {
             pb::Stage::Done => {
                 self.finish();
+                if e.issued.is_none() {
+                    println!("{}", e.message);
+                }
                 if let Some(c) = &e.issued {
                     println!("issued {} version {}", c.name, c.version);
                     println!("  live:     {}", c.live_dir);

@@ -51,7 +51,14 @@ pub struct ClusterSpec {
     pub coordinator_extra: String,
     /// `enrollment.agent_cert_validity_secs`, when a test wants it short.
     pub agent_cert_validity_secs: Option<u64>,
+    /// The `[[certificates]]` part of every agent's config; `{dir}` becomes
+    /// the node's directory. Default: certbot's layout under `{dir}/live/cn`.
+    pub agent_certificates: String,
 }
+
+/// The default install targets: certbot's layout under the node's directory.
+pub const DEFAULT_AGENT_CERTIFICATES: &str =
+    "\n[[certificates]]\nname = \"cn\"\nlive_dir = \"{dir}/live/cn\"\n";
 
 impl Default for ClusterSpec {
     fn default() -> Self {
@@ -63,6 +70,7 @@ impl Default for ClusterSpec {
             shared_node: 1,
             coordinator_extra: String::new(),
             agent_cert_validity_secs: None,
+            agent_certificates: DEFAULT_AGENT_CERTIFICATES.to_owned(),
         }
     }
 }
@@ -241,6 +249,7 @@ pub struct Cluster {
     pub sans: Vec<String>,
     /// The coordinator's enrollment address.
     pub enrollment: SocketAddr,
+    spec: ClusterSpec,
 }
 
 pub fn shared_name() -> String {
@@ -342,11 +351,11 @@ listen = "{enrollment}"
             config_path,
             sans,
             enrollment,
+            spec: spec.clone(),
         };
         cluster.start_coordinator().await?;
-        for (i, ip) in ips.iter().enumerate() {
-            let node = cluster.add_node(i, *ip, http_port, spec.http01).await?;
-            cluster.nodes.push(node);
+        for _ in 0..spec.nodes {
+            cluster.grow().await?;
         }
         Ok(cluster)
     }
@@ -393,6 +402,22 @@ listen = "{enrollment}"
         self.nodes[i].start_agent().await
     }
 
+    /// Adds one more node the real way (node add, join, start) and returns
+    /// its index.
+    pub async fn grow(&mut self) -> anyhow::Result<usize> {
+        let i = self.nodes.len();
+        let node = self
+            .add_node(
+                i,
+                self.subnet.node(i),
+                self.pebble.http_port,
+                self.spec.http01,
+            )
+            .await?;
+        self.nodes.push(node);
+        Ok(i)
+    }
+
     /// Registers node `i`, writes its agent config, joins it and starts it.
     async fn add_node(
         &self,
@@ -402,6 +427,7 @@ listen = "{enrollment}"
         mode: Http01,
     ) -> anyhow::Result<Node> {
         let mut node = prepare_node(
+            &self.spec.agent_certificates,
             self.dir.path(),
             i,
             ip,
@@ -549,6 +575,7 @@ pub fn join(
 /// Makes node `i`'s directory and agent config (and its nginx in webroot
 /// mode); the agent is neither joined nor started.
 async fn prepare_node(
+    certificates: &str,
     root: &Path,
     i: usize,
     ip: IpAddr,
@@ -579,8 +606,9 @@ async fn prepare_node(
         }
     };
     let config = format!(
-        "node = \"{name}\"\nstate_dir = \"{}\"\n\n[grpc]\nlisten = \"{grpc}\"\n\n[http01]\n{http01}",
-        state_dir.display()
+        "node = \"{name}\"\nstate_dir = \"{}\"\n\n[grpc]\nlisten = \"{grpc}\"\n\n[http01]\n{http01}{}",
+        state_dir.display(),
+        certificates.replace("{dir}", &dir.display().to_string())
     );
     let config_path = dir.join("agent.toml");
     std::fs::write(&config_path, config)?;
