@@ -52,6 +52,27 @@ struct RawCertificate {
     live_dir: Option<PathBuf>,
     #[serde(default)]
     files: Vec<RawFile>,
+    #[serde(default)]
+    services: Vec<RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    check: Option<Vec<String>>,
+    restart: Vec<String>,
+    timeout_secs: Option<u64>,
+    #[serde(default)]
+    verify: Vec<RawEndpoint>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    address: String,
+    sni: Option<String>,
+    protocol: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,11 +154,48 @@ pub struct TargetFile {
     pub mode: u32,
 }
 
-/// Where one certificate is installed on this node.
+/// Where one certificate is installed on this node, and what uses it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertificateTargets {
     pub name: String,
     pub files: Vec<TargetFile>,
+    /// Restarted in this order after an install.
+    pub services: Vec<Service>,
+}
+
+/// How long a service's check, restart and verify may each take by default.
+pub const DEFAULT_SERVICE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A service that serves the certificate. Its commands are argv, run
+/// without a shell; only services in this config can ever be run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    /// Validates the service's config before a restart (`apache2ctl -t`).
+    pub check: Option<Vec<String>>,
+    /// Restarts or reloads it (`systemctl reload apache2`).
+    pub restart: Vec<String>,
+    pub timeout: Duration,
+    /// Where it serves the certificate; each must serve the new leaf.
+    pub verify: Vec<Endpoint>,
+}
+
+/// How a verify endpoint speaks TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// TLS from the first byte (HTTPS, LDAPS, ...).
+    Tls,
+    /// PostgreSQL's SSLRequest, then TLS.
+    Postgres,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `host:port`.
+    pub address: String,
+    /// The server name sent in the handshake.
+    pub sni: String,
+    pub protocol: Protocol,
 }
 
 /// Where a certificate goes when the config names no files: certbot's
@@ -447,6 +505,7 @@ fn validate_certificates(
                 mode,
             });
         }
+        let services = validate_services(c.services, i, &invalid)?;
         if !files.iter().any(|f| f.content.has_key()) {
             return Err(invalid(
                 format!("certificates[{i}].files"),
@@ -456,9 +515,96 @@ fn validate_certificates(
         out.push(CertificateTargets {
             name: c.name,
             files,
+            services,
         });
     }
     Ok(out)
+}
+
+fn validate_services(
+    raw: Vec<RawService>,
+    i: usize,
+    invalid: &dyn Fn(String, String) -> ConfigError,
+) -> Result<Vec<Service>, ConfigError> {
+    let mut services: Vec<Service> = Vec::with_capacity(raw.len());
+    for (j, s) in raw.into_iter().enumerate() {
+        let key = |field: &str| format!("certificates[{i}].services[{j}].{field}");
+        if s.name.is_empty() || services.iter().any(|other| other.name == s.name) {
+            return Err(invalid(
+                key("name"),
+                format!("{:?} must be non-empty and unique", s.name),
+            ));
+        }
+        let argv_ok = |argv: &[String]| {
+            !argv.is_empty() && Path::new(&argv[0]).components().count() > 0 && !argv[0].is_empty()
+        };
+        if !argv_ok(&s.restart) {
+            return Err(invalid(
+                key("restart"),
+                "must be a non-empty argv, e.g. [\"systemctl\", \"reload\", \"apache2\"]".into(),
+            ));
+        }
+        if let Some(check) = &s.check
+            && !argv_ok(check)
+        {
+            return Err(invalid(
+                key("check"),
+                "must be a non-empty argv, e.g. [\"apache2ctl\", \"-t\"]".into(),
+            ));
+        }
+        let timeout = match s.timeout_secs {
+            None => DEFAULT_SERVICE_TIMEOUT,
+            Some(t) if (1..=600).contains(&t) => Duration::from_secs(t),
+            Some(t) => {
+                return Err(invalid(
+                    key("timeout_secs"),
+                    format!("{t} must be between 1 and 600"),
+                ));
+            }
+        };
+        let mut verify = Vec::with_capacity(s.verify.len());
+        for (k, e) in s.verify.into_iter().enumerate() {
+            let key = |field: &str| format!("certificates[{i}].services[{j}].verify[{k}].{field}");
+            let Some((host, port)) = e.address.rsplit_once(':') else {
+                return Err(invalid(
+                    key("address"),
+                    format!("{:?} must be host:port", e.address),
+                ));
+            };
+            if host.is_empty() || port.parse::<u16>().is_err() {
+                return Err(invalid(
+                    key("address"),
+                    format!("{:?} must be host:port", e.address),
+                ));
+            }
+            let protocol = match e.protocol.as_deref().unwrap_or("tls") {
+                "tls" => Protocol::Tls,
+                "postgres" => Protocol::Postgres,
+                other => {
+                    return Err(invalid(
+                        key("protocol"),
+                        format!("{other:?} is not one of \"tls\", \"postgres\""),
+                    ));
+                }
+            };
+            let sni = e
+                .sni
+                .unwrap_or_else(|| host.trim_matches(['[', ']']).to_owned());
+            verify.push(Endpoint {
+                address: e.address,
+                sni,
+                protocol,
+            });
+        }
+        services.push(Service {
+            name: s.name,
+            check: s.check,
+            restart: s.restart,
+            timeout,
+            verify,
+        });
+    }
+    Ok(services)
 }
 
 #[cfg(test)]

@@ -44,6 +44,8 @@ pub enum InstallError {
     },
     #[error("version must be at least 1")]
     Version,
+    #[error("certificate {name} has no version before {current} to roll back to")]
+    NoPrevious { name: String, current: u32 },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -81,6 +83,8 @@ pub struct Status {
     pub leaf_sha256: String,
     /// Every target holds exactly what `version` should.
     pub intact: bool,
+    /// The installed leaf's notAfter, seconds since the Unix epoch.
+    pub not_after: i64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -118,7 +122,8 @@ impl Installer {
         self.root.join(name)
     }
 
-    fn targets(&self, name: &str) -> Result<&CertificateTargets, InstallError> {
+    /// The configured targets and services of `name`.
+    pub fn targets(&self, name: &str) -> Result<&CertificateTargets, InstallError> {
         self.targets
             .get(name)
             .ok_or_else(|| InstallError::Unknown(name.to_owned()))
@@ -176,6 +181,44 @@ impl Installer {
         }
     }
 
+    /// Reinstalls the newest archived version older than the current one.
+    pub fn rollback(&self, name: &str) -> Result<Installed, InstallError> {
+        self.targets(name)?;
+        let (current, previous) = {
+            let _guard = self.lock.lock().expect("install lock poisoned");
+            let current = self.current(name)?;
+            let dir = self.dir(name);
+            let previous = std::fs::read_dir(&dir)
+                .map_err(io(&dir))?
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|v| *v < current)
+                .max();
+            (current, previous)
+        };
+        let previous = previous.ok_or_else(|| InstallError::NoPrevious {
+            name: name.to_owned(),
+            current,
+        })?;
+        let (fullchain, key) = self.read_archived(name, previous)?;
+        let installed = self.install(name, previous, &fullchain, &key, &[])?;
+        warn!(
+            certificate = name,
+            from = current,
+            to = previous,
+            "rolled back"
+        );
+        Ok(installed)
+    }
+
+    fn read_archived(&self, name: &str, version: u32) -> Result<(String, String), InstallError> {
+        let dir = self.dir(name).join(version.to_string());
+        let read = |file: &str| {
+            let path = dir.join(file);
+            std::fs::read_to_string(&path).map_err(io(&path))
+        };
+        Ok((read("fullchain.pem")?, read("privkey.pem")?))
+    }
+
     /// What is installed for `name`, checked against the files on disk.
     pub fn status(&self, name: &str) -> Result<Status, InstallError> {
         let targets = self.targets(name)?;
@@ -184,12 +227,7 @@ impl Installer {
         if version == 0 {
             return Ok(Status::default());
         }
-        let dir = self.dir(name).join(version.to_string());
-        let read = |file: &str| {
-            let path = dir.join(file);
-            std::fs::read_to_string(&path).map_err(io(&path))
-        };
-        let (fullchain, key) = (read("fullchain.pem")?, read("privkey.pem")?);
+        let (fullchain, key) = self.read_archived(name, version)?;
         let Ok(bundle) = Bundle::parse(&fullchain, Some(&key), &[]) else {
             return Ok(Status {
                 version,
@@ -201,6 +239,7 @@ impl Installer {
             version,
             leaf_sha256: bundle.leaf_sha256_hex(),
             intact,
+            not_after: bundle.not_after,
         })
     }
 
@@ -477,6 +516,7 @@ mod tests {
                 file(Content::Fullchain, "live/fullchain.pem", 0o644),
                 file(Content::Privkey, "private/server.key", 0o640),
             ],
+            services: Vec::new(),
         }
     }
 

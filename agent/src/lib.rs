@@ -26,6 +26,7 @@ pub mod http01;
 pub mod identity;
 pub mod install;
 pub mod service;
+pub mod services;
 pub mod tokens;
 
 use std::future::Future;

@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::install::{InstallError, Installed, Installer};
+use crate::services;
 use crate::tokens::{PlaceError, Tokens};
 
 /// Longest any one call may take before the agent gives up on it.
@@ -61,7 +62,21 @@ fn install_status(e: InstallError) -> Status {
         InstallError::Invalid { .. } | InstallError::Version => {
             Status::invalid_argument(e.to_string())
         }
+        InstallError::NoPrevious { .. } => Status::failed_precondition(e.to_string()),
         InstallError::Io { .. } => Status::internal(e.to_string()),
+    }
+}
+
+fn served_to_pb(s: services::Served) -> pb::ServedEndpoint {
+    let (leaf_sha256, error) = match s.result {
+        Ok(sha) => (sha, String::new()),
+        Err(e) => (String::new(), e),
+    };
+    pb::ServedEndpoint {
+        service: s.service,
+        address: s.address,
+        leaf_sha256,
+        error,
     }
 }
 
@@ -194,15 +209,80 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::GetCertificateResponse>, Status> {
         let name = request.into_inner().certificate;
         let installer = Arc::clone(&self.installer);
+        let services = installer
+            .targets(&name)
+            .map_err(install_status)?
+            .services
+            .clone();
         let status = tokio::task::spawn_blocking(move || installer.status(&name))
             .await
             .map_err(|e| Status::internal(format!("status task: {e}")))?
             .map_err(install_status)?;
+        let mut served = Vec::new();
+        for service in &services {
+            served.extend(
+                services::probe_all(service)
+                    .await
+                    .into_iter()
+                    .map(served_to_pb),
+            );
+        }
         Ok(Response::new(pb::GetCertificateResponse {
             version: status.version,
             leaf_sha256: status.leaf_sha256,
             intact: status.intact,
+            served,
+            not_after_unix: status.not_after,
         }))
+    }
+
+    async fn restart_services(
+        &self,
+        request: Request<pb::RestartServicesRequest>,
+    ) -> Result<Response<pb::RestartServicesResponse>, Status> {
+        let r = request.into_inner();
+        let expected = r.expected_leaf_sha256.to_ascii_lowercase();
+        if expected.len() != 64 || !expected.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Status::invalid_argument(format!(
+                "expected_leaf_sha256 {:?} is not 64 hex digits",
+                r.expected_leaf_sha256
+            )));
+        }
+        let targets = self
+            .installer
+            .targets(&r.certificate)
+            .map_err(install_status)?;
+        let (ok, outcomes) =
+            services::restart_all(&targets.services, &expected, r.keep_going).await;
+        for o in &outcomes {
+            info!(service = %o.service, step = o.step, ok = o.ok, "service restart");
+        }
+        Ok(Response::new(pb::RestartServicesResponse {
+            ok,
+            services: outcomes
+                .into_iter()
+                .map(|o| pb::ServiceOutcome {
+                    service: o.service,
+                    step: o.step.to_owned(),
+                    ok: o.ok,
+                    detail: o.detail,
+                    served: o.served.into_iter().map(served_to_pb).collect(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn rollback_certificate(
+        &self,
+        request: Request<pb::RollbackCertificateRequest>,
+    ) -> Result<Response<pb::InstallCertificateResponse>, Status> {
+        let name = request.into_inner().certificate;
+        let installer = Arc::clone(&self.installer);
+        let installed = tokio::task::spawn_blocking(move || installer.rollback(&name))
+            .await
+            .map_err(|e| Status::internal(format!("rollback task: {e}")))?
+            .map_err(install_status)?;
+        Ok(Response::new(installed_to_pb(installed)))
     }
 
     async fn get_status(

@@ -24,6 +24,7 @@ use crate::db::{DbError, NodeRecord, now};
 use crate::distribute::{DistributeError, Distributed, distribute};
 use crate::issue::{Failed, IssueError, Issued, Issuer};
 use crate::progress::{Event, Progress, Stage};
+use crate::rollout::{self, Restarted, RolloutError};
 use crate::store::Stored;
 
 /// Mode of the admin socket: the owner and the `certfleet` group may call.
@@ -96,6 +97,43 @@ fn caller_uid<T>(request: &Request<T>) -> Option<u32> {
 }
 
 impl AdminService {
+    /// Refuses an unknown certificate before any work, as a usage error.
+    fn known(&self, name: &str) -> Result<(), Status> {
+        match self.issuer.config().certificate(name) {
+            Some(_) => Ok(()),
+            None => Err(Status::not_found(
+                IssueError::UnknownCertificate(name.to_owned()).to_string(),
+            )),
+        }
+    }
+
+    fn restart_or_rollout(
+        &self,
+        request: Request<pb::RestartRequest>,
+        with_distribute: bool,
+    ) -> Result<Response<EventStream>, Status> {
+        let uid = caller_uid(&request);
+        let name = request.into_inner().certificate;
+        let action = if with_distribute {
+            "rollout"
+        } else {
+            "restart"
+        };
+        self.audit(uid, action, &format!("certificate {name:?}"));
+        self.known(&name)?;
+        let issuer = Arc::clone(&self.issuer);
+        Ok(Response::new(stream_operation(
+            move |progress| async move {
+                let result = if with_distribute {
+                    rollout::rollout(&issuer, &name, &progress).await
+                } else {
+                    rollout::restart(&issuer, &name, &progress).await
+                };
+                restarted_to_pb(&name, result)
+            },
+        )))
+    }
+
     /// Writes who asked for what to the audit log. Never a secret: callers
     /// pass names and ids only.
     fn audit(&self, uid: Option<u32>, action: &str, detail: &str) {
@@ -117,6 +155,84 @@ fn random_b64(bytes: usize) -> String {
 impl Admin for AdminService {
     type IssueStream = EventStream;
     type DistributeStream = EventStream;
+    type RestartStream = EventStream;
+    type RolloutStream = EventStream;
+
+    async fn restart(
+        &self,
+        request: Request<pb::RestartRequest>,
+    ) -> Result<Response<Self::RestartStream>, Status> {
+        self.restart_or_rollout(request, false)
+    }
+
+    async fn rollout(
+        &self,
+        request: Request<pb::RestartRequest>,
+    ) -> Result<Response<Self::RolloutStream>, Status> {
+        self.restart_or_rollout(request, true)
+    }
+
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let name = request.into_inner().certificate;
+        self.known(&name)?;
+        let (live, nodes) = rollout::status(&self.issuer, &name)
+            .await
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let last_rollout = self
+            .issuer
+            .db()
+            .last_rollout(&name)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .unwrap_or_default();
+        let now = now();
+        let (live_version, live_sha256) = live.unwrap_or_default();
+        Ok(Response::new(pb::StatusResponse {
+            live_version,
+            live_sha256,
+            last_rollout,
+            nodes: nodes
+                .into_iter()
+                .map(|n| match n.result {
+                    Ok(c) => pb::NodeCertificateStatus {
+                        node: n.node,
+                        version: c.version,
+                        leaf_sha256: c.leaf_sha256,
+                        intact: c.intact,
+                        days_left: if c.not_after == 0 {
+                            0
+                        } else {
+                            (c.not_after - now).div_euclid(86_400)
+                        },
+                        served: c
+                            .served
+                            .into_iter()
+                            .map(|s| {
+                                let (leaf_sha256, error) = match s.result {
+                                    Ok(sha) => (sha, String::new()),
+                                    Err(e) => (String::new(), e),
+                                };
+                                pb::ServedEndpoint {
+                                    service: s.service,
+                                    address: s.address,
+                                    leaf_sha256,
+                                    error,
+                                }
+                            })
+                            .collect(),
+                        error: String::new(),
+                    },
+                    Err(e) => pb::NodeCertificateStatus {
+                        node: n.node,
+                        error: e,
+                        ..Default::default()
+                    },
+                })
+                .collect(),
+        }))
+    }
 
     async fn distribute(
         &self,
@@ -364,6 +480,50 @@ fn distributed_to_pb(name: &str, result: Result<Distributed, DistributeError>) -
     }
 }
 
+fn restarted_to_pb(name: &str, result: Result<Restarted, RolloutError>) -> pb::IssueEvent {
+    match result {
+        Ok(r) => pb::IssueEvent {
+            stage: pb::Stage::Done.into(),
+            ok: true,
+            message: format!(
+                "{name} version {} is served by all {} nodes: {}",
+                r.version,
+                r.nodes.len(),
+                r.nodes.join(", ")
+            ),
+            ..Default::default()
+        },
+        Err(e) => {
+            let (kind, node) = match &e {
+                RolloutError::Halted { node, .. } => ("rollout", node.clone()),
+                RolloutError::Distribute(DistributeError::Nodes { failed, .. }) => (
+                    "node",
+                    failed
+                        .iter()
+                        .map(|(n, _)| n.clone())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
+                RolloutError::Store(_) => ("store", String::new()),
+                _ => ("config", String::new()),
+            };
+            pb::IssueEvent {
+                stage: pb::Stage::Failed.into(),
+                node: node.clone(),
+                ok: false,
+                message: e.to_string(),
+                failure: Some(pb::Failure {
+                    kind: kind.into(),
+                    message: e.to_string(),
+                    node,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        }
+    }
+}
+
 fn stage_to_pb(stage: Stage) -> pb::Stage {
     match stage {
         Stage::Order => pb::Stage::Order,
@@ -374,6 +534,8 @@ fn stage_to_pb(stage: Stage) -> pb::Stage {
         Stage::Store => pb::Stage::Store,
         Stage::Cleanup => pb::Stage::Cleanup,
         Stage::Distribute => pb::Stage::Distribute,
+        Stage::Restart => pb::Stage::Restart,
+        Stage::Rollback => pb::Stage::Rollback,
     }
 }
 

@@ -100,6 +100,7 @@ struct RawCertificate {
     sans: Vec<String>,
     nodes: Option<Vec<String>>,
     key: Option<String>,
+    restart_batch: Option<usize>,
 }
 
 /// The validated config.
@@ -180,6 +181,8 @@ pub struct CertificateSpec {
     /// active registered node. Checked against the registry at issue time.
     pub nodes: Option<Vec<String>>,
     pub key: KeyType,
+    /// Nodes restarted at once during a rollout (1: strictly one by one).
+    pub restart_batch: usize,
 }
 
 impl Config {
@@ -436,11 +439,19 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
                 ));
             }
         };
+        let restart_batch = c.restart_batch.unwrap_or(1);
+        if !(1..=MAX_NODES).contains(&restart_batch) {
+            return Err(invalid(
+                format!("certificates[{i}].restart_batch"),
+                format!("{restart_batch} must be between 1 and {MAX_NODES}"),
+            ));
+        }
         certificates.push(CertificateSpec {
             name: c.name,
             sans,
             nodes: c.nodes,
             key,
+            restart_batch,
         });
     }
 

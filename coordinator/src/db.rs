@@ -37,6 +37,22 @@ CREATE TABLE IF NOT EXISTS installed (
     at INTEGER NOT NULL,
     PRIMARY KEY (node, certificate)
 );
+CREATE TABLE IF NOT EXISTS rollouts (
+    id INTEGER PRIMARY KEY,
+    certificate TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    started INTEGER NOT NULL,
+    finished INTEGER,
+    outcome TEXT
+);
+CREATE TABLE IF NOT EXISTS rollout_steps (
+    rollout INTEGER NOT NULL REFERENCES rollouts(id),
+    at INTEGER NOT NULL,
+    node TEXT NOT NULL,
+    step TEXT NOT NULL,
+    ok INTEGER NOT NULL,
+    detail TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY,
     at INTEGER NOT NULL,
@@ -91,6 +107,15 @@ pub struct NodeRecord {
     pub state: String,
     pub cert_not_after: i64,
     pub last_contact: i64,
+}
+
+/// One recorded step of a rollout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutStep {
+    pub node: String,
+    pub step: String,
+    pub ok: bool,
+    pub detail: String,
 }
 
 /// One admin request, as the audit log keeps it.
@@ -335,11 +360,82 @@ impl Db {
         })
     }
 
-    /// Every registered node, sorted by name.
+    /// Starts a rollout record; returns its id.
+    pub fn start_rollout(&self, certificate: &str, version: u32, now: i64) -> Result<i64, DbError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO rollouts (certificate, version, started) VALUES (?1, ?2, ?3)",
+                params![certificate, version, now],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+    }
+
+    pub fn rollout_step(
+        &self,
+        rollout: i64,
+        node: &str,
+        step: &str,
+        ok: bool,
+        detail: &str,
+        now: i64,
+    ) -> Result<(), DbError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO rollout_steps (rollout, at, node, step, ok, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![rollout, now, node, step, ok, detail],
+            )
+        })?;
+        Ok(())
+    }
+
+    pub fn finish_rollout(&self, rollout: i64, outcome: &str, now: i64) -> Result<(), DbError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE rollouts SET finished = ?2, outcome = ?3 WHERE id = ?1",
+                params![rollout, now, outcome],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// The outcome of the latest rollout of `certificate` ("ok",
+    /// "halted", "running"), if there was one.
+    pub fn last_rollout(&self, certificate: &str) -> Result<Option<String>, DbError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT coalesce(outcome, 'running') FROM rollouts WHERE certificate = ?1 ORDER BY id DESC LIMIT 1",
+                params![certificate],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+    }
+
+    /// The steps of a rollout, in order: (node, step, ok, detail).
+    pub fn rollout_steps(&self, rollout: i64) -> Result<Vec<RolloutStep>, DbError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT node, step, ok, detail FROM rollout_steps WHERE rollout = ?1 ORDER BY rowid",
+            )?;
+            let rows = stmt.query_map(params![rollout], |r| {
+                Ok(RolloutStep {
+                    node: r.get(0)?,
+                    step: r.get(1)?,
+                    ok: r.get(2)?,
+                    detail: r.get(3)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// Every registered node, in the order they were registered (the
+    /// default rollout order).
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, DbError> {
         self.with(|c| {
             let mut stmt = c.prepare(
-                "SELECT name, agent, http01, state, cert_not_after, last_contact FROM nodes ORDER BY name",
+                "SELECT name, agent, http01, state, cert_not_after, last_contact FROM nodes ORDER BY rowid",
             )?;
             let rows = stmt.query_map([], row_to_node)?;
             rows.collect()

@@ -14,6 +14,8 @@
 //!   looking before every node is ready.
 //! - [`distribute`]: a stored version onto every node, each into the
 //!   targets its own agent config declares.
+//! - [`rollout`]: restart node by node, verify what each serves, roll a
+//!   failed node back and halt.
 //! - [`store`]: certbot's `archive/` + `live/` layout, swapped atomically.
 //! - [`admin`]: the admin API on a Unix socket, with a progress stream.
 //! - [`progress`]: the events an operation reports.
@@ -33,6 +35,7 @@ mod fsutil;
 pub mod issue;
 pub mod pki;
 pub mod progress;
+pub mod rollout;
 pub mod store;
 pub mod transport;
 

@@ -13,6 +13,8 @@ pub enum Stage {
     Store,
     Cleanup,
     Distribute,
+    Restart,
+    Rollback,
 }
 
 /// One step of an operation, for a human or a `--json` consumer.

@@ -74,6 +74,77 @@ pub trait Transport: Send + Sync {
         &self,
         bundle: &BundleToInstall,
     ) -> Result<NodeInstall, TransportError>;
+    /// Restarts the node's services for `certificate` and verifies they
+    /// serve `expected` (a leaf SHA-256).
+    async fn restart_services(
+        &self,
+        certificate: &str,
+        expected: &str,
+        keep_going: bool,
+    ) -> Result<RestartReport, TransportError>;
+    /// Reinstalls the version before the node's current one.
+    async fn rollback_certificate(&self, certificate: &str) -> Result<NodeInstall, TransportError>;
+    /// What the node has installed and what its services serve.
+    async fn certificate_status(
+        &self,
+        certificate: &str,
+    ) -> Result<NodeCertificate, TransportError>;
+}
+
+/// What one endpoint served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedReport {
+    pub service: String,
+    pub address: String,
+    /// The served leaf's SHA-256, or why the probe failed.
+    pub result: Result<String, String>,
+}
+
+/// One service's outcome on a node.
+#[derive(Debug, Clone)]
+pub struct ServiceReport {
+    pub service: String,
+    pub step: String,
+    pub ok: bool,
+    pub detail: String,
+    pub served: Vec<ServedReport>,
+}
+
+/// A node's answer to a restart.
+#[derive(Debug, Clone)]
+pub struct RestartReport {
+    pub ok: bool,
+    pub services: Vec<ServiceReport>,
+}
+
+/// What a node has for a certificate.
+#[derive(Debug, Clone)]
+pub struct NodeCertificate {
+    pub version: u32,
+    pub leaf_sha256: String,
+    pub intact: bool,
+    pub not_after: i64,
+    pub served: Vec<ServedReport>,
+}
+
+fn served_from_pb(s: pb::ServedEndpoint) -> ServedReport {
+    ServedReport {
+        service: s.service,
+        address: s.address,
+        result: if s.error.is_empty() {
+            Ok(s.leaf_sha256)
+        } else {
+            Err(s.error)
+        },
+    }
+}
+
+fn install_from_pb(r: pb::InstallCertificateResponse) -> NodeInstall {
+    NodeInstall {
+        version: r.version,
+        leaf_sha256: r.leaf_sha256,
+        changed: r.changed,
+    }
 }
 
 /// A certificate version as sent to nodes. Its Debug never shows the key.
@@ -171,10 +242,74 @@ impl Transport for GrpcAgent {
             .install_certificate(request)
             .await?
             .into_inner();
-        Ok(NodeInstall {
+        Ok(install_from_pb(r))
+    }
+
+    async fn restart_services(
+        &self,
+        certificate: &str,
+        expected: &str,
+        keep_going: bool,
+    ) -> Result<RestartReport, TransportError> {
+        let request = pb::RestartServicesRequest {
+            certificate: certificate.to_owned(),
+            expected_leaf_sha256: expected.to_owned(),
+            keep_going,
+        };
+        let r = self
+            .client
+            .clone()
+            .restart_services(request)
+            .await?
+            .into_inner();
+        Ok(RestartReport {
+            ok: r.ok,
+            services: r
+                .services
+                .into_iter()
+                .map(|s| ServiceReport {
+                    service: s.service,
+                    step: s.step,
+                    ok: s.ok,
+                    detail: s.detail,
+                    served: s.served.into_iter().map(served_from_pb).collect(),
+                })
+                .collect(),
+        })
+    }
+
+    async fn rollback_certificate(&self, certificate: &str) -> Result<NodeInstall, TransportError> {
+        let request = pb::RollbackCertificateRequest {
+            certificate: certificate.to_owned(),
+        };
+        Ok(install_from_pb(
+            self.client
+                .clone()
+                .rollback_certificate(request)
+                .await?
+                .into_inner(),
+        ))
+    }
+
+    async fn certificate_status(
+        &self,
+        certificate: &str,
+    ) -> Result<NodeCertificate, TransportError> {
+        let request = pb::GetCertificateRequest {
+            certificate: certificate.to_owned(),
+        };
+        let r = self
+            .client
+            .clone()
+            .get_certificate(request)
+            .await?
+            .into_inner();
+        Ok(NodeCertificate {
             version: r.version,
             leaf_sha256: r.leaf_sha256,
-            changed: r.changed,
+            intact: r.intact,
+            not_after: r.not_after_unix,
+            served: r.served.into_iter().map(served_from_pb).collect(),
         })
     }
 

@@ -56,6 +56,23 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         nodes: Vec<String>,
     },
+    /// Restart the certificate's services node by node, verifying each
+    /// serves the live version; a failing node is rolled back and the
+    /// rollout halts.
+    Restart {
+        /// The certificate's name.
+        certificate: String,
+    },
+    /// Distribute, then restart.
+    Rollout {
+        /// The certificate's name.
+        certificate: String,
+    },
+    /// Per node: version and fingerprint on disk, what each endpoint serves, days left.
+    Status {
+        /// The certificate's name.
+        certificate: String,
+    },
     /// Register or remove nodes.
     #[command(subcommand)]
     Node(NodeCommand),
@@ -87,7 +104,7 @@ enum NodeCommand {
 }
 
 /// What ended the command, mapped onto the exit code.
-enum Outcome {
+pub(crate) enum Outcome {
     Ok,
     Failed,
     Usage,
@@ -117,6 +134,29 @@ fn main() -> ExitCode {
                 };
                 match client.clone().issue(request).await {
                     Ok(r) => follow(r.into_inner(), cli.json).await,
+                    Err(status) => refused(&status),
+                }
+            }
+            Command::Restart { certificate } | Command::Rollout { certificate } => {
+                let request = pb::RestartRequest {
+                    certificate: certificate.clone(),
+                };
+                let call = if matches!(cli.command, Command::Rollout { .. }) {
+                    client.clone().rollout(request).await
+                } else {
+                    client.clone().restart(request).await
+                };
+                match call {
+                    Ok(r) => follow(r.into_inner(), cli.json).await,
+                    Err(status) => refused(&status),
+                }
+            }
+            Command::Status { certificate } => {
+                let request = pb::StatusRequest {
+                    certificate: certificate.clone(),
+                };
+                match client.clone().status(request).await {
+                    Ok(r) => render::status(&r.into_inner(), cli.json),
                     Err(status) => refused(&status),
                 }
             }

@@ -18,6 +18,8 @@ fn stage_name(stage: pb::Stage) -> &'static str {
         pb::Stage::Store => "store",
         pb::Stage::Cleanup => "cleanup",
         pb::Stage::Distribute => "distribute",
+        pb::Stage::Restart => "restart",
+        pb::Stage::Rollback => "rollback",
         pb::Stage::Done => "done",
         pb::Stage::Failed => "failed",
     }
@@ -257,4 +259,101 @@ pub(crate) fn nodes(nodes: &[pb::NodeInfo], json: bool) {
             when(n.last_contact_unix)
         );
     }
+}
+
+/// `certfleet status`: exit 1 when any node is not serving the live version.
+pub(crate) fn status(s: &pb::StatusResponse, json: bool) -> crate::Outcome {
+    let served_ok = |n: &pb::NodeCertificateStatus| {
+        n.error.is_empty()
+            && n.version == s.live_version
+            && n.intact
+            && n.served.iter().all(|e| e.leaf_sha256 == s.live_sha256)
+    };
+    let all_ok = !s.nodes.is_empty() && s.nodes.iter().all(served_ok);
+    if json {
+        let nodes: Vec<_> = s
+            .nodes
+            .iter()
+            .map(|n| {
+                json!({
+                    "node": n.node,
+                    "version": n.version,
+                    "sha256": n.leaf_sha256,
+                    "intact": n.intact,
+                    "days_left": n.days_left,
+                    "serving_live": served_ok(n),
+                    "error": (!n.error.is_empty()).then_some(&n.error),
+                    "served": n.served.iter().map(|e| json!({
+                        "service": e.service,
+                        "address": e.address,
+                        "sha256": e.leaf_sha256,
+                        "error": (!e.error.is_empty()).then_some(&e.error),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({
+                "live_version": s.live_version,
+                "live_sha256": s.live_sha256,
+                "last_rollout": s.last_rollout,
+                "all_serving_live": all_ok,
+                "nodes": nodes,
+            })
+        );
+    } else {
+        println!(
+            "live version {} (sha256 {}); last rollout: {}",
+            s.live_version,
+            short(&s.live_sha256),
+            if s.last_rollout.is_empty() {
+                "none"
+            } else {
+                &s.last_rollout
+            }
+        );
+        println!(
+            "{:<20} {:>7} {:<16} {:<7} {:>9}  SERVED",
+            "NODE", "VERSION", "ON DISK", "INTACT", "DAYS LEFT"
+        );
+        for n in &s.nodes {
+            if !n.error.is_empty() {
+                println!("{:<20} unreachable: {}", n.node, n.error);
+                continue;
+            }
+            let served: Vec<String> = n
+                .served
+                .iter()
+                .map(|e| {
+                    let what = if !e.error.is_empty() {
+                        format!("error: {}", e.error)
+                    } else if e.leaf_sha256 == s.live_sha256 {
+                        format!("{} (live)", short(&e.leaf_sha256))
+                    } else {
+                        format!("{} (NOT live)", short(&e.leaf_sha256))
+                    };
+                    format!("{} {} {what}", e.service, e.address)
+                })
+                .collect();
+            println!(
+                "{:<20} {:>7} {:<16} {:<7} {:>9}  {}",
+                n.node,
+                n.version,
+                short(&n.leaf_sha256),
+                if n.intact { "yes" } else { "NO" },
+                n.days_left,
+                served.join("; ")
+            );
+        }
+    }
+    if all_ok {
+        crate::Outcome::Ok
+    } else {
+        crate::Outcome::Failed
+    }
+}
+
+fn short(sha: &str) -> &str {
+    &sha[..sha.len().min(16)]
 }

@@ -52,7 +52,8 @@ pub struct ClusterSpec {
     /// `enrollment.agent_cert_validity_secs`, when a test wants it short.
     pub agent_cert_validity_secs: Option<u64>,
     /// The `[[certificates]]` part of every agent's config; `{dir}` becomes
-    /// the node's directory. Default: certbot's layout under `{dir}/live/cn`.
+    /// the node's directory, `{ip}` its address and `{tls_port}` the port
+    /// its TLS services use. Default: certbot's layout under `{dir}/live/cn`.
     pub agent_certificates: String,
 }
 
@@ -249,6 +250,8 @@ pub struct Cluster {
     pub sans: Vec<String>,
     /// The coordinator's enrollment address.
     pub enrollment: SocketAddr,
+    /// The port every node's TLS services (the tests' nginx) listen on.
+    pub tls_port: u16,
     spec: ClusterSpec,
 }
 
@@ -351,6 +354,7 @@ listen = "{enrollment}"
             config_path,
             sans,
             enrollment,
+            tls_port: common_free_port(&ips),
             spec: spec.clone(),
         };
         cluster.start_coordinator().await?;
@@ -406,36 +410,14 @@ listen = "{enrollment}"
     /// its index.
     pub async fn grow(&mut self) -> anyhow::Result<usize> {
         let i = self.nodes.len();
-        let node = self
-            .add_node(
-                i,
-                self.subnet.node(i),
-                self.pebble.http_port,
-                self.spec.http01,
-            )
-            .await?;
+        let node = self.add_node(i).await?;
         self.nodes.push(node);
         Ok(i)
     }
 
     /// Registers node `i`, writes its agent config, joins it and starts it.
-    async fn add_node(
-        &self,
-        i: usize,
-        ip: IpAddr,
-        http_port: u16,
-        mode: Http01,
-    ) -> anyhow::Result<Node> {
-        let mut node = prepare_node(
-            &self.spec.agent_certificates,
-            self.dir.path(),
-            i,
-            ip,
-            http_port,
-            mode,
-            Credentials::coordinator(&self.state_dir)?,
-        )
-        .await?;
+    async fn add_node(&self, i: usize) -> anyhow::Result<Node> {
+        let mut node = prepare_node(self, i).await?;
         let (token, pin) = self.node_add(&node.name, node.grpc, &[]).await?;
         let joined = join(
             &node.config_path,
@@ -574,15 +556,18 @@ pub fn join(
 
 /// Makes node `i`'s directory and agent config (and its nginx in webroot
 /// mode); the agent is neither joined nor started.
-async fn prepare_node(
-    certificates: &str,
-    root: &Path,
-    i: usize,
-    ip: IpAddr,
-    http_port: u16,
-    mode: Http01,
-    coordinator: Credentials,
-) -> anyhow::Result<Node> {
+async fn prepare_node(cluster: &Cluster, i: usize) -> anyhow::Result<Node> {
+    let (certificates, tls_port, root) = (
+        &cluster.spec.agent_certificates,
+        cluster.tls_port,
+        cluster.dir.path(),
+    );
+    let (ip, http_port, mode) = (
+        cluster.subnet.node(i),
+        cluster.pebble.http_port,
+        cluster.spec.http01,
+    );
+    let coordinator = Credentials::coordinator(&cluster.state_dir)?;
     let name = node_name(i);
     let dir = root.join("nodes").join(&name);
     let state_dir = dir.join("state");
@@ -608,7 +593,10 @@ async fn prepare_node(
     let config = format!(
         "node = \"{name}\"\nstate_dir = \"{}\"\n\n[grpc]\nlisten = \"{grpc}\"\n\n[http01]\n{http01}{}",
         state_dir.display(),
-        certificates.replace("{dir}", &dir.display().to_string())
+        certificates
+            .replace("{dir}", &dir.display().to_string())
+            .replace("{ip}", &ip.to_string())
+            .replace("{tls_port}", &tls_port.to_string())
     );
     let config_path = dir.join("agent.toml");
     std::fs::write(&config_path, config)?;

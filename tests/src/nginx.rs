@@ -61,3 +61,81 @@ http {{
     }
     Ok(proc)
 }
+
+/// A real nginx serving TLS with a node's installed certificate files, as
+/// apache does on DataONE's nodes. It runs with a master process, so
+/// `nginx -s reload` (the agent's restart command) works as in production.
+pub struct TlsNginx {
+    proc: Proc,
+    pub conf: std::path::PathBuf,
+    pub prefix: std::path::PathBuf,
+}
+
+impl Drop for TlsNginx {
+    fn drop(&mut self) {
+        // SIGTERM lets the master stop its workers too.
+        self.proc.terminate(Duration::from_secs(5));
+    }
+}
+
+/// The nginx config serving `cert`/`key` on `ip:port`.
+pub fn tls_config(prefix: &Path, ip: IpAddr, port: u16, cert: &Path, key: &Path) -> String {
+    let d = prefix.display();
+    format!(
+        r#"daemon off;
+master_process on;
+user root;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    access_log {d}/access.log;
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    server {{
+        listen {ip}:{port} ssl;
+        server_name _;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        location / {{ return 200 "ok\n"; }}
+    }}
+}}
+"#,
+        cert = cert.display(),
+        key = key.display()
+    )
+}
+
+/// Starts nginx serving TLS from `prefix/nginx.conf` (written here).
+pub async fn serve_tls(
+    prefix: &Path,
+    ip: IpAddr,
+    port: u16,
+    cert: &Path,
+    key: &Path,
+) -> anyhow::Result<TlsNginx> {
+    std::fs::create_dir_all(prefix.join("tmp"))?;
+    let conf = prefix.join("nginx.conf");
+    std::fs::write(&conf, tls_config(prefix, ip, port, cert, key))?;
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-c")
+        .arg(&conf)
+        .arg("-p")
+        .arg(prefix)
+        .arg("-e")
+        .arg(prefix.join("error.log"));
+    let mut proc = Proc::spawn("nginx (TLS)", cmd, &prefix.join("nginx.out"))?;
+    if let Err(e) = wait_listening(SocketAddr::new(ip, port), Duration::from_secs(10)).await {
+        proc.check_running()?;
+        return Err(e);
+    }
+    Ok(TlsNginx {
+        proc,
+        conf,
+        prefix: prefix.to_owned(),
+    })
+}

@@ -46,6 +46,24 @@ impl Proc {
         }
     }
 
+    /// Asks the process to stop (SIGTERM) and waits for it; kills it if it
+    /// has not stopped within `grace`.
+    pub fn terminate(&mut self, grace: std::time::Duration) {
+        if let Some(child) = &mut self.child {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = std::time::Instant::now() + grace;
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    self.child = None;
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+        self.kill();
+    }
+
     /// Fails if the process has exited, with the tail of its log.
     pub fn check_running(&mut self) -> anyhow::Result<()> {
         if let Some(child) = &mut self.child

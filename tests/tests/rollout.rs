@@ -1,0 +1,260 @@
+//! Rollout: services restarted node by node, each node proven to serve the
+//! new certificate by a real TLS handshake before the next is touched; a
+//! failing node rolled back to the old one and the rollout halted.
+//!
+//! Every node runs its own real nginx serving TLS from the files its agent
+//! installed; the agent's restart command is `nginx -s reload`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use certfleet_proto::bundle::Bundle;
+use certfleet_tests::cluster::{CERT, Cluster, ClusterSpec, Node};
+use certfleet_tests::nginx::{TlsNginx, serve_tls};
+use certfleet_tests::verify::served_leaf_sha256;
+
+const SNI: &str = "cn.dataone.test";
+
+/// Files like DataONE's (key root:ssl-cert 0640) and nginx as the service.
+const TARGETS: &str = r#"
+[[certificates]]
+name = "cn"
+[[certificates.files]]
+content = "fullchain"
+path = "{dir}/ssl/certs/cn.pem"
+[[certificates.files]]
+content = "privkey"
+path = "{dir}/ssl/private/server.key"
+group = "ssl-cert"
+mode = "0640"
+[[certificates.services]]
+name = "nginx"
+check = ["nginx", "-t", "-q", "-c", "{dir}/tls/nginx.conf", "-p", "{dir}/tls"]
+restart = ["nginx", "-s", "reload", "-c", "{dir}/tls/nginx.conf", "-p", "{dir}/tls"]
+timeout_secs = 5
+[[certificates.services.verify]]
+address = "{ip}:{tls_port}"
+sni = "cn.dataone.test"
+"#;
+
+struct Fleet {
+    cluster: Cluster,
+    nginx: Vec<TlsNginx>,
+    v1: String,
+}
+
+fn tls_addr(cluster: &Cluster, node: &Node) -> SocketAddr {
+    SocketAddr::new(node.ip, cluster.tls_port)
+}
+
+fn live_sha(cluster: &Cluster) -> String {
+    let chain = std::fs::read_to_string(cluster.live_dir().join("fullchain.pem")).unwrap();
+    Bundle::parse(&chain, None, &[]).unwrap().leaf_sha256_hex()
+}
+
+fn on_disk_sha(node: &Node) -> String {
+    let chain = std::fs::read_to_string(node.dir.join("ssl/certs/cn.pem")).unwrap();
+    let key = std::fs::read_to_string(node.dir.join("ssl/private/server.key")).unwrap();
+    Bundle::parse(&chain, Some(&key), &[])
+        .unwrap()
+        .leaf_sha256_hex()
+}
+
+async fn served(cluster: &Cluster, i: usize) -> String {
+    served_leaf_sha256(tls_addr(cluster, &cluster.nodes[i]), SNI)
+        .await
+        .unwrap()
+}
+
+fn config_path(node: &Node) -> PathBuf {
+    node.dir.join("tls/nginx.conf")
+}
+
+/// A cluster whose nodes all serve version 1 over TLS.
+async fn fleet(nodes: usize) -> Fleet {
+    let status = std::process::Command::new("groupadd")
+        .args(["-f", "ssl-cert"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let cluster = Cluster::start(ClusterSpec {
+        nodes,
+        agent_certificates: TARGETS.to_owned(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let out = cluster.issue().await.unwrap();
+    assert_eq!(out.code, 0, "{}", out.stdout);
+    let out = cluster.ctl(&["distribute", CERT]).await.unwrap();
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let mut nginx = Vec::new();
+    for node in &cluster.nodes {
+        nginx.push(
+            serve_tls(
+                &node.dir.join("tls"),
+                node.ip,
+                cluster.tls_port,
+                &node.dir.join("ssl/certs/cn.pem"),
+                &node.dir.join("ssl/private/server.key"),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let v1 = live_sha(&cluster);
+    for i in 0..nodes {
+        assert_eq!(served(&cluster, i).await, v1);
+    }
+    Fleet { cluster, nginx, v1 }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rollout_puts_the_new_certificate_into_every_service() {
+    let f = fleet(4).await;
+    let c = &f.cluster;
+    let out = c.issue().await.unwrap();
+    assert_eq!(out.code, 0);
+    let v2 = live_sha(c);
+    assert_ne!(v2, f.v1);
+
+    let out = c.ctl(&["rollout", CERT]).await.unwrap();
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    for (i, node) in c.nodes.iter().enumerate() {
+        assert_eq!(
+            served(c, i).await,
+            v2,
+            "node {} serves the old certificate",
+            node.name
+        );
+        assert_eq!(on_disk_sha(node), v2);
+    }
+    // Node by node, in order: each node's restart finished before the next began.
+    let order: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.contains("[restart]") && l.contains("serves version 2"))
+        .map(|l| l.split_whitespace().nth(2).unwrap().trim_end_matches(':'))
+        .collect();
+    assert_eq!(
+        order,
+        ["cn-ucsb-1", "cn-unm-1", "cn-orc-1", "cn-ornl-1"],
+        "{}",
+        out.stdout
+    );
+
+    let out = c.ctl(&["--json", "status", CERT]).await.unwrap();
+    assert_eq!(out.code, 0, "{}", out.stdout);
+    let status: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(status["all_serving_live"], true);
+    assert_eq!(status["last_rollout"], "ok");
+    for n in status["nodes"].as_array().unwrap() {
+        assert_eq!(n["served"][0]["sha256"], v2.as_str());
+        assert!(n["days_left"].as_i64().unwrap() > 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_check_on_node_3_rolls_it_back_and_halts() {
+    let f = fleet(4).await;
+    let c = &f.cluster;
+    // Node 3's nginx config gets broken on disk; the running nginx is fine.
+    let conf = config_path(&c.nodes[2]);
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text.push_str("\nbogus_directive on;\n");
+    std::fs::write(&conf, text).unwrap();
+    let out = c.issue().await.unwrap();
+    assert_eq!(out.code, 0);
+    let v2 = live_sha(c);
+
+    let out = c.ctl(&["rollout", CERT]).await.unwrap();
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    assert!(
+        out.stderr.contains("rollout halted at node cn-orc-1"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("service nginx, step check"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("bogus_directive"),
+        "the output should show what nginx said: {}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("untouched: cn-ornl-1"),
+        "{}",
+        out.stderr
+    );
+    // Nodes 1-2 serve the new certificate; node 3 the old one, from files
+    // rolled back to version 1; node 4 was never restarted.
+    assert_eq!(served(c, 0).await, v2);
+    assert_eq!(served(c, 1).await, v2);
+    assert_eq!(served(c, 2).await, f.v1);
+    assert_eq!(on_disk_sha(&c.nodes[2]), f.v1);
+    assert_eq!(served(c, 3).await, f.v1);
+    let node4_log = std::fs::read_to_string(c.nodes[3].dir.join("agent.log")).unwrap();
+    assert!(
+        !node4_log.contains("service restart"),
+        "node 4 was restarted:\n{node4_log}"
+    );
+
+    let out = c.ctl(&["--json", "status", CERT]).await.unwrap();
+    assert_eq!(
+        out.code, 1,
+        "status must fail while a node does not serve the live version"
+    );
+    let status: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(status["last_rollout"], "halted");
+    drop(f.nginx);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_keeps_serving_the_old_certificate_is_caught() {
+    let mut f = fleet(3).await;
+    // Node 2's "restart" does nothing: the new files sit on disk while the
+    // old certificate is still served, the classic silent failure.
+    let node = &mut f.cluster.nodes[1];
+    let config = std::fs::read_to_string(&node.config_path).unwrap();
+    let broken = config.replacen(
+        &format!(
+            "restart = [\"nginx\", \"-s\", \"reload\", \"-c\", \"{0}/tls/nginx.conf\", \"-p\", \"{0}/tls\"]",
+            node.dir.display()
+        ),
+        "restart = [\"true\"]",
+        1,
+    );
+    assert_ne!(config, broken);
+    std::fs::write(&node.config_path, broken).unwrap();
+    node.start_agent().await.unwrap();
+    let c = &f.cluster;
+    let out = c.issue().await.unwrap();
+    assert_eq!(out.code, 0);
+    let v2 = live_sha(c);
+
+    let out = c.ctl(&["rollout", CERT]).await.unwrap();
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    assert!(
+        out.stderr.contains("rollout halted at node cn-unm-1"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("step verify"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&f.v1),
+        "the output should show the old fingerprint served: {}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("serves version 1 again"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(served(c, 0).await, v2);
+    assert_eq!(served(c, 1).await, f.v1);
+    assert_eq!(on_disk_sha(&c.nodes[1]), f.v1);
+    assert_eq!(served(c, 2).await, f.v1);
+}
