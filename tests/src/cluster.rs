@@ -57,6 +57,39 @@ pub struct ClusterSpec {
     pub agent_certificates: String,
 }
 
+/// Install targets like DataONE's (the key root:ssl-cert 0640, as postgres
+/// needs it) with the node's nginx (see [`Cluster::serve_tls`]) as the
+/// service that uses them, reloaded with `nginx -s reload`.
+pub const NGINX_TARGETS: &str = r#"
+[[certificates]]
+name = "cn"
+[[certificates.files]]
+content = "fullchain"
+path = "{dir}/ssl/certs/cn.pem"
+[[certificates.files]]
+content = "privkey"
+path = "{dir}/ssl/private/server.key"
+group = "ssl-cert"
+mode = "0640"
+[[certificates.services]]
+name = "nginx"
+check = ["nginx", "-t", "-q", "-c", "{dir}/tls/nginx.conf", "-p", "{dir}/tls"]
+restart = ["nginx", "-s", "reload", "-c", "{dir}/tls/nginx.conf", "-p", "{dir}/tls"]
+timeout_secs = 5
+[[certificates.services.verify]]
+address = "{ip}:{tls_port}"
+sni = "cn.dataone.test"
+"#;
+
+/// Makes sure the `ssl-cert` group [`NGINX_TARGETS`] uses exists.
+pub fn ensure_ssl_cert_group() -> anyhow::Result<()> {
+    let status = Command::new("groupadd").args(["-f", "ssl-cert"]).status()?;
+    if !status.success() {
+        bail!("groupadd -f ssl-cert failed (the tests and demo run as root)");
+    }
+    Ok(())
+}
+
 /// The default install targets: certbot's layout under the node's directory.
 pub const DEFAULT_AGENT_CERTIFICATES: &str =
     "\n[[certificates]]\nname = \"cn\"\nlive_dir = \"{dir}/live/cn\"\n";
@@ -502,6 +535,25 @@ listen = "{enrollment}"
             .status()
             .await?;
         Ok(status.code().unwrap_or(-1))
+    }
+
+    /// Starts a real nginx on every node serving TLS on `tls_port` from the
+    /// files [`NGINX_TARGETS`] installs (distribute first).
+    pub async fn serve_tls(&self) -> anyhow::Result<Vec<nginx::TlsNginx>> {
+        let mut servers = Vec::with_capacity(self.nodes.len());
+        for node in &self.nodes {
+            servers.push(
+                nginx::serve_tls(
+                    &node.dir.join("tls"),
+                    node.ip,
+                    self.tls_port,
+                    &node.dir.join("ssl/certs/cn.pem"),
+                    &node.dir.join("ssl/private/server.key"),
+                )
+                .await?,
+            );
+        }
+        Ok(servers)
     }
 
     /// `certfleet --json issue cn`.

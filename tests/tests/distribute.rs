@@ -7,29 +7,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use certfleet_proto::bundle::Bundle;
-use certfleet_tests::cluster::{CERT, Cluster, ClusterSpec, Node};
+use certfleet_tests::cluster::{CERT, Cluster, ClusterSpec, NGINX_TARGETS, Node};
 
-/// Every node writes the full chain world-readable and the key the way
-/// DataONE's postgres needs it: root:ssl-cert 0640.
-const TARGETS: &str = r#"
-[[certificates]]
-name = "cn"
-[[certificates.files]]
-content = "fullchain"
-path = "{dir}/ssl/certs/cn.pem"
-[[certificates.files]]
-content = "privkey"
-path = "{dir}/ssl/private/server.key"
-group = "ssl-cert"
-mode = "0640"
-"#;
+const TARGETS: &str = NGINX_TARGETS;
 
 fn ensure_ssl_cert_group() {
-    let status = std::process::Command::new("groupadd")
-        .args(["-f", "ssl-cert"])
-        .status()
-        .expect("groupadd (the tests run as root, as CI does)");
-    assert!(status.success(), "groupadd -f ssl-cert failed");
+    certfleet_tests::cluster::ensure_ssl_cert_group().unwrap();
 }
 
 fn gid_of(group: &str) -> u32 {

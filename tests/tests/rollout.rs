@@ -9,33 +9,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use certfleet_proto::bundle::Bundle;
-use certfleet_tests::cluster::{CERT, Cluster, ClusterSpec, Node};
-use certfleet_tests::nginx::{TlsNginx, serve_tls};
+use certfleet_tests::cluster::{
+    CERT, Cluster, ClusterSpec, NGINX_TARGETS, Node, ensure_ssl_cert_group,
+};
+use certfleet_tests::nginx::TlsNginx;
 use certfleet_tests::verify::served_leaf_sha256;
 
 const SNI: &str = "cn.dataone.test";
 
-/// Files like DataONE's (key root:ssl-cert 0640) and nginx as the service.
-const TARGETS: &str = r#"
-[[certificates]]
-name = "cn"
-[[certificates.files]]
-content = "fullchain"
-path = "{dir}/ssl/certs/cn.pem"
-[[certificates.files]]
-content = "privkey"
-path = "{dir}/ssl/private/server.key"
-group = "ssl-cert"
-mode = "0640"
-[[certificates.services]]
-name = "nginx"
-check = ["nginx", "-t", "-q", "-c", "{dir}/tls/nginx.conf", "-p", "{dir}/tls"]
-restart = ["nginx", "-s", "reload", "-c", "{dir}/tls/nginx.conf", "-p", "{dir}/tls"]
-timeout_secs = 5
-[[certificates.services.verify]]
-address = "{ip}:{tls_port}"
-sni = "cn.dataone.test"
-"#;
+const TARGETS: &str = NGINX_TARGETS;
 
 struct Fleet {
     cluster: Cluster,
@@ -72,11 +54,7 @@ fn config_path(node: &Node) -> PathBuf {
 
 /// A cluster whose nodes all serve version 1 over TLS.
 async fn fleet(nodes: usize) -> Fleet {
-    let status = std::process::Command::new("groupadd")
-        .args(["-f", "ssl-cert"])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    ensure_ssl_cert_group().unwrap();
     let cluster = Cluster::start(ClusterSpec {
         nodes,
         agent_certificates: TARGETS.to_owned(),
@@ -88,20 +66,7 @@ async fn fleet(nodes: usize) -> Fleet {
     assert_eq!(out.code, 0, "{}", out.stdout);
     let out = cluster.ctl(&["distribute", CERT]).await.unwrap();
     assert_eq!(out.code, 0, "{}", out.stderr);
-    let mut nginx = Vec::new();
-    for node in &cluster.nodes {
-        nginx.push(
-            serve_tls(
-                &node.dir.join("tls"),
-                node.ip,
-                cluster.tls_port,
-                &node.dir.join("ssl/certs/cn.pem"),
-                &node.dir.join("ssl/private/server.key"),
-            )
-            .await
-            .unwrap(),
-        );
-    }
+    let nginx = cluster.serve_tls().await.unwrap();
     let v1 = live_sha(&cluster);
     for i in 0..nodes {
         assert_eq!(served(&cluster, i).await, v1);
