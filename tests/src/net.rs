@@ -32,10 +32,17 @@ impl Subnet {
         Self(1 + (seed % 250) as u8, ((seed >> 8) % 256) as u8)
     }
 
-    /// The address of node `i` (0-based); at most 240 nodes per subnet.
+    /// The address of node `i` (0-based): 240 per /24, continuing into the
+    /// next /24s for larger clusters.
     pub fn node(&self, i: usize) -> IpAddr {
-        assert!(i < 240, "a subnet holds at most 240 nodes");
-        IpAddr::V4(Ipv4Addr::new(127, self.0, self.1, 10 + i as u8))
+        const PER_BLOCK: usize = 240;
+        let block = self.1.wrapping_add((i / PER_BLOCK) as u8);
+        IpAddr::V4(Ipv4Addr::new(
+            127,
+            self.0,
+            block,
+            10 + (i % PER_BLOCK) as u8,
+        ))
     }
 
     /// An address in the subnet that no node uses.

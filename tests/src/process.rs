@@ -38,6 +38,11 @@ impl Proc {
         })
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills the process and waits for it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

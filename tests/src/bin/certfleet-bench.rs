@@ -32,6 +32,13 @@ struct Args {
     /// Also compare with certbot at 4 nodes.
     #[arg(long)]
     certbot: bool,
+    /// Also time distribute and restart on this many agents and measure
+    /// their idle memory (0: skip).
+    #[arg(long, default_value_t = 0)]
+    fleet: usize,
+    /// Skip the issue matrix (to run only --certbot or --fleet).
+    #[arg(long)]
+    no_issue: bool,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -94,6 +101,19 @@ async fn measure(cluster: &Cluster, runs: usize) -> anyhow::Result<Sample> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if !args.no_issue {
+        issue_matrix(&args).await?;
+    }
+    if args.certbot {
+        certbot_comparison(args.runs).await?;
+    }
+    if args.fleet > 0 {
+        fleet_bench(args.fleet, args.runs).await?;
+    }
+    Ok(())
+}
+
+async fn issue_matrix(args: &Args) -> anyhow::Result<()> {
     println!(
         "| nodes | names | total ms | CA ms | placement + self-check ms | cleanup ms | rest ms | outside CA ms |"
     );
@@ -116,9 +136,99 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
-    if args.certbot {
-        certbot_comparison(args.runs).await?;
+    Ok(())
+}
+
+/// Every agent installs into certbot's layout under its node directory, and
+/// has one service whose check and restart are `true`: what is timed is
+/// certfleet's own work, not a real service's restart.
+const FLEET_TARGETS: &str = r#"
+[[certificates]]
+name = "cn"
+live_dir = "{dir}/live/cn"
+[[certificates.services]]
+name = "noop"
+check = ["true"]
+restart = ["true"]
+"#;
+
+async fn timed(cluster: &Cluster, args: &[&str]) -> anyhow::Result<u64> {
+    let start = Instant::now();
+    let out = cluster.ctl(args).await?;
+    if out.code != 0 {
+        bail!(
+            "certfleet {}: {}\n{}",
+            args.join(" "),
+            out.stdout,
+            out.stderr
+        );
     }
+    Ok(start.elapsed().as_millis() as u64)
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+async fn fleet_bench(nodes: usize, runs: usize) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let cluster = Cluster::start(ClusterSpec {
+        agent_certificates: FLEET_TARGETS.to_owned(),
+        ..spec(nodes, 1, Http01::Standalone)
+    })
+    .await?;
+    let setup = started.elapsed();
+    timed(&cluster, &["issue", "cn"]).await?;
+    let mut fresh = Vec::new();
+    let mut noop = Vec::new();
+    let mut restart = Vec::new();
+    for _ in 0..runs {
+        timed(&cluster, &["issue", "cn"]).await?;
+        fresh.push(timed(&cluster, &["distribute", "cn"]).await?);
+        noop.push(timed(&cluster, &["distribute", "cn"]).await?);
+        restart.push(timed(&cluster, &["restart", "cn"]).await?);
+    }
+    // Idle: nothing has happened for a while.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut rss: Vec<u64> = cluster
+        .nodes
+        .iter()
+        .filter_map(|n| n.agent.as_ref()?.pid())
+        .filter_map(rss_kib)
+        .collect();
+    rss.sort_unstable();
+    let restart_ms = median(restart);
+    println!();
+    println!(
+        "| {nodes} agents (set up and joined in {} s) | median ms |",
+        setup.as_secs()
+    );
+    println!("|---|---:|");
+    println!(
+        "| `certfleet distribute` of a new version to all | {} |",
+        median(fresh)
+    );
+    println!(
+        "| `certfleet distribute` again (every node already has it) | {} |",
+        median(noop)
+    );
+    println!(
+        "| `certfleet restart`, node by node, check and restart = `true` | {restart_ms} ({:.1} per node) |",
+        restart_ms as f64 / nodes as f64
+    );
+    println!(
+        "| agent idle RSS, median / max over {} agents | {:.1} / {:.1} MiB |",
+        rss.len(),
+        rss[rss.len() / 2] as f64 / 1024.0,
+        *rss.last().unwrap_or(&0) as f64 / 1024.0
+    );
     Ok(())
 }
 
