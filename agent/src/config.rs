@@ -738,6 +738,7 @@ listen = "127.0.0.2:80"
                 include_str!("../../deploy/examples/agent-standalone.toml"),
             ),
         ] {
+            // The DataONE examples name the ssl-cert group, as the node would have.
             let c = Config::from_toml_str(text, name).unwrap_or_else(|e| panic!("{e}"));
             assert!(name.contains(&c.node) || c.node == "web-1", "{name}");
         }

@@ -282,11 +282,7 @@ pub async fn restart(
         if let Some((n, f)) = failure {
             // Every failed node in the batch goes back; report the first.
             let mut rollback = String::new();
-            for (m, _) in batch
-                .iter()
-                .zip(0..)
-                .filter(|(m, _)| !done.contains(&m.node.name))
-            {
+            for m in batch.iter().filter(|m| !done.contains(&m.node.name)) {
                 let line = run.roll_back(m).await;
                 if m.node.name == n.node.name {
                     rollback = line;
