@@ -14,7 +14,8 @@ use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use instant_acme::{
-    Account, AccountCredentials, BodyWrapper, BytesResponse, HttpClient, NewAccount,
+    Account, AccountCredentials, BodyWrapper, BytesResponse, ExternalAccountKey, HttpClient,
+    NewAccount,
 };
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -165,9 +166,14 @@ impl AcmeAccount {
                     terms_of_service_agreed: true,
                     only_return_existing: false,
                 };
+                let eab = self
+                    .config
+                    .external_account
+                    .as_ref()
+                    .map(|e| ExternalAccountKey::new(e.key_id.clone(), &e.hmac_key));
                 let (account, creds) = nonce_retry!(
                     Account::builder_with_http(Box::new(http_client(&self.config)?))
-                        .create(&new_account, self.config.directory.clone(), None)
+                        .create(&new_account, self.config.directory.clone(), eab.as_ref())
                         .await
                 )
                 .map_err(account_err)?;

@@ -48,6 +48,14 @@ pub enum ConfigError {
         key: String,
         reason: String,
     },
+    #[error(
+        "config {path} holds a secret (`{key}`) and is readable by every user (mode {mode:04o}); run `chmod o-rwx {path}`"
+    )]
+    WorldReadableSecret {
+        path: PathBuf,
+        key: &'static str,
+        mode: u32,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,6 +82,14 @@ struct RawAcme {
     #[serde(default)]
     extra_roots: Vec<PathBuf>,
     ca_timeout_secs: Option<u64>,
+    external_account: Option<RawExternalAccount>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExternalAccount {
+    key_id: String,
+    hmac_key: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -141,6 +157,26 @@ pub struct AcmeConfig {
     pub extra_roots: Vec<PathBuf>,
     /// How long to wait for validation, and then for issuance.
     pub ca_timeout: Duration,
+    /// External account binding (RFC 8555 §7.3.4), for CAs that require
+    /// one (ZeroSSL, Google Trust Services, ...).
+    pub external_account: Option<ExternalAccount>,
+}
+
+/// An external account binding: the CA's key id and MAC key.
+#[derive(Clone)]
+pub struct ExternalAccount {
+    pub key_id: String,
+    /// The decoded HMAC key. Secret: never shown by `Debug`.
+    pub hmac_key: Vec<u8>,
+}
+
+impl std::fmt::Debug for ExternalAccount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExternalAccount")
+            .field("key_id", &self.key_id)
+            .field("hmac_key", &"<redacted>")
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -187,11 +223,36 @@ pub struct CertificateSpec {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read_err = |source| ConfigError::Read {
             path: path.to_owned(),
             source,
-        })?;
-        Self::from_toml_str(&text, &path.display().to_string())
+        };
+        let text = std::fs::read_to_string(path).map_err(read_err)?;
+        let config = Self::from_toml_str(&text, &path.display().to_string())?;
+        if let Some(key) = config.secret_key() {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path)
+                .map_err(read_err)?
+                .permissions()
+                .mode()
+                & 0o7777;
+            if mode & 0o007 != 0 {
+                return Err(ConfigError::WorldReadableSecret {
+                    path: path.to_owned(),
+                    key,
+                    mode,
+                });
+            }
+        }
+        Ok(config)
+    }
+
+    /// The first key of this config that holds a secret, if any.
+    fn secret_key(&self) -> Option<&'static str> {
+        self.acme
+            .external_account
+            .as_ref()
+            .map(|_| "acme.external_account.hmac_key")
     }
 
     pub fn from_toml_str(text: &str, origin: &str) -> Result<Self, ConfigError> {
@@ -293,6 +354,32 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             ));
         }
     }
+    let external_account = match raw.acme.external_account {
+        None => None,
+        Some(eab) => {
+            use base64::Engine;
+            if eab.key_id.is_empty() {
+                return Err(invalid(
+                    "acme.external_account.key_id".into(),
+                    "must not be empty".into(),
+                ));
+            }
+            let hmac_key = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(eab.hmac_key.trim_end_matches('='))
+                .ok()
+                .filter(|k| !k.is_empty())
+                .ok_or_else(|| {
+                    invalid(
+                        "acme.external_account.hmac_key".into(),
+                        "must be the base64url MAC key the CA gave (the value is not shown)".into(),
+                    )
+                })?;
+            Some(ExternalAccount {
+                key_id: eab.key_id,
+                hmac_key,
+            })
+        }
+    };
     let ca_timeout = secs(
         raw.acme.ca_timeout_secs,
         DEFAULT_CA_TIMEOUT,
@@ -464,6 +551,7 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             validation_port,
             extra_roots: raw.acme.extra_roots,
             ca_timeout,
+            external_account,
         },
         placement,
         enrollment,
@@ -547,6 +635,39 @@ sans = ["CN.example.org", "cn-ucsb-1.example.org"]
         assert!(e.contains("acme.directory"), "{e}");
         let e = err(&format!("{GOOD}key = \"dsa\"\n"));
         assert!(e.contains("certificates[0].key"), "{e}");
+    }
+
+    #[test]
+    fn a_world_readable_config_with_a_secret_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coordinator.toml");
+        let text = GOOD.replace(
+            "validation_port = 5002",
+            "validation_port = 5002\n[acme.external_account]\nkey_id = \"kid-1\"\nhmac_key = \"c2VjcmV0LW1hYy1rZXk\"",
+        );
+        std::fs::write(&path, &text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("coordinator.toml")
+                && err.contains("acme.external_account.hmac_key")
+                && err.contains("0644"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("c2VjcmV0"),
+            "the error shows the secret: {err}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let config = Config::load(&path).unwrap();
+        let eab = config.acme.external_account.as_ref().unwrap();
+        assert_eq!(eab.hmac_key, b"secret-mac-key");
+        assert!(!format!("{config:?}").contains("secret-mac-key"));
+        // Without a secret, a world-readable config is fine.
+        std::fs::write(&path, GOOD).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        Config::load(&path).unwrap();
     }
 
     #[test]

@@ -363,6 +363,10 @@ listen = "{enrollment}"
         ));
         config.push_str(&spec.coordinator_extra);
         std::fs::write(&config_path, &config)?;
+        // A config may hold a secret (an EAB key); the coordinator refuses
+        // one that every user can read.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config_path, std::fs::Permissions::from_mode(0o640))?;
 
         let init = Command::new(bin("certfleet-coordinator"))
             .arg("--config")

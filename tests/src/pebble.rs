@@ -25,6 +25,8 @@ pub struct PebbleOptions {
     pub nonce_reject: u8,
     /// `PEBBLE_AUTHZREUSE`: share of valid authorizations reused.
     pub authz_reuse: u8,
+    /// Require external account binding with this (key id, base64url MAC key).
+    pub external_account: Option<(&'static str, &'static str)>,
 }
 
 pub struct Pebble {
@@ -90,7 +92,11 @@ impl Pebble {
                 "httpPort": http_port,
                 "tlsPort": free_port(localhost),
                 "ocspResponderURL": "",
-                "externalAccountBindingRequired": false
+                "externalAccountBindingRequired": options.external_account.is_some(),
+                "externalAccountMACKeys": options
+                    .external_account
+                    .map(|(kid, key)| serde_json::json!({ kid: key }))
+                    .unwrap_or_else(|| serde_json::json!({})),
             }
         });
         let config_path = dir.join("pebble.json");

@@ -257,6 +257,7 @@ async fn survives_injected_nonce_rejection_and_authorization_reuse() {
         pebble: PebbleOptions {
             nonce_reject: 50,
             authz_reuse: 50,
+            external_account: None,
         },
         ..Default::default()
     })
@@ -321,4 +322,103 @@ async fn issues_through_nginx_serving_the_webroot() {
     )
     .unwrap();
     assert_no_tokens_left(&cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cas_problem_document_reaches_the_cli_unchanged() {
+    // Every node serves every token (the self-check passes), but DNS sends
+    // cn-unm-1's name somewhere else, so the CA's own fetch fails.
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 2,
+        shared_node: 0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    cluster
+        .pebble
+        .add_a("cn-unm-1.dataone.test", cluster.subnet.unused())
+        .await
+        .unwrap();
+    let out = cluster.issue().await.unwrap();
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    let error = &out.last_json()["error"];
+    assert_eq!(error["kind"], "acme");
+    assert_eq!(error["acme_type"], "urn:ietf:params:acme:error:connection");
+    let detail = error["acme_detail"].as_str().unwrap();
+    assert!(detail.contains("cn-unm-1.dataone.test"), "{detail}");
+    // The human output shows the same type and detail.
+    let out = cluster.ctl(&["issue", CERT]).await.unwrap();
+    assert!(
+        out.stderr
+            .contains("CA problem type:   urn:ietf:params:acme:error:"),
+        "{}",
+        out.stderr
+    );
+    assert_no_tokens_left(&cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn issues_with_an_rsa_key_when_configured() {
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 2,
+        coordinator_extra: "key = \"rsa-2048\"\n".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let out = cluster.issue().await.unwrap();
+    issued(&cluster, &out);
+    let key = read(cluster.live_dir().join("privkey.pem"));
+    let pair = rcgen::KeyPair::from_pem(&key).unwrap();
+    assert!(
+        pair.is_compatible(&rcgen::PKCS_RSA_SHA256),
+        "not an RSA key"
+    );
+    let fullchain = read(cluster.live_dir().join("fullchain.pem"));
+    Bundle::parse(&fullchain, Some(&key), &cluster.sans).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn binds_an_external_account_and_guards_its_key() {
+    const KID: &str = "kid-1";
+    const MAC: &str = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    let mut cluster = Cluster::start(ClusterSpec {
+        nodes: 2,
+        pebble: PebbleOptions {
+            external_account: Some((KID, MAC)),
+            ..Default::default()
+        },
+        coordinator_extra: format!(
+            "\n[acme.external_account]\nkey_id = \"{KID}\"\nhmac_key = \"{MAC}\"\n"
+        ),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // Pebble requires the binding: issuing works only because it is sent.
+    let out = cluster.issue().await.unwrap();
+    issued(&cluster, &out);
+
+    // The same config, readable by every user, stops the coordinator.
+    cluster.coordinator.take();
+    std::fs::set_permissions(&cluster.config_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = std::process::Command::new(certfleet_tests::process::bin("certfleet-coordinator"))
+        .arg("--config")
+        .arg(&cluster.config_path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&cluster.config_path.display().to_string())
+            && stderr.contains("acme.external_account.hmac_key")
+            && stderr.contains("readable by every user"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(MAC), "the refusal shows the key");
+    assert!(
+        !cluster.coordinator_log().contains(MAC),
+        "the key reached the log"
+    );
 }

@@ -62,6 +62,7 @@ fn spec(nodes: usize, sans: usize, http01: Http01) -> ClusterSpec {
         pebble: PebbleOptions {
             nonce_reject: 0,
             authz_reuse: 0,
+            external_account: None,
         },
         shared_node: 1,
         ..Default::default()
