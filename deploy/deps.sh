@@ -5,6 +5,8 @@ set -euo pipefail
 need=()
 command -v pebble >/dev/null && command -v pebble-challtestsrv >/dev/null || need+=(pebble)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
+[ -x /usr/lib/postgresql/15/bin/postgres ] || need+=(postgresql)
+command -v openssl >/dev/null || need+=(openssl)
 # The DataONE examples and the tests install keys as root:ssl-cert 0640.
 if ! getent group ssl-cert >/dev/null && [ "$(id -u)" -eq 0 ]; then
   groupadd ssl-cert

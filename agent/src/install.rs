@@ -319,7 +319,7 @@ impl Installer {
                 .path
                 .parent()
                 .expect("targets are absolute file paths");
-            std::fs::create_dir_all(parent).map_err(io(parent))?;
+            create_parents(parent)?;
             let temp = stage(parent, data, target)?;
             staged.push((temp, target.path.clone()));
         }
@@ -432,6 +432,22 @@ fn contents(
             (t.clone(), data.into_bytes())
         })
         .collect()
+}
+
+/// Creates the missing directories of `dir` with mode 0755, whatever the
+/// umask: a service (postgres, www-data) must be able to reach its files,
+/// and each file's own mode is what protects a key.
+fn create_parents(dir: &Path) -> Result<(), InstallError> {
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    for d in missing.into_iter().rev() {
+        match std::fs::create_dir(d) {
+            Ok(()) => std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))
+                .map_err(io(d))?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io(d)(e)),
+        }
+    }
+    Ok(())
 }
 
 /// Writes a temp file beside a target with its owner, group and mode.
