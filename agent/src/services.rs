@@ -11,9 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use certfleet_proto::bundle::hex;
-use rustls::DigitallySignedStruct;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use certfleet_proto::identity::FingerprintOnly;
+use rustls::pki_types::ServerName;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -25,6 +24,10 @@ use crate::config::{Endpoint, Protocol, Service};
 const OUTPUT_TAIL: usize = 800;
 /// Pause between verify probes.
 const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+/// Probes in a row that must all see the expected leaf. A reload hands
+/// new connections to new workers while old ones wind down (nginx, apache),
+/// so one good handshake can come before the last old one.
+const VERIFY_CONSECUTIVE: u32 = 3;
 /// Longest one probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// PostgreSQL's SSLRequest: length 8, code 80877103 (protocol docs, 53.2.10).
@@ -89,6 +92,7 @@ async fn restart_one(service: &Service, expected: &str) -> Outcome {
         return fail("restart", detail, probe_all(service).await);
     }
     let deadline = tokio::time::Instant::now() + service.timeout;
+    let mut good = 0;
     loop {
         let served = probe_all(service).await;
         let wrong: Vec<String> = served
@@ -99,7 +103,8 @@ async fn restart_one(service: &Service, expected: &str) -> Outcome {
                 Err(e) => format!("{}: {e}", s.address),
             })
             .collect();
-        if wrong.is_empty() {
+        good = if wrong.is_empty() { good + 1 } else { 0 };
+        if good >= VERIFY_CONSECUTIVE {
             return Outcome {
                 service: service.name.clone(),
                 step: "verify",
@@ -108,7 +113,7 @@ async fn restart_one(service: &Service, expected: &str) -> Outcome {
                 served,
             };
         }
-        if tokio::time::Instant::now() >= deadline {
+        if !wrong.is_empty() && tokio::time::Instant::now() >= deadline {
             return fail(
                 "verify",
                 format!(
@@ -186,7 +191,7 @@ async fn probe(endpoint: &Endpoint) -> Result<String, String> {
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(FingerprintOnly))
+        .with_custom_certificate_verifier(Arc::new(FingerprintOnly::new()))
         .with_no_client_auth();
     let name = ServerName::try_from(endpoint.sni.clone())
         .map_err(|e| format!("SNI {:?}: {e}", endpoint.sni))?;
@@ -200,58 +205,4 @@ async fn probe(endpoint: &Endpoint) -> Result<String, String> {
         .and_then(|c| c.first())
         .ok_or("no certificate served")?;
     Ok(hex(&Sha256::digest(leaf)))
-}
-
-/// The probe does not judge the certificate by a trust store: it compares
-/// the served leaf's SHA-256 with the exact one expected, which is
-/// stricter. Handshake signatures are still verified, so the server proved
-/// it holds the key of the certificate it showed.
-#[derive(Debug)]
-struct FingerprintOnly;
-
-impl ServerCertVerifier for FingerprintOnly {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &certfleet_proto::identity::provider().signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &certfleet_proto::identity::provider().signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        certfleet_proto::identity::provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }

@@ -449,35 +449,42 @@ fn distributed_to_pb(name: &str, result: Result<Distributed, DistributeError>) -
         }
         Err(e) => {
             let (kind, node) = match &e {
-                DistributeError::Nodes { failed, .. } => (
-                    "node",
-                    failed
-                        .iter()
-                        .map(|(n, _)| n.clone())
-                        .collect::<Vec<_>>()
-                        .join(","),
-                ),
+                DistributeError::Nodes { failed, .. } => ("node", node_list(failed)),
                 DistributeError::NotServing(n) => ("config", n.clone()),
                 DistributeError::Setup(_)
                 | DistributeError::NoVersion { .. }
                 | DistributeError::NotIssued(_) => ("config", String::new()),
                 DistributeError::Store(_) => ("store", String::new()),
             };
-            pb::IssueEvent {
-                stage: pb::Stage::Failed.into(),
-                node: node.clone(),
-                ok: false,
-                message: e.to_string(),
-                failure: Some(pb::Failure {
-                    kind: kind.into(),
-                    message: e.to_string(),
-                    node,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }
+            failure_event(kind, node, e.to_string())
         }
     }
+}
+
+/// The last event of an operation that failed.
+fn failure_event(kind: &str, node: String, message: String) -> pb::IssueEvent {
+    pb::IssueEvent {
+        stage: pb::Stage::Failed.into(),
+        node: node.clone(),
+        ok: false,
+        message: message.clone(),
+        failure: Some(pb::Failure {
+            kind: kind.into(),
+            message,
+            node,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Node names joined for the `node` field of a failure.
+fn node_list(failed: &[(String, String)]) -> String {
+    failed
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn restarted_to_pb(name: &str, result: Result<Restarted, RolloutError>) -> pb::IssueEvent {
@@ -496,30 +503,13 @@ fn restarted_to_pb(name: &str, result: Result<Restarted, RolloutError>) -> pb::I
         Err(e) => {
             let (kind, node) = match &e {
                 RolloutError::Halted { node, .. } => ("rollout", node.clone()),
-                RolloutError::Distribute(DistributeError::Nodes { failed, .. }) => (
-                    "node",
-                    failed
-                        .iter()
-                        .map(|(n, _)| n.clone())
-                        .collect::<Vec<_>>()
-                        .join(","),
-                ),
+                RolloutError::Distribute(DistributeError::Nodes { failed, .. }) => {
+                    ("node", node_list(failed))
+                }
                 RolloutError::Store(_) => ("store", String::new()),
                 _ => ("config", String::new()),
             };
-            pb::IssueEvent {
-                stage: pb::Stage::Failed.into(),
-                node: node.clone(),
-                ok: false,
-                message: e.to_string(),
-                failure: Some(pb::Failure {
-                    kind: kind.into(),
-                    message: e.to_string(),
-                    node,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }
+            failure_event(kind, node, e.to_string())
         }
     }
 }

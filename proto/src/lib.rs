@@ -24,6 +24,20 @@ pub mod pb {
     tonic::include_proto!("certfleet.v1");
 }
 
+/// What both daemons do first: umask 0027, since nothing certfleet writes
+/// is for the world to read, and logs to stderr (journald under systemd),
+/// filtered by `CERTFLEET_LOG` (default `info`).
+pub fn init_process() {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o027));
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CERTFLEET_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// Largest gRPC message either side encodes or decodes, in bytes.
 ///
 /// Sized for the largest legitimate message: a 100-SAN chain plus key, or

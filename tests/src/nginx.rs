@@ -9,19 +9,12 @@ use std::time::Duration;
 use crate::net::wait_listening;
 use crate::process::Proc;
 
-/// Starts nginx in the foreground, as the invoking user, serving `webroot`
-/// on `ip:port`; everything it writes stays in `dir`.
-pub async fn serve_webroot(
-    dir: &Path,
-    ip: IpAddr,
-    port: u16,
-    webroot: &Path,
-) -> anyhow::Result<Proc> {
-    std::fs::create_dir_all(dir.join("tmp"))?;
+/// The part of every test nginx config that keeps it in the foreground and
+/// everything it writes under `dir`; it ends inside the `http` block.
+fn common(dir: &Path) -> String {
     let d = dir.display();
-    let conf = format!(
+    format!(
         r#"daemon off;
-master_process off;
 worker_processes 1;
 pid {d}/nginx.pid;
 error_log {d}/error.log info;
@@ -32,7 +25,22 @@ http {{
     proxy_temp_path {d}/tmp/proxy;
     fastcgi_temp_path {d}/tmp/fastcgi;
     uwsgi_temp_path {d}/tmp/uwsgi;
-    scgi_temp_path {d}/tmp/scgi;
+    scgi_temp_path {d}/tmp/scgi;"#
+    )
+}
+
+/// Starts nginx in the foreground, as the invoking user, serving `webroot`
+/// on `ip:port`; everything it writes stays in `dir`.
+pub async fn serve_webroot(
+    dir: &Path,
+    ip: IpAddr,
+    port: u16,
+    webroot: &Path,
+) -> anyhow::Result<Proc> {
+    std::fs::create_dir_all(dir.join("tmp"))?;
+    let conf = format!(
+        r#"master_process off;
+{common}
     server {{
         listen {ip}:{port};
         server_name _;
@@ -43,7 +51,8 @@ http {{
     }}
 }}
 "#,
-        root = webroot.display()
+        root = webroot.display(),
+        common = common(dir),
     );
     let conf_path = dir.join("nginx.conf");
     std::fs::write(&conf_path, conf)?;
@@ -80,22 +89,10 @@ impl Drop for TlsNginx {
 
 /// The nginx config serving `cert`/`key` on `ip:port`.
 pub fn tls_config(prefix: &Path, ip: IpAddr, port: u16, cert: &Path, key: &Path) -> String {
-    let d = prefix.display();
     format!(
-        r#"daemon off;
-master_process on;
+        r#"master_process on;
 user root;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log info;
-events {{ worker_connections 64; }}
-http {{
-    access_log {d}/access.log;
-    client_body_temp_path {d}/tmp/body;
-    proxy_temp_path {d}/tmp/proxy;
-    fastcgi_temp_path {d}/tmp/fastcgi;
-    uwsgi_temp_path {d}/tmp/uwsgi;
-    scgi_temp_path {d}/tmp/scgi;
+{common}
     server {{
         listen {ip}:{port} ssl;
         server_name _;
@@ -106,7 +103,8 @@ http {{
 }}
 "#,
         cert = cert.display(),
-        key = key.display()
+        key = key.display(),
+        common = common(prefix),
     )
 }
 

@@ -42,16 +42,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    // Nothing certfleet writes is for the world to read.
-    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o027));
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CERTFLEET_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    certfleet_proto::init_process();
     let config = match Config::load(&args.config) {
         Ok(config) => config,
         Err(e) => {
