@@ -6,7 +6,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure()
         // Carries a private key: its Debug is written by hand, redacting it.
-        .skip_debug(["certfleet.v1.InstallCertificateRequest"])
+        .skip_debug([
+            "certfleet.v1.InstallCertificateRequest",
+            "certfleet.v1.JoinRequest",
+            "certfleet.v1.AddNodeResponse",
+        ])
         .compile_with_config(
             config,
             &[

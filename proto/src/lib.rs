@@ -60,8 +60,43 @@ impl std::fmt::Debug for pb::InstallCertificateRequest {
     }
 }
 
+impl std::fmt::Debug for pb::JoinRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let id = self.token.split_once('.').map_or("", |(id, _)| id);
+        f.debug_struct("JoinRequest")
+            .field("token_id", &id)
+            .field("csr_der", &format_args!("<{} bytes>", self.csr_der.len()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for pb::AddNodeResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AddNodeResponse")
+            .field("ca_pin", &self.ca_pin)
+            .field("expires_unix", &self.expires_unix)
+            .finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn join_messages_debug_hide_the_secret() {
+        let join = super::pb::JoinRequest {
+            token: "abc.SECRETPART".into(),
+            csr_der: vec![1, 2],
+        };
+        let added = super::pb::AddNodeResponse {
+            token: "abc.SECRETPART".into(),
+            join_command: "certfleet-agent join --token=abc.SECRETPART".into(),
+            ..Default::default()
+        };
+        for shown in [format!("{join:?}"), format!("{added:?}")] {
+            assert!(!shown.contains("SECRETPART"), "{shown}");
+        }
+    }
+
     #[test]
     fn install_request_debug_redacts_the_key() {
         let request = super::pb::InstallCertificateRequest {
