@@ -8,32 +8,30 @@ use std::path::Path;
 use std::process::Command;
 
 use certfleet_proto::bundle::Bundle;
-use certfleet_tests::cluster::{CERT, Cluster, ClusterSpec, ensure_ssl_cert_group};
+use certfleet_tests::cluster::{CERT, Cluster, ClusterSpec, NGINX_TARGETS, ensure_ssl_cert_group};
 use certfleet_tests::process::{Proc, eventually};
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 const PG_PORT: u16 = 5432;
 
-const TARGETS: &str = r#"
-[[certificates]]
-name = "cn"
-[[certificates.files]]
-content = "fullchain"
-path = "{dir}/ssl/certs/cn.pem"
-[[certificates.files]]
-content = "privkey"
-path = "{dir}/ssl/private/server.key"
-group = "ssl-cert"
-mode = "0640"
-[[certificates.services]]
+/// The node's files as in the nginx tests, with postgres as the service.
+fn targets() -> String {
+    let files = NGINX_TARGETS
+        .split("[[certificates.services]]")
+        .next()
+        .expect("the nginx targets start with the files");
+    format!(
+        r#"{files}[[certificates.services]]
 name = "postgresql"
-restart = ["runuser", "-u", "postgres", "--", "/usr/lib/postgresql/15/bin/pg_ctl", "reload", "-D", "{dir}/pg"]
+restart = ["runuser", "-u", "postgres", "--", "/usr/lib/postgresql/15/bin/pg_ctl", "reload", "-D", "{{dir}}/pg"]
 timeout_secs = 10
 [[certificates.services.verify]]
-address = "{ip}:5432"
+address = "{{ip}}:5432"
 sni = "cn.dataone.test"
 protocol = "postgres"
-"#;
+"#
+    )
+}
 
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap();
@@ -97,7 +95,7 @@ async fn postgres_gets_the_new_certificate_over_starttls() {
     run(Command::new("usermod").args(["-a", "-G", "ssl-cert", "postgres"]));
     let cluster = Cluster::start(ClusterSpec {
         nodes: 1,
-        agent_certificates: TARGETS.to_owned(),
+        agent_certificates: targets(),
         ..Default::default()
     })
     .await

@@ -53,6 +53,31 @@ async fn agent_logged(cluster: &Cluster, node: usize, needle: &str) {
     }
 }
 
+/// Waits (bounded) until the wall clock passes `unix` (a certificate's or
+/// token's expiry that the test needs behind it).
+async fn wait_past(what: &str, unix: i64, timeout: Duration) {
+    eventually(what, timeout, || async move {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        (now > unix).then_some(())
+    })
+    .await
+    .unwrap();
+}
+
+/// A CSR for `node`'s identity on a fresh key.
+fn csr_for(node: &str) -> Vec<u8> {
+    let key = KeyPair::generate().unwrap();
+    CertificateParams::new(vec![node_identity(node)])
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .der()
+        .to_vec()
+}
+
 /// The call never reached the service: the connection was refused during
 /// the TLS handshake (hyper reports the alert as a transport error).
 fn assert_tls_refused(err: &tonic::Status) {
@@ -302,19 +327,7 @@ async fn join_tokens_are_one_time_short_lived_and_pinned() {
     let added = out.last_json();
     let late_token = added["token"].as_str().unwrap().to_owned();
     let expires = added["expires_unix"].as_i64().unwrap();
-    eventually(
-        "the join token's expiry",
-        Duration::from_secs(5),
-        || async move {
-            let now = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap()
-                .as_secs() as i64;
-            (now > expires).then_some(())
-        },
-    )
-    .await
-    .unwrap();
+    wait_past("the join token's expiry", expires, Duration::from_secs(5)).await;
     let late = extra_agent_config(&cluster, "cn-late-1");
     let (code, stderr) = join(&late, &enrollment, &late_token, &pin).unwrap();
     assert_eq!(code, 1, "{stderr}");
@@ -372,15 +385,7 @@ async fn a_removed_node_is_refused_and_no_longer_contacted() {
     assert_eq!(out.code, 0, "{}", out.stderr);
 
     // Its certificate is refused for renewal.
-    let csr = {
-        let key = KeyPair::generate().unwrap();
-        CertificateParams::new(vec![node_identity("cn-unm-1")])
-            .unwrap()
-            .serialize_request(&key)
-            .unwrap()
-            .der()
-            .to_vec()
-    };
+    let csr = csr_for("cn-unm-1");
     let err = enrollment_client(&cluster, Some(&removed))
         .renew(pb::RenewRequest {
             csr_der: csr.clone(),
@@ -394,15 +399,7 @@ async fn a_removed_node_is_refused_and_no_longer_contacted() {
     );
     // An active node renews the same way, and succeeds.
     let active = Credentials::node(&cluster.nodes[0].state_dir).unwrap();
-    let csr0 = {
-        let key = KeyPair::generate().unwrap();
-        CertificateParams::new(vec![node_identity("cn-ucsb-1")])
-            .unwrap()
-            .serialize_request(&key)
-            .unwrap()
-            .der()
-            .to_vec()
-    };
+    let csr0 = csr_for("cn-ucsb-1");
     enrollment_client(&cluster, Some(&active))
         .renew(pb::RenewRequest { csr_der: csr0 })
         .await
@@ -475,19 +472,12 @@ async fn agents_renew_their_certificate_and_keep_serving() {
     assert!(not_after(&renewed) > first_not_after);
     // Past the first certificate's expiry, the coordinator still reaches the
     // agent: the renewed certificate is the one served.
-    eventually(
+    wait_past(
         "the first certificate's expiry",
+        first_not_after,
         Duration::from_secs(20),
-        || async move {
-            let now = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap()
-                .as_secs() as i64;
-            (now > first_not_after).then_some(())
-        },
     )
-    .await
-    .unwrap();
+    .await;
     let out = cluster.issue().await.unwrap();
     assert_eq!(out.code, 0, "{}\n{}", out.stdout, cluster.logs());
     assert_eq!(out.last_json()["certificate"]["version"], 1);
