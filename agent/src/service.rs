@@ -68,16 +68,7 @@ fn install_status(e: InstallError) -> Status {
 }
 
 fn served_to_pb(s: services::Served) -> pb::ServedEndpoint {
-    let (leaf_sha256, error) = match s.result {
-        Ok(sha) => (sha, String::new()),
-        Err(e) => (String::new(), e),
-    };
-    pb::ServedEndpoint {
-        service: s.service,
-        address: s.address,
-        leaf_sha256,
-        error,
-    }
+    pb::ServedEndpoint::from_probe(s.service, s.address, s.result)
 }
 
 fn installed_to_pb(installed: Installed) -> pb::InstallCertificateResponse {

@@ -209,18 +209,7 @@ impl Admin for AdminService {
                         served: c
                             .served
                             .into_iter()
-                            .map(|s| {
-                                let (leaf_sha256, error) = match s.result {
-                                    Ok(sha) => (sha, String::new()),
-                                    Err(e) => (String::new(), e),
-                                };
-                                pb::ServedEndpoint {
-                                    service: s.service,
-                                    address: s.address,
-                                    leaf_sha256,
-                                    error,
-                                }
-                            })
+                            .map(|s| pb::ServedEndpoint::from_probe(s.service, s.address, s.result))
                             .collect(),
                         error: String::new(),
                     },

@@ -128,14 +128,11 @@ pub struct NodeCertificate {
 }
 
 fn served_from_pb(s: pb::ServedEndpoint) -> ServedReport {
+    let (service, address, result) = s.into_probe();
     ServedReport {
-        service: s.service,
-        address: s.address,
-        result: if s.error.is_empty() {
-            Ok(s.leaf_sha256)
-        } else {
-            Err(s.error)
-        },
+        service,
+        address,
+        result,
     }
 }
 

@@ -60,6 +60,33 @@ impl std::fmt::Debug for pb::InstallCertificateRequest {
     }
 }
 
+impl pb::ServedEndpoint {
+    /// What a probe of `address` found: the served leaf's SHA-256, or why
+    /// it failed. The wire keeps the two in separate fields.
+    pub fn from_probe(service: String, address: String, result: Result<String, String>) -> Self {
+        let (leaf_sha256, error) = match result {
+            Ok(sha) => (sha, String::new()),
+            Err(e) => (String::new(), e),
+        };
+        Self {
+            service,
+            address,
+            leaf_sha256,
+            error,
+        }
+    }
+
+    /// The probe's result, as [`Self::from_probe`] took it.
+    pub fn into_probe(self) -> (String, String, Result<String, String>) {
+        let result = if self.error.is_empty() {
+            Ok(self.leaf_sha256)
+        } else {
+            Err(self.error)
+        };
+        (self.service, self.address, result)
+    }
+}
+
 impl std::fmt::Debug for pb::JoinRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let id = self.token.split_once('.').map_or("", |(id, _)| id);
