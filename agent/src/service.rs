@@ -198,13 +198,16 @@ impl Agent for AgentService {
         &self,
         request: Request<pb::GetCertificateRequest>,
     ) -> Result<Response<pb::GetCertificateResponse>, Status> {
-        let name = request.into_inner().certificate;
+        let r = request.into_inner();
+        let name = r.certificate;
         let installer = Arc::clone(&self.installer);
-        let services = installer
-            .targets(&name)
-            .map_err(install_status)?
-            .services
-            .clone();
+        let targets = installer.targets(&name).map_err(install_status)?;
+        // Probing is a TLS handshake per endpoint: only when asked.
+        let services = if r.probe_services {
+            targets.services.clone()
+        } else {
+            Vec::new()
+        };
         let status = tokio::task::spawn_blocking(move || installer.status(&name))
             .await
             .map_err(|e| Status::internal(format!("status task: {e}")))?

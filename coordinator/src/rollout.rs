@@ -113,7 +113,8 @@ impl Run<'_> {
         // Never restart onto files that are not the version being rolled out.
         let status = n
             .transport
-            .certificate_status(self.name)
+            // The version on disk is enough here; verify probes afterwards.
+            .certificate_status(self.name, false)
             .await
             .map_err(|e| NodeFailure::transport("precheck", &e))?;
         if status.version != version || status.leaf_sha256 != expected || !status.intact {
@@ -350,7 +351,7 @@ pub async fn status(
     let nodes = issuer.fleet(spec)?;
     let results = issuer
         .fan_out()
-        .run(&nodes, |n| n.transport.certificate_status(name))
+        .run(&nodes, |n| n.transport.certificate_status(name, true))
         .await;
     let mut out: Vec<NodeStatus> = results
         .into_iter()

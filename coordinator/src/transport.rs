@@ -84,10 +84,12 @@ pub trait Transport: Send + Sync {
     ) -> Result<RestartReport, TransportError>;
     /// Reinstalls the version before the node's current one.
     async fn rollback_certificate(&self, certificate: &str) -> Result<NodeInstall, TransportError>;
-    /// What the node has installed and what its services serve.
+    /// What the node has installed and, with `probe`, what its services
+    /// serve (a TLS handshake per endpoint).
     async fn certificate_status(
         &self,
         certificate: &str,
+        probe: bool,
     ) -> Result<NodeCertificate, TransportError>;
 }
 
@@ -291,9 +293,11 @@ impl Transport for GrpcAgent {
     async fn certificate_status(
         &self,
         certificate: &str,
+        probe: bool,
     ) -> Result<NodeCertificate, TransportError> {
         let request = pb::GetCertificateRequest {
             certificate: certificate.to_owned(),
+            probe_services: probe,
         };
         let r = self
             .client
