@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::dir::{Dir, DirError, Trust};
+
 /// How long a token is served when the coordinator does not say.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(10 * 60);
 /// The longest a token may be served: an ACME authorization that has not
@@ -31,6 +33,12 @@ pub enum ConfigError {
         origin: String,
         key: String,
         reason: String,
+    },
+    #[error("config {origin}: key `{key}`: {source}")]
+    Tree {
+        origin: String,
+        key: String,
+        source: Box<DirError>,
     },
 }
 
@@ -83,6 +91,7 @@ struct RawFile {
     owner: Option<String>,
     group: Option<String>,
     mode: Option<String>,
+    dir_owner: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,6 +107,9 @@ struct RawHttp01 {
     listen: Option<String>,
     webroot: Option<PathBuf>,
     token_ttl_secs: Option<u64>,
+    max_connections: Option<usize>,
+    header_timeout_secs: Option<u64>,
+    idle_timeout_secs: Option<u64>,
 }
 
 /// The validated config.
@@ -152,6 +164,18 @@ pub struct TargetFile {
     pub group: String,
     pub gid: u32,
     pub mode: u32,
+    /// A service user who may own directories on the way to this file
+    /// (postgres' data directory): `(name, uid)`. See [`crate::dir::Trust`].
+    pub dir_owner: Option<(String, u32)>,
+}
+
+impl TargetFile {
+    /// Who may own the directories above this file.
+    pub fn trust(&self) -> Trust {
+        Trust {
+            service_owner: self.dir_owner.as_ref().map(|(_, uid)| *uid),
+        }
+    }
 }
 
 /// Where one certificate is installed on this node, and what uses it.
@@ -207,6 +231,43 @@ pub struct Http01Config {
     pub mode: Http01Mode,
     /// How long a token lives when the coordinator does not say.
     pub token_ttl: Duration,
+    /// Limits of the standalone listener, so no client can take it offline.
+    pub limits: ListenerLimits,
+}
+
+/// Bounds on the standalone HTTP-01 listener's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerLimits {
+    /// Most connections open at once. Past it, a new connection takes the
+    /// place of the one idle longest; only when every one has a request in
+    /// flight is the new one closed at once.
+    pub max_connections: usize,
+    /// Longest the listener waits for a request's headers, from when the
+    /// connection opened or its previous response was sent.
+    pub header_timeout: Duration,
+    /// Longest a connection may stay open with no request in flight,
+    /// whatever it does meanwhile: nothing, trickle headers, or leave its
+    /// responses unread.
+    pub idle_timeout: Duration,
+}
+
+/// Default of `http01.max_connections`: far above what validation needs
+/// (a CA makes a handful of requests per name) and far below the 1024 file
+/// descriptors a service gets by default.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// Default of `http01.header_timeout_secs`.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of `http01.idle_timeout_secs`.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
 }
 
 /// How this node answers HTTP-01.
@@ -235,7 +296,35 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_toml_str(&text, &path.display().to_string())
+        let origin = path.display().to_string();
+        let config = Self::from_toml_str(&text, &origin)?;
+        config.check_tree(&origin)?;
+        Ok(config)
+    }
+
+    /// Checks the file tree this config writes into against the rule in
+    /// [`crate::dir`]: every directory above the state directory, the
+    /// webroot and each target is root's and writable by no one else (or
+    /// the target's `dir_owner`'s). Missing directories are fine: the agent
+    /// makes them. The webroot itself must exist and may be anyone's.
+    pub fn check_tree(&self, origin: &str) -> Result<(), ConfigError> {
+        let tree = |key: String, source: DirError| ConfigError::Tree {
+            origin: origin.to_owned(),
+            key,
+            source: Box::new(source),
+        };
+        Dir::check_parent(&self.state_dir.join("identity"), Trust::default())
+            .map_err(|e| tree("state_dir".into(), e))?;
+        if let Http01Mode::Webroot { webroot } = &self.http01.mode {
+            Dir::open_root(webroot).map_err(|e| tree("http01.webroot".into(), e))?;
+        }
+        for (i, c) in self.certificates.iter().enumerate() {
+            for (j, f) in c.files.iter().enumerate() {
+                Dir::check_parent(&f.path, f.trust())
+                    .map_err(|e| tree(format!("certificates[{i}].files[{j}].path"), e))?;
+            }
+        }
+        Ok(())
     }
 
     /// Parses and validates `text`; `origin` names it in errors.
@@ -299,6 +388,7 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             ),
         ));
     }
+    let limits = validate_limits(&raw.http01, &invalid)?;
     let mode = match raw.http01.mode.as_str() {
         "standalone" => {
             if raw.http01.webroot.is_some() {
@@ -358,7 +448,41 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         http01: Http01Config {
             mode,
             token_ttl: Duration::from_secs(ttl_secs),
+            limits,
         },
+    })
+}
+
+/// `http01.max_connections`, `header_timeout_secs`, `idle_timeout_secs`.
+fn validate_limits(
+    raw: &RawHttp01,
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<ListenerLimits, ConfigError> {
+    let defaults = ListenerLimits::default();
+    let max_connections = raw.max_connections.unwrap_or(defaults.max_connections);
+    if !(1..=65536).contains(&max_connections) {
+        return Err(invalid(
+            "http01.max_connections",
+            format!("{max_connections} must be between 1 and 65536"),
+        ));
+    }
+    let secs = |key: &str, value: Option<u64>, default: Duration| match value {
+        None => Ok(default),
+        Some(s) if (1..=3600).contains(&s) => Ok(Duration::from_secs(s)),
+        Some(s) => Err(invalid(key, format!("{s} must be between 1 and 3600"))),
+    };
+    Ok(ListenerLimits {
+        max_connections,
+        header_timeout: secs(
+            "http01.header_timeout_secs",
+            raw.header_timeout_secs,
+            defaults.header_timeout,
+        )?,
+        idle_timeout: secs(
+            "http01.idle_timeout_secs",
+            raw.idle_timeout_secs,
+            defaults.idle_timeout,
+        )?,
     })
 }
 
@@ -405,6 +529,7 @@ fn validate_certificates(
                     owner: None,
                     group: None,
                     mode: None,
+                    dir_owner: None,
                 })
                 .collect()
         } else if c.live_dir.is_some() {
@@ -455,16 +580,24 @@ fn validate_certificates(
             }
             all_paths.push(f.path.clone());
             let owner = f.owner.unwrap_or_else(|| "root".into());
-            let uid = nix::unistd::User::from_name(&owner)
-                .ok()
-                .flatten()
-                .map(|u| u.uid.as_raw())
-                .ok_or_else(|| {
-                    invalid(
-                        key("owner"),
-                        format!("no user named {owner:?} on this node"),
-                    )
-                })?;
+            let uid = user_uid(&owner).ok_or_else(|| {
+                invalid(
+                    key("owner"),
+                    format!("no user named {owner:?} on this node"),
+                )
+            })?;
+            let dir_owner = match f.dir_owner {
+                None => None,
+                Some(name) => {
+                    let uid = user_uid(&name).ok_or_else(|| {
+                        invalid(
+                            key("dir_owner"),
+                            format!("no user named {name:?} on this node"),
+                        )
+                    })?;
+                    Some((name, uid))
+                }
+            };
             let group = f.group.unwrap_or_else(|| "root".into());
             let gid = nix::unistd::Group::from_name(&group)
                 .ok()
@@ -503,6 +636,7 @@ fn validate_certificates(
                 group,
                 gid,
                 mode,
+                dir_owner,
             });
         }
         let services = validate_services(c.services, i, &invalid)?;
@@ -519,6 +653,13 @@ fn validate_certificates(
         });
     }
     Ok(out)
+}
+
+fn user_uid(name: &str) -> Option<u32> {
+    nix::unistd::User::from_name(name)
+        .ok()
+        .flatten()
+        .map(|u| u.uid.as_raw())
 }
 
 fn validate_services(

@@ -8,15 +8,18 @@
 //!    [`KEEP_VERSIONS`] of them, for rollback.
 //! 3. Every target is written as a temp file beside it (owner, group, mode
 //!    set, fsynced). Then a journal naming every rename is written and
-//!    fsynced, and only then are the temps renamed over the targets.
+//!    fsynced, and only then are the temps renamed over the targets. Each
+//!    target's directory is reached through [`crate::dir`]: no link is
+//!    followed, and every directory on the way must pass the target's
+//!    [`Trust`] rule, so a service user cannot steer these writes.
 //! 4. If the agent dies between 3 and the end, the journal is rolled
 //!    forward when it starts again, before it serves anything: the targets
 //!    hold the old set or the new set, never a mix. Dying before the journal
 //!    exists leaves only temp files, which are removed.
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::ffi::{OsStr, OsString};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use certfleet_proto::bundle::{Bundle, InvalidBundle, hex};
@@ -25,12 +28,11 @@ use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use crate::config::{CertificateTargets, Content, TargetFile};
+use crate::dir::{Dir, DirError, TEMP_PREFIX, Trust};
 
 /// Versions kept in the agent's archive per certificate (current, previous,
 /// one more).
 pub const KEEP_VERSIONS: usize = 3;
-/// Prefix of every temp file the agent writes beside a target.
-const TEMP_PREFIX: &str = ".certfleet-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
@@ -51,6 +53,8 @@ pub enum InstallError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Target(#[from] DirError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
@@ -83,6 +87,8 @@ pub struct Status {
     pub leaf_sha256: String,
     /// Every target holds exactly what `version` should.
     pub intact: bool,
+    /// Why not, naming the first target that differs.
+    pub problem: Option<String>,
     /// The installed leaf's notAfter, seconds since the Unix epoch.
     pub not_after: i64,
 }
@@ -151,7 +157,7 @@ impl Installer {
         })?;
         let _guard = self.lock.lock().expect("install lock poisoned");
         let contents = contents(&bundle, key_pem, targets);
-        if self.current(name)? == version && self.matches(&contents)? {
+        if self.current(name)? == version && self.differs(&contents).is_none() {
             return Ok(self.report(version, &bundle, &contents, false));
         }
         self.archive(name, version, fullchain_pem, key_pem)?;
@@ -234,11 +240,12 @@ impl Installer {
                 ..Status::default()
             });
         };
-        let intact = self.matches(&contents(&bundle, &key, targets))?;
+        let problem = self.differs(&contents(&bundle, &key, targets));
         Ok(Status {
             version,
             leaf_sha256: bundle.leaf_sha256_hex(),
-            intact,
+            intact: problem.is_none(),
+            problem,
             not_after: bundle.not_after,
         })
     }
@@ -252,26 +259,31 @@ impl Installer {
         }
     }
 
-    /// Whether every target holds exactly its expected bytes, owner and mode.
-    fn matches(&self, contents: &[(TargetFile, Vec<u8>)]) -> Result<bool, InstallError> {
+    /// The first way a target differs from its expected bytes, owner and
+    /// mode, naming its path; `None` when every target is as expected.
+    /// Never blocks: a FIFO or device at a target is reported, not opened.
+    fn differs(&self, contents: &[(TargetFile, Vec<u8>)]) -> Option<String> {
         for (target, data) in contents {
-            let meta = match std::fs::metadata(&target.path) {
-                Ok(meta) => meta,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-                Err(e) => return Err(io(&target.path)(e)),
+            let path = target.path.display();
+            let found = open_parent(target, false)
+                .and_then(|(dir, name)| dir.read_regular(&name, data.len()));
+            let file = match found {
+                Ok(Some(file)) => file,
+                Ok(None) => return Some(format!("{path} is missing")),
+                Err(e) if e.is_not_found() => return Some(format!("{path} is missing")),
+                Err(e) => return Some(e.to_string()),
             };
-            if meta.uid() != target.uid
-                || meta.gid() != target.gid
-                || meta.permissions().mode() & 0o777 != target.mode
-            {
-                return Ok(false);
+            if (file.uid, file.gid, file.mode) != (target.uid, target.gid, target.mode) {
+                return Some(format!(
+                    "{path} is uid {} gid {} mode {:04o}, not {}:{} {:04o}",
+                    file.uid, file.gid, file.mode, target.owner, target.group, target.mode
+                ));
             }
-            let on_disk = std::fs::read(&target.path).map_err(io(&target.path))?;
-            if on_disk != *data {
-                return Ok(false);
+            if file.data != *data {
+                return Some(format!("{path} does not hold the installed version"));
             }
         }
-        Ok(true)
+        None
     }
 
     fn archive(
@@ -311,49 +323,69 @@ impl Installer {
         version: u32,
         contents: &[(TargetFile, Vec<u8>)],
     ) -> Result<(), InstallError> {
-        // Stage every temp; if any fails (disk full, permissions), the ones
-        // already written are removed and the targets are untouched.
-        let mut staged: Vec<(tempfile::TempPath, PathBuf)> = Vec::with_capacity(contents.len());
+        // Stage every temp; if any fails (disk full, a refused directory),
+        // the ones already written are removed and the targets are untouched.
+        let mut staged: Vec<(Dir, OsString, &TargetFile)> = Vec::with_capacity(contents.len());
         for (target, data) in contents {
-            let parent = target
-                .path
-                .parent()
-                .expect("targets are absolute file paths");
-            create_parents(parent)?;
-            let temp = stage(parent, data, target)?;
-            staged.push((temp, target.path.clone()));
+            let result = open_parent(target, true).and_then(|(dir, _)| {
+                let temp = dir.stage(data, Some((target.uid, target.gid)), target.mode)?;
+                Ok((dir, temp))
+            });
+            match result {
+                Ok((dir, temp)) => staged.push((dir, temp, target)),
+                Err(e) => {
+                    for (dir, temp, _) in &staged {
+                        let _ = dir.remove(temp);
+                    }
+                    return Err(e.into());
+                }
+            }
         }
         let renames: Vec<(PathBuf, PathBuf)> = staged
-            .into_iter()
-            .map(|(temp, target)| {
-                let kept = temp.keep().expect("keeping a temp file only forgets it");
-                (kept, target)
-            })
+            .iter()
+            .map(|(dir, temp, target)| (dir.path().join(temp), target.path.clone()))
             .collect();
         let journal_path = self.dir(name).join("journal.json");
         let journal = Journal { version, renames };
         let json = serde_json::to_vec(&journal).expect("a journal serializes");
         if let Err(e) = write_file(&journal_path, &json, 0o600) {
-            for (temp, _) in &journal.renames {
-                let _ = std::fs::remove_file(temp);
+            for (dir, temp, _) in &staged {
+                let _ = dir.remove(temp);
             }
             return Err(e);
         }
         self.roll_forward(name, &journal)
     }
 
+    /// The trust rule of the configured target at `path` (a journal may
+    /// name a target the config no longer has: the default rule then).
+    fn trust_of(&self, path: &Path) -> Trust {
+        self.targets
+            .values()
+            .flat_map(|t| &t.files)
+            .find(|f| f.path == path)
+            .map(TargetFile::trust)
+            .unwrap_or_default()
+    }
+
     /// Finishes the renames a journal names, records the version, drops
     /// the journal.
     fn roll_forward(&self, name: &str, journal: &Journal) -> Result<(), InstallError> {
+        let mut dirs: Vec<Dir> = Vec::new();
         for (temp, target) in &journal.renames {
-            if temp.exists() {
-                std::fs::rename(temp, target).map_err(io(target))?;
+            let (Some(dir_path), Some(temp_name), Some(target_name)) =
+                (target.parent(), temp.file_name(), target.file_name())
+            else {
+                continue;
+            };
+            let dir = Dir::open(dir_path, self.trust_of(target), false)?;
+            if dir.contains(temp_name)? {
+                dir.rename(temp_name, target_name)?;
             }
+            dirs.push(dir);
         }
-        for (_, target) in &journal.renames {
-            if let Some(parent) = target.parent() {
-                sync_dir(parent)?;
-            }
+        for dir in &dirs {
+            dir.sync()?;
         }
         let dir = self.dir(name);
         write_file(
@@ -390,16 +422,11 @@ impl Installer {
             Err(e) => return Err(io(&journal_path)(e)),
         }
         for target in &targets.files {
-            let Some(parent) = target.path.parent() else {
+            let Ok((dir, _)) = open_parent(target, false) else {
                 continue;
             };
-            let Ok(entries) = std::fs::read_dir(parent) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
-                    let _ = std::fs::remove_file(entry.path());
-                }
+            for temp in dir.names_starting_with(TEMP_PREFIX).unwrap_or_default() {
+                let _ = dir.remove(&temp);
             }
         }
         Ok(())
@@ -434,68 +461,24 @@ fn contents(
         .collect()
 }
 
-/// Creates the missing directories of `dir` with mode 0755, whatever the
-/// umask: a service (postgres, www-data) must be able to reach its files,
-/// and each file's own mode is what protects a key.
-fn create_parents(dir: &Path) -> Result<(), InstallError> {
-    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
-    for d in missing.into_iter().rev() {
-        match std::fs::create_dir(d) {
-            Ok(()) => std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))
-                .map_err(io(d))?,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io(d)(e)),
-        }
-    }
+/// The directory holding `target`, opened under its trust rule (made when
+/// missing and `create`), and the file's name in it.
+fn open_parent(target: &TargetFile, create: bool) -> Result<(Dir, OsString), DirError> {
+    let parent = target.path.parent().unwrap_or(Path::new("/"));
+    let name = target.path.file_name().unwrap_or(OsStr::new("")).to_owned();
+    Ok((Dir::open(parent, target.trust(), create)?, name))
+}
+
+/// An atomic write in the agent's own state directory.
+fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), InstallError> {
+    let parent = path.parent().expect("archive files live in a directory");
+    let name = path.file_name().expect("archive files have names");
+    Dir::open(parent, Trust::default(), false)?.write_atomic(name, data, None, mode)?;
     Ok(())
 }
 
-/// Writes a temp file beside a target with its owner, group and mode.
-fn stage(
-    parent: &Path,
-    data: &[u8],
-    target: &TargetFile,
-) -> Result<tempfile::TempPath, InstallError> {
-    let mut temp = tempfile::Builder::new()
-        .prefix(TEMP_PREFIX)
-        .tempfile_in(parent)
-        .map_err(io(&target.path))?;
-    temp.write_all(data).map_err(io(&target.path))?;
-    let file = temp.as_file();
-    let meta = file.metadata().map_err(io(&target.path))?;
-    if meta.uid() != target.uid || meta.gid() != target.gid {
-        nix::unistd::fchown(
-            file,
-            Some(nix::unistd::Uid::from_raw(target.uid)),
-            Some(nix::unistd::Gid::from_raw(target.gid)),
-        )
-        .map_err(|e| io(&target.path)(e.into()))?;
-    }
-    file.set_permissions(std::fs::Permissions::from_mode(target.mode))
-        .map_err(io(&target.path))?;
-    file.sync_all().map_err(io(&target.path))?;
-    Ok(temp.into_temp_path())
-}
-
-fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), InstallError> {
-    let parent = path.parent().expect("archive files live in a directory");
-    let mut temp = tempfile::Builder::new()
-        .prefix(TEMP_PREFIX)
-        .tempfile_in(parent)
-        .map_err(io(path))?;
-    temp.write_all(data).map_err(io(path))?;
-    temp.as_file()
-        .set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(io(path))?;
-    temp.as_file().sync_all().map_err(io(path))?;
-    temp.persist(path).map_err(|e| io(path)(e.error))?;
-    sync_dir(parent)
-}
-
 fn sync_dir(dir: &Path) -> Result<(), InstallError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))
+    Ok(Dir::open(dir, Trust::default(), false)?.sync()?)
 }
 
 #[cfg(test)]
@@ -525,6 +508,7 @@ mod tests {
             group: String::new(),
             gid,
             mode,
+            dir_owner: None,
         };
         CertificateTargets {
             name: "web".into(),
@@ -605,8 +589,11 @@ mod tests {
         let renames: Vec<(PathBuf, PathBuf)> = contents
             .iter()
             .map(|(target, data)| {
-                let temp = stage(target.path.parent().unwrap(), data, target).unwrap();
-                (temp.keep().unwrap(), target.path.clone())
+                let (dir, _) = open_parent(target, false).unwrap();
+                let temp = dir
+                    .stage(data, Some((target.uid, target.gid)), target.mode)
+                    .unwrap();
+                (dir.path().join(temp), target.path.clone())
             })
             .collect();
         let journal = Journal {

@@ -62,7 +62,9 @@ fn install_status(e: InstallError) -> Status {
         InstallError::Invalid { .. } | InstallError::Version => {
             Status::invalid_argument(e.to_string())
         }
-        InstallError::NoPrevious { .. } => Status::failed_precondition(e.to_string()),
+        InstallError::NoPrevious { .. } | InstallError::Target(_) => {
+            Status::failed_precondition(e.to_string())
+        }
         InstallError::Io { .. } => Status::internal(e.to_string()),
     }
 }
@@ -131,7 +133,7 @@ impl Agent for AgentService {
             (request.ttl_seconds > 0).then(|| Duration::from_secs(request.ttl_seconds.into()));
         let placed = self.tokens.place(batch, ttl).await.map_err(|e| match e {
             PlaceError::Full { .. } => Status::resource_exhausted(e.to_string()),
-            PlaceError::Write { .. } => Status::internal(e.to_string()),
+            PlaceError::Webroot(_) => Status::internal(e.to_string()),
         })?;
         info!(placed, "placed tokens");
         Ok(Response::new(pb::PlaceTokensResponse {
@@ -227,6 +229,7 @@ impl Agent for AgentService {
             intact: status.intact,
             served,
             not_after_unix: status.not_after,
+            problem: status.problem.unwrap_or_default(),
         }))
     }
 

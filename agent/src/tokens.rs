@@ -1,16 +1,20 @@
 //! The HTTP-01 responses an agent serves.
 //!
 //! Tokens live in memory and, in webroot mode, as files under
-//! `<webroot>/.well-known/acme-challenge/` written by write-temp, fsync,
-//! rename, so a web server never serves half a file. Every token has a
+//! `<webroot>/.well-known/acme-challenge/` ([`Webroot`]). Every token has a
 //! deadline; a sweeper drops expired ones even if the coordinator never comes
 //! back to remove them (it crashed, or lost the node). The sweeper sleeps
 //! until the next deadline, so an idle agent does no work at all.
+//!
+//! The webroot belongs to the web server's user, who may rearrange it at
+//! any moment; every file operation there goes through [`crate::dir`], which
+//! never follows a link. The names of the files written are kept in a
+//! manifest in the agent's state directory before they are written, so a
+//! killed agent removes exactly its own leftovers when it starts again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::OsStr;
 use std::future::Future;
-use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,16 +22,22 @@ use std::time::Duration;
 use certfleet_proto::challenge::{Http01Response, Token};
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{Http01Config, Http01Mode, MAX_TOKEN_TTL};
+use crate::dir::{Dir, DirError, TEMP_PREFIX, Trust};
 
 /// Most tokens an agent holds at once, across all orders. A flood of
 /// PlaceTokens calls is refused past this rather than exhausting memory or disk.
 pub const MAX_HELD_TOKENS: usize = 4096;
 
 /// The path under a webroot where HTTP-01 responses live (RFC 8555 §8.3).
-pub const CHALLENGE_DIR: &str = ".well-known/acme-challenge";
+pub const CHALLENGE_DIR: [&str; 2] = [".well-known", "acme-challenge"];
+/// Mode of a token file: the web server's user must read it, and a key
+/// authorization is public anyway.
+pub const TOKEN_FILE_MODE: u32 = 0o644;
+/// The manifest of token files written, in the agent's state directory.
+const MANIFEST: &str = "webroot-tokens";
 
 /// Why tokens could not be placed.
 #[derive(Debug, thiserror::Error)]
@@ -36,11 +46,132 @@ pub enum PlaceError {
         "agent already holds {held} tokens; placing {asked} more would pass the limit of {MAX_HELD_TOKENS}"
     )]
     Full { held: usize, asked: usize },
-    #[error("writing {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("webroot: {0}")]
+    Webroot(#[from] DirError),
+}
+
+/// The token files in a webroot, and the manifest that remembers them.
+struct Webroot {
+    root: PathBuf,
+    state_dir: PathBuf,
+    /// Token files that may exist; guards every file operation, so the
+    /// manifest on disk always lists at least what is in the webroot.
+    written: Mutex<BTreeSet<String>>,
+}
+
+impl Webroot {
+    /// `<root>/.well-known/acme-challenge`, reached without following links.
+    fn challenge_dir(&self, create: bool) -> Result<Dir, DirError> {
+        let mut dir = Dir::open_root(&self.root)?;
+        for name in CHALLENGE_DIR {
+            dir = dir.child(OsStr::new(name), create)?;
+        }
+        Ok(dir)
+    }
+
+    fn save_manifest(&self, written: &BTreeSet<String>) -> Result<(), DirError> {
+        let mut text = String::new();
+        for name in written {
+            text.push_str(name);
+            text.push('\n');
+        }
+        Dir::open(&self.state_dir, Trust::default(), true)?.write_atomic(
+            OsStr::new(MANIFEST),
+            text.as_bytes(),
+            None,
+            0o600,
+        )
+    }
+
+    /// Writes each `(token, key_authorization)` as a file, all or nothing.
+    fn write(&self, files: &[(String, String)]) -> Result<(), DirError> {
+        let mut written = self.written.lock().expect("webroot lock poisoned");
+        let before = written.clone();
+        written.extend(files.iter().map(|(t, _)| t.clone()));
+        // Listed before written: a crash from here on leaves nothing the
+        // next start does not know to remove.
+        self.save_manifest(&written)?;
+        let result = self.challenge_dir(true).and_then(|dir| {
+            for (token, key_authorization) in files {
+                let name = OsStr::new(token);
+                if let Err(e) =
+                    dir.write_atomic(name, key_authorization.as_bytes(), None, TOKEN_FILE_MODE)
+                {
+                    for (done, _) in files.iter().take_while(|(t, _)| t != token) {
+                        let _ = dir.remove(OsStr::new(done));
+                    }
+                    return Err(e);
+                }
+            }
+            Ok(())
+        });
+        if result.is_err() {
+            *written = before;
+            let _ = self.save_manifest(&written);
+        }
+        result
+    }
+
+    /// Removes the files of `tokens`; what cannot be removed stays listed.
+    fn delete(&self, tokens: &[String]) {
+        let mut written = self.written.lock().expect("webroot lock poisoned");
+        let dir = match self.challenge_dir(false) {
+            Ok(dir) => Some(dir),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => {
+                warn!(error = %e, "cannot reach the webroot's challenge directory to remove tokens");
+                return;
+            }
+        };
+        for token in tokens {
+            let removed = dir
+                .as_ref()
+                .map_or(Ok(false), |d| d.remove(OsStr::new(token)));
+            match removed {
+                Ok(_) => {
+                    written.remove(token);
+                }
+                Err(e) => warn!(error = %e, "cannot remove token file"),
+            }
+        }
+        if let Some(dir) = &dir {
+            let _ = dir.sync();
+        }
+        if let Err(e) = self.save_manifest(&written) {
+            warn!(error = %e, "cannot update the token manifest");
+        }
+    }
+
+    /// At start: removes every token file the manifest lists (a previous
+    /// run was killed before it could) and temporary files of ours.
+    fn recover(&self) -> Result<(), DirError> {
+        let manifest = Dir::open(&self.state_dir, Trust::default(), true)?;
+        let listed: Vec<String> = match manifest.read_regular(OsStr::new(MANIFEST), 1 << 20)? {
+            Some(file) => String::from_utf8_lossy(&file.data)
+                .lines()
+                .filter(|l| Token::parse(l).is_ok())
+                .map(str::to_owned)
+                .collect(),
+            None => Vec::new(),
+        };
+        if let Ok(dir) = self.challenge_dir(false) {
+            for temp in dir.names_starting_with(TEMP_PREFIX)? {
+                dir.remove(&temp)?;
+            }
+        }
+        if !listed.is_empty() {
+            info!(
+                count = listed.len(),
+                "removing token files a previous run left in the webroot"
+            );
+            self.written
+                .lock()
+                .expect("webroot lock poisoned")
+                .extend(listed.iter().cloned());
+            self.delete(&listed);
+        }
+        Ok(())
+    }
 }
 
 struct Entry {
@@ -51,21 +182,27 @@ struct Entry {
 /// The set of served tokens.
 pub struct Tokens {
     entries: Mutex<HashMap<Token, Entry>>,
-    /// `Some` in webroot mode: the directory the files go into.
-    dir: Option<PathBuf>,
+    /// `Some` in webroot mode: where the files go.
+    webroot: Option<Arc<Webroot>>,
     default_ttl: Duration,
     changed: Notify,
 }
 
 impl Tokens {
-    pub fn new(config: &Http01Config) -> Self {
-        let dir = match &config.mode {
-            Http01Mode::Webroot { webroot } => Some(webroot.join(CHALLENGE_DIR)),
+    /// The token set for `config`; in webroot mode the manifest lives in
+    /// `state_dir`. Call [`Tokens::recover`] before serving.
+    pub fn new(config: &Http01Config, state_dir: &Path) -> Self {
+        let webroot = match &config.mode {
+            Http01Mode::Webroot { webroot } => Some(Arc::new(Webroot {
+                root: webroot.clone(),
+                state_dir: state_dir.to_owned(),
+                written: Mutex::new(BTreeSet::new()),
+            })),
             Http01Mode::Standalone { .. } => None,
         };
         Self {
             entries: Mutex::new(HashMap::new()),
-            dir,
+            webroot,
             default_ttl: config.token_ttl,
             changed: Notify::new(),
         }
@@ -92,13 +229,13 @@ impl Tokens {
                 });
             }
         }
-        if let Some(dir) = &self.dir {
-            let dir = dir.clone();
+        if let Some(webroot) = &self.webroot {
+            let webroot = Arc::clone(webroot);
             let files: Vec<(String, String)> = batch
                 .iter()
                 .map(|r| (r.token().to_string(), r.key_authorization().to_owned()))
                 .collect();
-            tokio::task::spawn_blocking(move || write_files(&dir, &files))
+            tokio::task::spawn_blocking(move || webroot.write(&files))
                 .await
                 .expect("token writer panicked")?;
         }
@@ -212,72 +349,32 @@ impl Tokens {
     }
 
     async fn delete_files(&self, tokens: &[Token]) {
-        let Some(dir) = &self.dir else { return };
+        let Some(webroot) = &self.webroot else { return };
         if tokens.is_empty() {
             return;
         }
-        let paths: Vec<PathBuf> = tokens.iter().map(|t| dir.join(t.as_str())).collect();
-        let _ = tokio::task::spawn_blocking(move || {
-            for path in paths {
-                if let Err(e) = std::fs::remove_file(&path)
-                    && e.kind() != std::io::ErrorKind::NotFound
-                {
-                    warn!(path = %path.display(), error = %e, "cannot remove token file");
-                }
-            }
-        })
-        .await;
+        let webroot = Arc::clone(webroot);
+        let names: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
+        let _ = tokio::task::spawn_blocking(move || webroot.delete(&names)).await;
     }
-}
 
-/// Writes each `(token, key_authorization)` as `dir/token`, atomically.
-/// The token is already checked to be base64url, so `dir.join(token)` can
-/// only name a file directly inside `dir`.
-fn write_files(dir: &Path, files: &[(String, String)]) -> Result<(), PlaceError> {
-    let err = |path: &Path| {
-        let path = path.to_owned();
-        move |source| PlaceError::Write { path, source }
-    };
-    if !dir.exists() {
-        std::fs::create_dir_all(dir).map_err(err(dir))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(err(dir))?;
+    /// Removes what a killed run left in the webroot (see [`Webroot`]).
+    pub async fn recover(&self) -> Result<(), DirError> {
+        let Some(webroot) = &self.webroot else {
+            return Ok(());
+        };
+        let webroot = Arc::clone(webroot);
+        tokio::task::spawn_blocking(move || webroot.recover())
+            .await
+            .expect("token recovery panicked")
     }
-    let mut written = Vec::with_capacity(files.len());
-    let result = files.iter().try_for_each(|(token, key_authorization)| {
-        let path = dir.join(token);
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".certfleet-")
-            .tempfile_in(dir)
-            .map_err(err(&path))?;
-        tmp.write_all(key_authorization.as_bytes())
-            .map_err(err(&path))?;
-        tmp.as_file().sync_all().map_err(err(&path))?;
-        // The web server (often www-data) must read it; it is public anyway.
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))
-            .map_err(err(&path))?;
-        tmp.persist(&path).map_err(|e| PlaceError::Write {
-            path: path.clone(),
-            source: e.error,
-        })?;
-        written.push(path);
-        Ok(())
-    });
-    if result.is_err() {
-        for path in written {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-    result?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(err(dir))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Http01Config;
+    use std::os::unix::fs::PermissionsExt;
 
     fn response(n: u8) -> Http01Response {
         let token = format!("{}{}", "t".repeat(42), n % 10);
@@ -291,16 +388,20 @@ mod tests {
                 webroot: dir.to_owned(),
             },
             token_ttl: Duration::from_secs(60),
+            limits: Default::default(),
         }
     }
 
     #[tokio::test]
     async fn webroot_files_follow_place_and_remove() {
         let dir = tempfile::tempdir().unwrap();
-        let tokens = Tokens::new(&webroot(dir.path()));
+        let tokens = Tokens::new(&webroot(dir.path()), &dir.path().join("state"));
         let r = response(1);
         tokens.place(vec![r.clone()], None).await.unwrap();
-        let path = dir.path().join(CHALLENGE_DIR).join(r.token().as_str());
+        let path = dir
+            .path()
+            .join(CHALLENGE_DIR.join("/"))
+            .join(r.token().as_str());
         assert_eq!(
             std::fs::read_to_string(&path).unwrap(),
             r.key_authorization()
@@ -314,7 +415,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn tokens_expire_without_removal() {
         let dir = tempfile::tempdir().unwrap();
-        let tokens = Arc::new(Tokens::new(&webroot(dir.path())));
+        let tokens = Arc::new(Tokens::new(&webroot(dir.path()), &dir.path().join("state")));
         let stop = tokio_util::sync::CancellationToken::new();
         let sweeper = tokio::spawn(Arc::clone(&tokens).sweep_until(stop.clone().cancelled_owned()));
         let r = response(2);
@@ -322,7 +423,10 @@ mod tests {
             .place(vec![r.clone()], Some(Duration::from_secs(30)))
             .await
             .unwrap();
-        let path = dir.path().join(CHALLENGE_DIR).join(r.token().as_str());
+        let path = dir
+            .path()
+            .join(CHALLENGE_DIR.join("/"))
+            .join(r.token().as_str());
         tokio::time::advance(Duration::from_secs(29)).await;
         assert!(tokens.get(r.token()).is_some());
         tokio::time::advance(Duration::from_secs(2)).await;
@@ -345,9 +449,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_restart_removes_only_the_files_a_killed_run_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let killed = Tokens::new(&webroot(dir.path()), &state);
+        let (ours, theirs) = (response(3), response(4));
+        killed.place(vec![ours.clone()], None).await.unwrap();
+        // Killed: nothing removed the file. Someone else's file sits beside it.
+        drop(killed);
+        let challenge = dir.path().join(CHALLENGE_DIR.join("/"));
+        let their_path = challenge.join(theirs.token().as_str());
+        std::fs::write(&their_path, "not ours").unwrap();
+        assert!(challenge.join(ours.token().as_str()).exists());
+
+        let restarted = Tokens::new(&webroot(dir.path()), &state);
+        restarted.recover().await.unwrap();
+        assert!(!challenge.join(ours.token().as_str()).exists());
+        assert_eq!(std::fs::read_to_string(&their_path).unwrap(), "not ours");
+        let manifest = std::fs::read_to_string(state.join(MANIFEST)).unwrap();
+        assert!(manifest.is_empty(), "{manifest}");
+    }
+
+    #[tokio::test]
     async fn refuses_past_the_limit() {
         let dir = tempfile::tempdir().unwrap();
-        let tokens = Tokens::new(&webroot(dir.path()));
+        let tokens = Tokens::new(&webroot(dir.path()), &dir.path().join("state"));
         let many: Vec<Http01Response> = (0..=MAX_HELD_TOKENS)
             .map(|i| {
                 let token = format!("{:0>43}", i);

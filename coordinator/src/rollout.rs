@@ -127,7 +127,7 @@ impl Run<'_> {
                     if status.intact {
                         "intact"
                     } else {
-                        "files changed"
+                        &status.problem
                     },
                     self.name
                 ),

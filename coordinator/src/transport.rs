@@ -125,6 +125,8 @@ pub struct NodeCertificate {
     pub version: u32,
     pub leaf_sha256: String,
     pub intact: bool,
+    /// Why not intact, naming the target by path.
+    pub problem: String,
     pub not_after: i64,
     pub served: Vec<ServedReport>,
 }
@@ -309,6 +311,7 @@ impl Transport for GrpcAgent {
             version: r.version,
             leaf_sha256: r.leaf_sha256,
             intact: r.intact,
+            problem: r.problem,
             not_after: r.not_after_unix,
             served: r.served.into_iter().map(served_from_pb).collect(),
         })
