@@ -22,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod dir;
 pub mod http01;
 pub mod identity;
 pub mod install;
@@ -31,16 +32,24 @@ pub mod tokens;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use certfleet_proto::identity::{COORDINATOR_IDENTITY, OnlyIdentity, server_config};
 use tokio::net::TcpListener;
+use tokio::task::{JoinError, JoinHandle};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::{Config, Http01Mode};
 use crate::identity::Identity;
 use crate::install::Installer;
 use crate::tokens::Tokens;
+
+/// How long shutdown lets requests in flight finish before it closes every
+/// connection and stops every task, so no client can keep the agent from
+/// stopping (or systemd from restarting it).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// The agent's listeners, bound by the caller so tests can pass port 0.
 pub struct Listeners {
@@ -50,7 +59,8 @@ pub struct Listeners {
     pub http01: Option<TcpListener>,
 }
 
-/// Runs the agent until `shutdown` completes.
+/// Runs the agent until `shutdown` completes, then drains for at most
+/// [`SHUTDOWN_GRACE`].
 pub async fn run(
     config: Config,
     identity: Arc<Identity>,
@@ -59,7 +69,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // Finish any install a crash interrupted before serving anything.
     let installer = Arc::new(Installer::open(&config.state_dir, &config.certificates)?);
-    let tokens = Arc::new(Tokens::new(&config.http01));
+    let tokens = Arc::new(Tokens::new(&config.http01, &config.state_dir));
+    // Token files a killed run left would be served for ever otherwise.
+    tokens.recover().await?;
     let stop = CancellationToken::new();
 
     let sweeper = tokio::spawn(Arc::clone(&tokens).sweep_until(stop.clone().cancelled_owned()));
@@ -69,6 +81,7 @@ pub async fn run(
             Some(tokio::spawn(http01::serve(
                 listener,
                 Arc::clone(&tokens),
+                config.http01.limits,
                 stop.clone().cancelled_owned(),
             )))
         }
@@ -79,7 +92,11 @@ pub async fn run(
     let clients = OnlyIdentity::new(&identity.ca, Some(COORDINATOR_IDENTITY.to_owned()), false)?;
     let tls = server_config(Arc::clone(&identity.live), Arc::new(clients))?;
     let grpc = tokio::spawn(service::serve(
-        certfleet_proto::tls::incoming(listeners.grpc, Arc::new(tls)),
+        certfleet_proto::tls::incoming_until(
+            listeners.grpc,
+            Arc::new(tls),
+            stop.clone().cancelled_owned(),
+        ),
         service::AgentService::new(
             config.node.clone(),
             config.http01.mode.name(),
@@ -93,11 +110,37 @@ pub async fn run(
     shutdown.await;
     info!("shutting down");
     stop.cancel();
-    grpc.await??;
-    if let Some(http) = http {
-        http.await??;
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    if let Some(served) = within_grace("gRPC server", grpc, deadline).await? {
+        served?;
     }
-    sweeper.await?;
-    renewal.await?;
+    // The HTTP-01 server drains within the same grace on its own.
+    if let Some(http) = http {
+        http.await?;
+    }
+    within_grace("token sweeper", sweeper, deadline).await?;
+    within_grace("certificate renewal", renewal, deadline).await?;
     Ok(())
+}
+
+/// Waits for `task` until `deadline`, then aborts it with a warning. tonic's
+/// server, for one, waits for every connection to close; aborting it drops
+/// the connections when the runtime ends.
+async fn within_grace<T>(
+    task: &'static str,
+    mut handle: JoinHandle<T>,
+    deadline: Instant,
+) -> Result<Option<T>, JoinError> {
+    match tokio::time::timeout_at(deadline, &mut handle).await {
+        Ok(joined) => joined.map(Some),
+        Err(_) => {
+            warn!(
+                task,
+                grace = ?SHUTDOWN_GRACE,
+                "still running after the shutdown grace period; stopping it"
+            );
+            handle.abort();
+            Ok(None)
+        }
+    }
 }
