@@ -212,6 +212,7 @@ impl Admin for AdminService {
                             .map(|s| pb::ServedEndpoint::from_probe(s.service, s.address, s.result))
                             .collect(),
                         error: String::new(),
+                        problem: c.problem,
                     },
                     Err(e) => pb::NodeCertificateStatus {
                         node: n.node,
@@ -346,8 +347,10 @@ impl Admin for AdminService {
         let token = format!("{id}.{secret}");
         let ca_pin = self.issuer.ca_pin().to_owned();
         Ok(Response::new(pb::AddNodeResponse {
+            // The token goes to the command's standard input, never into
+            // its arguments: every local user can read a process's argv.
             join_command: format!(
-                "certfleet-agent --config /etc/certfleet/agent.toml join --coordinator {} --token={token} --ca-pin {ca_pin}",
+                "certfleet-agent --config /etc/certfleet/agent.toml join --coordinator {} --ca-pin {ca_pin} --token-file -",
                 enrollment.advertise
             ),
             token,

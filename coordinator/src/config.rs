@@ -32,6 +32,14 @@ pub const DEFAULT_ENROLLMENT_PORT: u16 = 7444;
 pub const DEFAULT_AGENT_CERT_VALIDITY: Duration = Duration::from_secs(7 * 24 * 3600);
 /// A join token is for joining now, not for keeping.
 pub const DEFAULT_JOIN_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// Failed join attempts one source address may make within
+/// [`DEFAULT_FAILED_JOIN_WINDOW`] before its attempts are refused: enough
+/// for an admin's typos, too few to matter for a guesser.
+pub const DEFAULT_FAILED_JOIN_LIMIT: u32 = 5;
+/// How long a source's failed join attempts count against it.
+pub const DEFAULT_FAILED_JOIN_WINDOW: Duration = Duration::from_secs(60);
+/// The most failed join attempts `enrollment.failed_joins.limit` may allow.
+const MAX_FAILED_JOIN_LIMIT: u32 = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -107,6 +115,15 @@ struct RawEnrollment {
     advertise: Option<String>,
     agent_cert_validity_secs: Option<u64>,
     join_token_ttl_secs: Option<u64>,
+    #[serde(default)]
+    failed_joins: RawFailedJoins,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFailedJoins {
+    limit: Option<u32>,
+    window_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -143,6 +160,19 @@ pub struct EnrollmentConfig {
     pub agent_cert_validity: Duration,
     /// How long a join token is valid unless `node add` says otherwise.
     pub join_token_ttl: Duration,
+    /// `[enrollment.failed_joins]`: when a source address's join attempts
+    /// are refused for failing too often.
+    pub failed_joins: FailedJoinsConfig,
+}
+
+/// After `limit` failed join attempts from one source address within
+/// `window` of its first, the coordinator refuses that source's join
+/// attempts (without looking at them) until the window has passed, and
+/// logs the window's attempts as one summary line rather than one each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailedJoinsConfig {
+    pub limit: u32,
+    pub window: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -456,6 +486,25 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             "enrollment.join_token_ttl_secs",
             &invalid,
         )?,
+        failed_joins: FailedJoinsConfig {
+            limit: match raw.enrollment.failed_joins.limit {
+                None => DEFAULT_FAILED_JOIN_LIMIT,
+                Some(limit) if (1..=MAX_FAILED_JOIN_LIMIT).contains(&limit) => limit,
+                Some(limit) => {
+                    return Err(invalid(
+                        "enrollment.failed_joins.limit".into(),
+                        format!("{limit} must be between 1 and {MAX_FAILED_JOIN_LIMIT}"),
+                    ));
+                }
+            },
+            window: secs(
+                raw.enrollment.failed_joins.window_secs,
+                DEFAULT_FAILED_JOIN_WINDOW,
+                1..=24 * 3600,
+                "enrollment.failed_joins.window_secs",
+                &invalid,
+            )?,
+        },
     };
 
     let mut certificates = Vec::with_capacity(raw.certificates.len());
@@ -610,6 +659,39 @@ sans = ["CN.example.org", "cn-ucsb-1.example.org"]
             c.enrollment.agent_cert_validity,
             DEFAULT_AGENT_CERT_VALIDITY
         );
+        assert_eq!(
+            c.enrollment.failed_joins,
+            FailedJoinsConfig {
+                limit: DEFAULT_FAILED_JOIN_LIMIT,
+                window: DEFAULT_FAILED_JOIN_WINDOW
+            }
+        );
+    }
+
+    #[test]
+    fn failed_joins_is_a_table_of_enrollment_and_checked() {
+        // A sub-table may come after other tables, as the test harness
+        // appends it.
+        let text = format!("{GOOD}[enrollment.failed_joins]\nlimit = 3\nwindow_secs = 5\n");
+        let c = Config::from_toml_str(&text, "c.toml").unwrap();
+        assert_eq!(
+            c.enrollment.failed_joins,
+            FailedJoinsConfig {
+                limit: 3,
+                window: Duration::from_secs(5)
+            }
+        );
+        let e = err(&format!("{GOOD}[enrollment.failed_joins]\nlimit = 0\n"));
+        assert!(
+            e.contains("enrollment.failed_joins.limit") && e.contains("between 1 and"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{GOOD}[enrollment.failed_joins]\nwindow_secs = 0\n"
+        ));
+        assert!(e.contains("enrollment.failed_joins.window_secs"), "{e}");
+        let e = err(&format!("{GOOD}[enrollment.failed_joins]\nlimt = 3\n"));
+        assert!(e.contains("limt"), "{e}");
     }
 
     #[test]

@@ -98,6 +98,25 @@ pub enum JoinRefusal {
     },
 }
 
+/// Why a node's certificate renewal was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenewRefusal {
+    #[error("node {0} is not registered")]
+    Unknown(String),
+    #[error("node {node} is {state}; its certificate is no longer accepted")]
+    NotActive { node: String, state: String },
+    #[error("node {0} has no certificate on record; join it again")]
+    NoCertificate(String),
+    #[error(
+        "node {node} presented certificate serial {presented}, but its current certificate is serial {current}: a superseded identity (the node was removed and joined again, or has renewed since) cannot renew"
+    )]
+    Superseded {
+        node: String,
+        presented: String,
+        current: String,
+    },
+}
+
 /// A registered node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeRecord {
@@ -272,6 +291,43 @@ impl Db {
             )
         })?;
         Ok(())
+    }
+
+    /// Checks that `node` may renew while presenting the certificate with
+    /// serial `presented` (hex): the node is active and that certificate is
+    /// the one recorded at its last join or renewal.
+    pub fn check_renewal(
+        &self,
+        node: &str,
+        presented: &str,
+    ) -> Result<Result<(), RenewRefusal>, DbError> {
+        self.with(|c| renewal_refusal(c, node, presented).map(|r| r.map_or(Ok(()), Err)))
+    }
+
+    /// Records `node`'s renewed certificate in place of the one with serial
+    /// `presented`, if that is still its current one: a removal or a new
+    /// join since [`Db::check_renewal`] wins over the renewal.
+    pub fn renew(
+        &self,
+        node: &str,
+        presented: &str,
+        serial: &str,
+        not_after: i64,
+        now: i64,
+    ) -> Result<Result<(), RenewRefusal>, DbError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            if let Some(refusal) = renewal_refusal(&tx, node, presented)? {
+                return Ok(Err(refusal));
+            }
+            tx.execute(
+                "UPDATE nodes SET cert_serial = ?2, cert_not_after = ?3, last_contact = ?4
+                 WHERE name = ?1",
+                params![node, serial, not_after, now],
+            )?;
+            tx.commit()?;
+            Ok(Ok(()))
+        })
     }
 
     pub fn remove(&self, node: &str) -> Result<(), DbError> {
@@ -486,6 +542,47 @@ fn row_to_node(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRecord> {
     })
 }
 
+/// Why `node` may not renew with the certificate of serial `presented`, if
+/// there is a reason.
+fn renewal_refusal(
+    c: &Connection,
+    node: &str,
+    presented: &str,
+) -> rusqlite::Result<Option<RenewRefusal>> {
+    let row = c
+        .query_row(
+            "SELECT state, cert_serial FROM nodes WHERE name = ?1",
+            params![node],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)),
+        )
+        .optional()?;
+    let node = node.to_owned();
+    Ok(match row {
+        None => Some(RenewRefusal::Unknown(node)),
+        Some((state, _)) if state != "active" => Some(RenewRefusal::NotActive { node, state }),
+        Some((_, None)) => Some(RenewRefusal::NoCertificate(node)),
+        Some((_, Some(current))) if serial_digits(&current) != serial_digits(presented) => {
+            Some(RenewRefusal::Superseded {
+                node,
+                presented: serial_digits(presented),
+                current: serial_digits(&current),
+            })
+        }
+        Some(_) => None,
+    })
+}
+
+/// A hex serial number without its leading zero bytes, in lower case: DER
+/// prepends a 0x00 to an INTEGER whose first byte has the high bit set, so
+/// the same serial may be written with or without it.
+fn serial_digits(hex: &str) -> String {
+    let mut digits = hex.to_ascii_lowercase();
+    while digits.len() > 2 && digits.starts_with("00") {
+        digits.drain(..2);
+    }
+    digits
+}
+
 /// Seconds since the Unix epoch.
 pub fn now() -> i64 {
     std::time::SystemTime::now()
@@ -549,5 +646,48 @@ mod tests {
             let raw = std::fs::read(entry.unwrap().path()).unwrap();
             assert!(!raw.windows(6).any(|w| w == b"s3cret"));
         }
+    }
+
+    #[test]
+    fn a_node_renews_only_with_its_current_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        assert_eq!(
+            db.check_renewal("a", "01").unwrap(),
+            Err(RenewRefusal::Unknown("a".into()))
+        );
+        db.add_node(&node("a"), "id1", "s1", 100, 0).unwrap();
+        assert!(matches!(
+            db.check_renewal("a", "01").unwrap(),
+            Err(RenewRefusal::NotActive { state, .. }) if state == "pending"
+        ));
+        db.activate("a", "00c1a2", 1000, 1).unwrap();
+        // DER's sign byte is not part of the serial.
+        assert_eq!(db.check_renewal("a", "c1a2").unwrap(), Ok(()));
+        assert_eq!(db.check_renewal("a", "00C1A2").unwrap(), Ok(()));
+        assert_eq!(db.renew("a", "c1a2", "7b", 2000, 2).unwrap(), Ok(()));
+        assert_eq!(db.node("a").unwrap().unwrap().cert_not_after, 2000);
+        // The certificate the renewal replaced is superseded.
+        let superseded = db.check_renewal("a", "00c1a2").unwrap().unwrap_err();
+        assert_eq!(
+            superseded,
+            RenewRefusal::Superseded {
+                node: "a".into(),
+                presented: "c1a2".into(),
+                current: "7b".into(),
+            }
+        );
+        assert!(superseded.to_string().contains("superseded identity"));
+        // Removed and joined again: the old certificate never comes back,
+        // even when its check passed before the removal.
+        assert_eq!(db.check_renewal("a", "7b").unwrap(), Ok(()));
+        db.remove("a").unwrap();
+        db.add_node(&node("a"), "id2", "s2", 100, 3).unwrap();
+        db.activate("a", "0d", 1000, 4).unwrap();
+        assert!(matches!(
+            db.renew("a", "7b", "0e", 3000, 5).unwrap(),
+            Err(RenewRefusal::Superseded { .. })
+        ));
+        assert_eq!(db.check_renewal("a", "0d").unwrap(), Ok(()));
     }
 }

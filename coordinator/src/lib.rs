@@ -90,11 +90,7 @@ pub fn build(config: Config) -> Result<Coordinator, SetupError> {
         ca: ca.ca_der.clone(),
         identity: Arc::new(identity),
     };
-    let enrollment = EnrollmentService::new(
-        Arc::clone(&db),
-        Arc::clone(&ca),
-        config.enrollment.agent_cert_validity,
-    );
+    let enrollment = EnrollmentService::new(Arc::clone(&db), Arc::clone(&ca), &config.enrollment);
     let issuer = Arc::new(Issuer::new(
         Arc::new(config),
         acme,

@@ -218,7 +218,9 @@ pub(crate) fn node_added(name: &str, r: &pb::AddNodeResponse, json: bool) {
         date(r.expires_unix)
     );
     println!("  CA pin:     {}", r.ca_pin);
-    println!("run on {name}:");
+    // The command reads the token from standard input: given as an
+    // argument, it would show in the node's process list.
+    println!("run on {name}, and paste the join token when it asks for it:");
     println!("  {}", r.join_command);
 }
 
@@ -283,6 +285,7 @@ pub(crate) fn status(s: &pb::StatusResponse, json: bool) -> crate::Outcome {
                     "days_left": n.days_left,
                     "serving_live": served_ok(n),
                     "error": (!n.error.is_empty()).then_some(&n.error),
+                    "problem": (!n.problem.is_empty()).then_some(&n.problem),
                     "served": n.served.iter().map(|e| json!({
                         "service": e.service,
                         "address": e.address,
@@ -345,6 +348,9 @@ pub(crate) fn status(s: &pb::StatusResponse, json: bool) -> crate::Outcome {
                 n.days_left,
                 served.join("; ")
             );
+            if !n.problem.is_empty() {
+                println!("{:<20} files: {}", "", n.problem);
+            }
         }
     }
     if all_ok {

@@ -13,7 +13,7 @@ use certfleet_proto::identity::{
 use certfleet_proto::pb;
 use certfleet_proto::pb::enrollment_client::EnrollmentClient;
 use certfleet_tests::cluster::{CERT, Cluster, ClusterSpec, Credentials, join};
-use certfleet_tests::process::eventually;
+use certfleet_tests::process::{bin, eventually};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -53,15 +53,18 @@ async fn agent_logged(cluster: &Cluster, node: usize, needle: &str) {
     }
 }
 
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
 /// Waits (bounded) until the wall clock passes `unix` (a certificate's or
 /// token's expiry that the test needs behind it).
 async fn wait_past(what: &str, unix: i64, timeout: Duration) {
     eventually(what, timeout, || async move {
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64;
-        (now > unix).then_some(())
+        (unix_now() > unix).then_some(())
     })
     .await
     .unwrap();
@@ -575,4 +578,324 @@ async fn no_secret_reaches_a_log_and_every_admin_request_is_audited() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o660);
+}
+
+/// The serial of the first certificate in `pem`, in hex without DER's
+/// leading zero bytes, as the coordinator names it.
+fn serial_hex(pem: &str) -> String {
+    let der = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let mut hex = certfleet_proto::bundle::hex(cert.raw_serial());
+    while hex.len() > 2 && hex.starts_with("00") {
+        hex.drain(..2);
+    }
+    hex
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_superseded_node_certificate_cannot_renew() {
+    let mut cluster = cluster(2).await;
+    // The node's identity before it is removed and joined again (as an
+    // admin would, moving the node to a new machine).
+    let old = Credentials::node(&cluster.nodes[1].state_dir).unwrap();
+    cluster.readd_node(1, &[]).await.unwrap();
+    let new = Credentials::node(&cluster.nodes[1].state_dir).unwrap();
+    let (old_serial, new_serial) = (serial_hex(&old.chain_pem), serial_hex(&new.chain_pem));
+    assert_ne!(old_serial, new_serial);
+
+    // The old certificate is still unexpired and from the cluster CA, so
+    // TLS accepts it; Renew refuses it, naming both serials.
+    let err = enrollment_client(&cluster, Some(&old))
+        .renew(pb::RenewRequest {
+            csr_der: csr_for("cn-unm-1"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert_eq!(
+        err.message(),
+        format!(
+            "node cn-unm-1 presented certificate serial {old_serial}, but its current certificate is serial {new_serial}: a superseded identity (the node was removed and joined again, or has renewed since) cannot renew"
+        )
+    );
+    let log = plain(&cluster.coordinator_log());
+    assert!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("renewal refused")
+            && l.contains(&old_serial)),
+        "{log}"
+    );
+
+    // The current certificate renews.
+    let renewed = enrollment_client(&cluster, Some(&new))
+        .renew(pb::RenewRequest {
+            csr_der: csr_for("cn-unm-1"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let renewed_serial = serial_hex(&renewed.certificate_pem);
+    // From then on the renewed one is the node's current certificate: the
+    // one it replaced is superseded too.
+    let err = enrollment_client(&cluster, Some(&new))
+        .renew(pb::RenewRequest {
+            csr_der: csr_for("cn-unm-1"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains(&format!(
+            "its current certificate is serial {renewed_serial}"
+        )),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn join_reads_the_token_from_standard_input_not_from_its_arguments() {
+    use tokio::io::AsyncWriteExt;
+    let cluster = cluster(1).await;
+    let config = extra_agent_config(&cluster, "cn-stdin-1");
+    let (token, pin) = cluster
+        .node_add("cn-stdin-1", "127.0.0.1:1".parse().unwrap(), &[])
+        .await
+        .unwrap();
+    let secret = token.split_once('.').unwrap().1.to_owned();
+
+    // `certfleet node add` prints the command to run, without the token.
+    let out = cluster
+        .ctl(&["node", "add", "cn-stdin-2", "--agent", "127.0.0.1:1"])
+        .await
+        .unwrap();
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let printed = out
+        .stdout
+        .lines()
+        .find(|l| l.contains("certfleet-agent"))
+        .unwrap_or_else(|| panic!("no join command in {}", out.stdout));
+    assert!(
+        printed.ends_with(&format!("--ca-pin {pin} --token-file -")),
+        "{printed}"
+    );
+    assert!(!printed.contains("--token="), "{printed}");
+
+    // The agent waits for the token on its standard input; meanwhile, what
+    // every local user can read of it holds no secret.
+    let mut agent = tokio::process::Command::new(bin("certfleet-agent"))
+        .arg("--config")
+        .arg(&config)
+        .args(["join", "--coordinator", &cluster.enrollment.to_string()])
+        .args(["--ca-pin", &pin, "--token-file", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = agent.id().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(cmdline.contains("join --coordinator"), "{cmdline}");
+    assert!(
+        !cmdline.contains(&secret),
+        "the secret is in argv: {cmdline}"
+    );
+    let ps = std::process::Command::new("ps")
+        .args(["-ww", "-o", "args=", "-p", &pid.to_string()])
+        .output()
+        .unwrap();
+    let ps = String::from_utf8_lossy(&ps.stdout);
+    assert!(
+        ps.contains("--token-file -") && !ps.contains(&secret),
+        "{ps}"
+    );
+    assert!(
+        agent.try_wait().unwrap().is_none(),
+        "it did not wait for the token"
+    );
+
+    let mut stdin = agent.stdin.take().unwrap();
+    stdin
+        .write_all(format!("{token}\n").as_bytes())
+        .await
+        .unwrap();
+    drop(stdin);
+    let out = tokio::time::timeout(Duration::from_secs(30), agent.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("joined as node cn-stdin-1"),
+        "{out:?}"
+    );
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn join_with_the_token_as_an_argument_still_works_and_warns() {
+    let cluster = cluster(1).await;
+    let config = extra_agent_config(&cluster, "cn-argv-1");
+    let (token, pin) = cluster
+        .node_add("cn-argv-1", "127.0.0.1:1".parse().unwrap(), &[])
+        .await
+        .unwrap();
+    let enrollment = cluster.enrollment.to_string();
+    let run = |extra: &[String]| {
+        std::process::Command::new(bin("certfleet-agent"))
+            .arg("--config")
+            .arg(&config)
+            .args(["join", "--coordinator", &enrollment, "--ca-pin", &pin])
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+
+    // Exactly one of --token and --token-file: a usage error otherwise.
+    for extra in [
+        vec![],
+        vec![format!("--token={token}"), "--token-file=-".to_owned()],
+    ] {
+        let out = run(&extra);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--token"), "{stderr}");
+    }
+
+    // `=`: a token may start with '-'.
+    let out = run(&[format!("--token={token}")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "warning: --token shows the join token to every local user in the process list"
+        ) && stderr.contains("--token-file"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(token.split_once('.').unwrap().1),
+        "{stderr}"
+    );
+}
+
+/// `log` without its ANSI colour codes, so fields read `key=value`.
+fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI: ESC '[' parameters, up to a final letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `[enrollment.failed_joins]` for the throttling test: a short window.
+const FAILED_JOIN_WINDOW_SECS: i64 = 3;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_joins_are_throttled_per_address_and_logged_as_a_summary() {
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 1,
+        coordinator_extra: format!(
+            "\n[enrollment.failed_joins]\nlimit = 5\nwindow_secs = {FAILED_JOIN_WINDOW_SECS}\n"
+        ),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let config = extra_agent_config(&cluster, "cn-late-1");
+    let (token, pin) = cluster
+        .node_add("cn-late-1", "127.0.0.1:1".parse().unwrap(), &[])
+        .await
+        .unwrap();
+    let id = token.split_once('.').unwrap().0;
+    let wrong = format!("{id}.not-the-secret");
+
+    // 20 wrong secrets from one address, on one connection: the first 5
+    // are looked at and refused, the rest are throttled.
+    let mut client = enrollment_client(&cluster, None);
+    let mut throttled = Vec::new();
+    let mut window_opened = 0;
+    for i in 0..20 {
+        let err = client
+            .join(pb::JoinRequest {
+                token: wrong.clone(),
+                csr_der: csr_for("cn-late-1"),
+            })
+            .await
+            .unwrap_err();
+        if i == 0 {
+            // At the latest: the window opened at the first failure.
+            window_opened = unix_now() + 1;
+        }
+        if i < 5 {
+            assert_eq!(err.code(), tonic::Code::PermissionDenied, "{i}: {err:?}");
+            assert!(err.message().contains("wrong secret"), "{err:?}");
+        } else {
+            assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{i}: {err:?}");
+            throttled.push(err.message().to_owned());
+        }
+    }
+    // "too many failed join attempts from ADDR; try again in N s"
+    let source = throttled[0]
+        .strip_prefix("too many failed join attempts from ")
+        .and_then(|rest| rest.split_once("; try again in "))
+        .map(|(source, _)| source.to_owned())
+        .unwrap_or_else(|| panic!("{throttled:?}"));
+    assert!(
+        throttled.iter().all(|m| m.contains(&source)),
+        "{throttled:?}"
+    );
+
+    // Past the window, the right token works from the same address.
+    wait_past(
+        "the failed-join window",
+        window_opened + FAILED_JOIN_WINDOW_SECS,
+        Duration::from_secs(10),
+    )
+    .await;
+    let (code, stderr) = join(&config, &cluster.enrollment.to_string(), &token, &pin).unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    let log = plain(&cluster.coordinator_log());
+    assert!(
+        log.lines()
+            .any(|l| l.contains("node joined") && l.contains(&format!("source={source}"))),
+        "the join came from another address than {source}:\n{log}"
+    );
+
+    // Logged: the first refusal, the start of the throttling, and one
+    // summary of the other 18 attempts, not 20 lines.
+    let summary = format!(
+        "18 more failed join attempts from {source} in the last {FAILED_JOIN_WINDOW_SECS} s"
+    );
+    let logged = eventually("the summary line", Duration::from_secs(10), || {
+        let log = plain(&cluster.coordinator_log());
+        let summary = summary.clone();
+        async move { log.contains(&summary).then_some(log) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.coordinator_log()));
+    let warnings: Vec<&str> = logged
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("join"))
+        .collect();
+    assert_eq!(warnings.len(), 3, "{warnings:#?}");
+    assert!(warnings[0].contains("join refused") && warnings[0].contains("wrong secret"));
+    assert!(warnings[1].contains("too many failed join attempts"));
+    assert!(warnings[2].contains(&summary));
+    assert!(!logged.contains(token.split_once('.').unwrap().1));
 }
