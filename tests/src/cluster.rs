@@ -7,6 +7,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::os::unix::fs::PermissionsExt;
+
 use anyhow::{Context, bail};
 use certfleet_proto::pb;
 use certfleet_proto::pb::agent_client::AgentClient;
@@ -26,6 +28,8 @@ pub const DOMAIN: &str = "dataone.test";
 pub const CERT: &str = "cn";
 
 const STARTUP: Duration = Duration::from_secs(20);
+/// Mode of the directories the harness makes on a node's way to a webroot.
+const DIR_MODE: u32 = 0o755;
 
 /// How nodes answer HTTP-01.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,7 +123,7 @@ pub struct Node {
     pub state_dir: PathBuf,
     pub webroot: Option<PathBuf>,
     pub agent: Option<Proc>,
-    pub nginx: Option<Proc>,
+    pub nginx: Option<nginx::Nginx>,
     /// The coordinator's identity, so tests can call the agent as it does.
     coordinator: Arc<Credentials>,
 }
@@ -193,6 +197,21 @@ impl Node {
         creds: Option<&Credentials>,
     ) -> anyhow::Result<AgentClient<tonic::transport::Channel>> {
         agent_client_as(&self.name, self.grpc, &self.coordinator.ca_pem, creds)
+    }
+
+    /// Places `tokens` on this agent as the coordinator does (default TTL).
+    pub async fn place_tokens(&self, tokens: Vec<pb::Http01Token>) -> Result<u32, tonic::Status> {
+        let mut client = self
+            .client()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        client
+            .place_tokens(pb::PlaceTokensRequest {
+                tokens,
+                ttl_seconds: 0,
+            })
+            .await
+            .map(|r| r.into_inner().placed)
     }
 
     /// The tokens the agent serves, as it reports them.
@@ -304,6 +323,9 @@ impl Cluster {
         let dir = tempfile::Builder::new()
             .prefix("certfleet-test-")
             .tempdir()?;
+        // As /srv or /var/www on a node: root's, and others may traverse it
+        // (nginx's workers run as www-data and read the webroots below).
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(DIR_MODE))?;
         let subnet = Subnet::new();
         let ips: Vec<IpAddr> = (0..spec.nodes).map(|i| subnet.node(i)).collect();
         let http_port = common_free_port(&ips);
@@ -543,7 +565,7 @@ listen = "{enrollment}"
 
     /// Starts a real nginx on every node serving TLS on `tls_port` from the
     /// files [`NGINX_TARGETS`] installs (distribute first).
-    pub async fn serve_tls(&self) -> anyhow::Result<Vec<nginx::TlsNginx>> {
+    pub async fn serve_tls(&self) -> anyhow::Result<Vec<nginx::Nginx>> {
         let mut servers = Vec::with_capacity(self.nodes.len());
         for node in &self.nodes {
             servers.push(
@@ -589,21 +611,36 @@ listen = "{enrollment}"
     }
 }
 
-/// Runs `certfleet-agent join`; returns its exit code and stderr.
+/// The uid and gid of nginx's worker user ([`nginx::WORKER_USER`]).
+pub fn web_user() -> anyhow::Result<(u32, u32)> {
+    let user = nix::unistd::User::from_name(nginx::WORKER_USER)?
+        .with_context(|| format!("no user {} on this machine", nginx::WORKER_USER))?;
+    Ok((user.uid.as_raw(), user.gid.as_raw()))
+}
+
+/// Runs `certfleet-agent join`, the token on its standard input as
+/// `certfleet node add` says; returns its exit code and stderr.
 pub fn join(
     config: &Path,
     coordinator: &str,
     token: &str,
     pin: &str,
 ) -> anyhow::Result<(i32, String)> {
-    let out = Command::new(bin("certfleet-agent"))
+    use std::io::Write;
+    let mut child = Command::new(bin("certfleet-agent"))
         .arg("--config")
         .arg(config)
-        // `=`: a token may start with '-'.
-        .args(["join", "--coordinator", coordinator])
-        .arg(format!("--token={token}"))
-        .args(["--ca-pin", pin])
-        .output()?;
+        .args(["join", "--coordinator", coordinator, "--ca-pin", pin])
+        .args(["--token-file", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stdin = child.stdin.take().context("the agent's standard input")?;
+    // A write error means the agent exited before reading: its stderr says why.
+    let _ = writeln!(stdin, "{token}");
+    drop(stdin);
+    let out = child.wait_with_output()?;
     Ok((
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -628,6 +665,9 @@ async fn prepare_node(cluster: &Cluster, i: usize) -> anyhow::Result<Node> {
     let dir = root.join("nodes").join(&name);
     let state_dir = dir.join("state");
     std::fs::create_dir_all(&state_dir)?;
+    for d in [root.join("nodes"), dir.clone()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(DIR_MODE))?;
+    }
     let grpc = SocketAddr::new(ip, free_port(ip));
     let (http01, webroot, nginx) = match mode {
         Http01::Standalone => (
@@ -636,8 +676,12 @@ async fn prepare_node(cluster: &Cluster, i: usize) -> anyhow::Result<Node> {
             None,
         ),
         Http01::WebrootNginx => {
+            // As on Debian: the web server's user owns the webroot, and
+            // it has no .well-known yet.
             let webroot = dir.join("webroot");
             std::fs::create_dir_all(&webroot)?;
+            let www = web_user()?;
+            std::os::unix::fs::chown(&webroot, Some(www.0), Some(www.1))?;
             let nginx = nginx::serve_webroot(&dir.join("nginx"), ip, http_port, &webroot).await?;
             (
                 format!("mode = \"webroot\"\nwebroot = \"{}\"\n", webroot.display()),

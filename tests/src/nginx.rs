@@ -1,5 +1,10 @@
 //! A real nginx (Debian's) serving one node's webroot, as DataONE's apache
-//! does for its HTTP-01 files.
+//! does for its HTTP-01 files, and TLS with a node's installed files.
+//!
+//! As on Debian, the master runs as root and its workers as www-data
+//! ([`WORKER_USER`]): the workers must be able to read what the agent puts
+//! in a webroot, and a harness running them as root would hide exactly the
+//! permission bugs an admin hits on the first issue.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -9,12 +14,17 @@ use std::time::Duration;
 use crate::net::wait_listening;
 use crate::process::Proc;
 
+/// The user nginx's workers run as, as Debian's nginx.conf has it.
+pub const WORKER_USER: &str = "www-data";
+
 /// The part of every test nginx config that keeps it in the foreground and
 /// everything it writes under `dir`; it ends inside the `http` block.
 fn common(dir: &Path) -> String {
     let d = dir.display();
     format!(
         r#"daemon off;
+master_process on;
+user {WORKER_USER};
 worker_processes 1;
 pid {d}/nginx.pid;
 error_log {d}/error.log info;
@@ -29,18 +39,18 @@ http {{
     )
 }
 
-/// Starts nginx in the foreground, as the invoking user, serving `webroot`
-/// on `ip:port`; everything it writes stays in `dir`.
+/// Starts nginx in the foreground serving `webroot` on `ip:port`;
+/// everything it writes stays in `dir`. Its workers (www-data) must be able
+/// to reach `webroot`.
 pub async fn serve_webroot(
     dir: &Path,
     ip: IpAddr,
     port: u16,
     webroot: &Path,
-) -> anyhow::Result<Proc> {
+) -> anyhow::Result<Nginx> {
     std::fs::create_dir_all(dir.join("tmp"))?;
     let conf = format!(
-        r#"master_process off;
-{common}
+        r#"{common}
     server {{
         listen {ip}:{port};
         server_name _;
@@ -54,33 +64,41 @@ pub async fn serve_webroot(
         root = webroot.display(),
         common = common(dir),
     );
-    let conf_path = dir.join("nginx.conf");
-    std::fs::write(&conf_path, conf)?;
+    std::fs::write(dir.join("nginx.conf"), conf)?;
+    start("nginx (webroot)", dir, SocketAddr::new(ip, port)).await
+}
+
+/// Runs nginx on `prefix/nginx.conf` and waits for it to listen on `addr`.
+async fn start(name: &str, prefix: &Path, addr: SocketAddr) -> anyhow::Result<Nginx> {
+    let conf = prefix.join("nginx.conf");
     let mut cmd = Command::new("nginx");
     cmd.arg("-c")
-        .arg(&conf_path)
+        .arg(&conf)
         .arg("-p")
-        .arg(dir)
+        .arg(prefix)
         .arg("-e")
-        .arg(dir.join("error.log"));
-    let mut proc = Proc::spawn("nginx", cmd, &dir.join("nginx.out"))?;
-    if let Err(e) = wait_listening(SocketAddr::new(ip, port), Duration::from_secs(10)).await {
+        .arg(prefix.join("error.log"));
+    let mut proc = Proc::spawn(name, cmd, &prefix.join("nginx.out"))?;
+    if let Err(e) = wait_listening(addr, Duration::from_secs(10)).await {
         proc.check_running()?;
         return Err(e);
     }
-    Ok(proc)
+    Ok(Nginx {
+        proc,
+        conf,
+        prefix: prefix.to_owned(),
+    })
 }
 
-/// A real nginx serving TLS with a node's installed certificate files, as
-/// apache does on DataONE's nodes. It runs with a master process, so
-/// `nginx -s reload` (the agent's restart command) works as in production.
-pub struct TlsNginx {
+/// A real nginx with a master process (so `nginx -s reload`, the agent's
+/// restart command, works as in production) and www-data workers.
+pub struct Nginx {
     proc: Proc,
     pub conf: std::path::PathBuf,
     pub prefix: std::path::PathBuf,
 }
 
-impl Drop for TlsNginx {
+impl Drop for Nginx {
     fn drop(&mut self) {
         // SIGTERM lets the master stop its workers too.
         self.proc.terminate(Duration::from_secs(5));
@@ -90,9 +108,7 @@ impl Drop for TlsNginx {
 /// The nginx config serving `cert`/`key` on `ip:port`.
 pub fn tls_config(prefix: &Path, ip: IpAddr, port: u16, cert: &Path, key: &Path) -> String {
     format!(
-        r#"master_process on;
-user root;
-{common}
+        r#"{common}
     server {{
         listen {ip}:{port} ssl;
         server_name _;
@@ -115,25 +131,11 @@ pub async fn serve_tls(
     port: u16,
     cert: &Path,
     key: &Path,
-) -> anyhow::Result<TlsNginx> {
+) -> anyhow::Result<Nginx> {
     std::fs::create_dir_all(prefix.join("tmp"))?;
-    let conf = prefix.join("nginx.conf");
-    std::fs::write(&conf, tls_config(prefix, ip, port, cert, key))?;
-    let mut cmd = Command::new("nginx");
-    cmd.arg("-c")
-        .arg(&conf)
-        .arg("-p")
-        .arg(prefix)
-        .arg("-e")
-        .arg(prefix.join("error.log"));
-    let mut proc = Proc::spawn("nginx (TLS)", cmd, &prefix.join("nginx.out"))?;
-    if let Err(e) = wait_listening(SocketAddr::new(ip, port), Duration::from_secs(10)).await {
-        proc.check_running()?;
-        return Err(e);
-    }
-    Ok(TlsNginx {
-        proc,
-        conf,
-        prefix: prefix.to_owned(),
-    })
+    std::fs::write(
+        prefix.join("nginx.conf"),
+        tls_config(prefix, ip, port, cert, key),
+    )?;
+    start("nginx (TLS)", prefix, SocketAddr::new(ip, port)).await
 }

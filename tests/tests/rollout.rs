@@ -12,7 +12,7 @@ use certfleet_proto::bundle::Bundle;
 use certfleet_tests::cluster::{
     CERT, Cluster, ClusterSpec, NGINX_TARGETS, Node, ensure_ssl_cert_group,
 };
-use certfleet_tests::nginx::TlsNginx;
+use certfleet_tests::nginx::Nginx;
 use certfleet_tests::verify::served_leaf_sha256;
 
 const SNI: &str = "cn.dataone.test";
@@ -21,7 +21,7 @@ const TARGETS: &str = NGINX_TARGETS;
 
 struct Fleet {
     cluster: Cluster,
-    nginx: Vec<TlsNginx>,
+    nginx: Vec<Nginx>,
     v1: String,
 }
 

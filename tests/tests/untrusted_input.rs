@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use certfleet_proto::pb;
-use certfleet_tests::cluster::{Cluster, ClusterSpec, Http01, Node};
+use certfleet_tests::cluster::{Cluster, ClusterSpec, Http01};
 use certfleet_tests::net::http;
 use certfleet_tests::process::bin;
 use tonic::Code;
@@ -22,17 +22,6 @@ fn tok(token: &str, key_authorization: &str) -> pb::Http01Token {
         token: token.to_owned(),
         key_authorization: key_authorization.to_owned(),
     }
-}
-
-async fn place(node: &Node, tokens: Vec<pb::Http01Token>) -> Result<u32, tonic::Status> {
-    let mut client = node.client().await.unwrap();
-    client
-        .place_tokens(pb::PlaceTokensRequest {
-            tokens,
-            ttl_seconds: 0,
-        })
-        .await
-        .map(|r| r.into_inner().placed)
 }
 
 fn assert_refused(result: Result<u32, tonic::Status>, code: Code, needle: &str) {
@@ -118,14 +107,12 @@ async fn agent_refuses_malformed_tokens_and_writes_nothing() {
     ];
     for (bad, needle) in cases {
         let shown = format!("{bad:?}");
-        let result = place(
-            node,
-            vec![
+        let result = node
+            .place_tokens(vec![
                 tok(&good_token(7), &format!("{}.{THUMB}", good_token(7))),
                 bad,
-            ],
-        )
-        .await;
+            ])
+            .await;
         let status = result.expect_err(&format!("{shown} was accepted"));
         assert_eq!(status.code(), Code::InvalidArgument, "{shown}: {status:?}");
         assert!(
@@ -141,11 +128,15 @@ async fn agent_refuses_malformed_tokens_and_writes_nothing() {
     let many: Vec<_> = (0..257)
         .map(|i| tok(&good_token(i), &format!("{}.{THUMB}", good_token(i))))
         .collect();
-    assert_refused(place(node, many).await, Code::InvalidArgument, "257 tokens");
+    assert_refused(
+        node.place_tokens(many).await,
+        Code::InvalidArgument,
+        "257 tokens",
+    );
 
     // An oversized message is refused by the decoder before any work.
     let huge = tok(&good_token(1), &"a".repeat(2 * 1024 * 1024));
-    let status = place(node, vec![huge]).await.unwrap_err();
+    let status = node.place_tokens(vec![huge]).await.unwrap_err();
     assert!(
         matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
         "{status:?}"
@@ -192,7 +183,7 @@ async fn agent_refuses_malformed_tokens_and_writes_nothing() {
     // A good one is placed as a file nginx serves, and removed again.
     let t = good_token(3);
     assert_eq!(
-        place(node, vec![tok(&t, &format!("{t}.{THUMB}"))])
+        node.place_tokens(vec![tok(&t, &format!("{t}.{THUMB}"))])
             .await
             .unwrap(),
         1
@@ -220,7 +211,7 @@ async fn standalone_responder_serves_only_challenge_paths() {
     let (ip, port) = (node.ip, cluster.pebble.http_port);
     let t = good_token(5);
     let ka = format!("{t}.{THUMB}");
-    place(node, vec![tok(&t, &ka)]).await.unwrap();
+    node.place_tokens(vec![tok(&t, &ka)]).await.unwrap();
 
     let base = format!("http://{ip}:{port}");
     let get = |path: String| {
