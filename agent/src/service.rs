@@ -3,7 +3,16 @@
 //! Every request is untrusted: its tokens pass the shared checks in
 //! `certfleet_proto::challenge` before anything happens, and a refusal says
 //! which entry was wrong and why. [`serve`] is the one place the agent's gRPC
-//! server is set up (limits, timeouts, and later mTLS).
+//! server is set up (limits and mTLS).
+//!
+//! Time limits are per call, not per server. Every call that waits on
+//! something other than the node's services (token files, installs, status
+//! and its probes) is cut at [`REQUEST_TIMEOUT`] by [`bounded`]. `RestartServices` has no such cut: it
+//! takes as long as the node's services need, and each of its steps is
+//! bounded by that service's `timeout_secs` (see `services`). The server
+//! also honours the caller's `grpc-timeout`, and the coordinator sends one
+//! on every call: when it passes, the handler is dropped, and a command in
+//! flight is killed with its process group.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -23,7 +32,8 @@ use crate::install::{InstallError, Installed, Installer};
 use crate::services;
 use crate::tokens::{PlaceError, Tokens};
 
-/// Longest any one call may take before the agent gives up on it.
+/// Longest a call that does not run the node's services (everything but
+/// `RestartServices`) may take before the agent gives up on it.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most calls one connection may have in flight at once.
 pub const MAX_CONCURRENT_REQUESTS: usize = 64;
@@ -59,7 +69,7 @@ fn install_status(e: InstallError) -> Status {
     warn!(error = %e, "install refused or failed");
     match e {
         InstallError::Unknown(_) => Status::not_found(e.to_string()),
-        InstallError::Invalid { .. } | InstallError::Version => {
+        InstallError::Invalid { .. } | InstallError::Version(_) => {
             Status::invalid_argument(e.to_string())
         }
         InstallError::NoPrevious { .. } | InstallError::Target(_) => {
@@ -104,8 +114,9 @@ where
     IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    // No `.timeout(...)`: one limit for every call would cut restarts that
+    // the services' own `timeout_secs` allow. See the module docs.
     tonic::transport::Server::builder()
-        .timeout(REQUEST_TIMEOUT)
         .concurrency_limit_per_connection(MAX_CONCURRENT_REQUESTS)
         .add_service(
             AgentServer::new(service)
@@ -114,6 +125,22 @@ where
         )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
+}
+
+/// Runs a call's `work` within [`REQUEST_TIMEOUT`]. Blocking work
+/// (installs) goes on in its thread after the cut; the caller is told.
+async fn bounded<T>(
+    call: &'static str,
+    work: impl Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    tokio::time::timeout(REQUEST_TIMEOUT, work)
+        .await
+        .unwrap_or_else(|_| {
+            warn!(call, timeout = ?REQUEST_TIMEOUT, "call timed out");
+            Err(Status::deadline_exceeded(format!(
+                "{call} did not finish within {REQUEST_TIMEOUT:?} on the agent"
+            )))
+        })
 }
 
 fn invalid(err: InvalidChallenge) -> Status {
@@ -127,30 +154,36 @@ impl Agent for AgentService {
         &self,
         request: Request<pb::PlaceTokensRequest>,
     ) -> Result<Response<pb::PlaceTokensResponse>, Status> {
-        let request = request.into_inner();
-        let batch = parse_place_request(request.tokens).map_err(invalid)?;
-        let ttl =
-            (request.ttl_seconds > 0).then(|| Duration::from_secs(request.ttl_seconds.into()));
-        let placed = self.tokens.place(batch, ttl).await.map_err(|e| match e {
-            PlaceError::Full { .. } => Status::resource_exhausted(e.to_string()),
-            PlaceError::Webroot(_) => Status::internal(e.to_string()),
-        })?;
-        info!(placed, "placed tokens");
-        Ok(Response::new(pb::PlaceTokensResponse {
-            placed: placed as u32,
-        }))
+        bounded("PlaceTokens", async {
+            let request = request.into_inner();
+            let batch = parse_place_request(request.tokens).map_err(invalid)?;
+            let ttl =
+                (request.ttl_seconds > 0).then(|| Duration::from_secs(request.ttl_seconds.into()));
+            let placed = self.tokens.place(batch, ttl).await.map_err(|e| match e {
+                PlaceError::Full { .. } => Status::resource_exhausted(e.to_string()),
+                PlaceError::Webroot(_) => Status::internal(e.to_string()),
+            })?;
+            info!(placed, "placed tokens");
+            Ok(Response::new(pb::PlaceTokensResponse {
+                placed: placed as u32,
+            }))
+        })
+        .await
     }
 
     async fn remove_tokens(
         &self,
         request: Request<pb::RemoveTokensRequest>,
     ) -> Result<Response<pb::RemoveTokensResponse>, Status> {
-        let tokens = parse_token_list(&request.into_inner().tokens).map_err(invalid)?;
-        let removed = self.tokens.remove(&tokens).await;
-        info!(removed, "removed tokens");
-        Ok(Response::new(pb::RemoveTokensResponse {
-            removed: removed as u32,
-        }))
+        bounded("RemoveTokens", async {
+            let tokens = parse_token_list(&request.into_inner().tokens).map_err(invalid)?;
+            let removed = self.tokens.remove(&tokens).await;
+            info!(removed, "removed tokens");
+            Ok(Response::new(pb::RemoveTokensResponse {
+                removed: removed as u32,
+            }))
+        })
+        .await
     }
 
     async fn list_tokens(
@@ -173,64 +206,70 @@ impl Agent for AgentService {
         &self,
         request: Request<pb::InstallCertificateRequest>,
     ) -> Result<Response<pb::InstallCertificateResponse>, Status> {
-        let r = request.into_inner();
-        if r.names.len() > MAX_NAMES {
-            return Err(Status::invalid_argument(format!(
-                "{} names; at most {MAX_NAMES} are allowed",
-                r.names.len()
-            )));
-        }
-        let installer = Arc::clone(&self.installer);
-        let installed = tokio::task::spawn_blocking(move || {
-            installer.install(
-                &r.certificate,
-                r.version,
-                &r.fullchain_pem,
-                &r.key_pem,
-                &r.names,
-            )
+        bounded("InstallCertificate", async {
+            let r = request.into_inner();
+            if r.names.len() > MAX_NAMES {
+                return Err(Status::invalid_argument(format!(
+                    "{} names; at most {MAX_NAMES} are allowed",
+                    r.names.len()
+                )));
+            }
+            let installer = Arc::clone(&self.installer);
+            let installed = tokio::task::spawn_blocking(move || {
+                installer.install(
+                    &r.certificate,
+                    r.version,
+                    &r.fullchain_pem,
+                    &r.key_pem,
+                    &r.names,
+                )
+            })
+            .await
+            .map_err(|e| Status::internal(format!("install task: {e}")))?
+            .map_err(install_status)?;
+            Ok(Response::new(installed_to_pb(installed)))
         })
         .await
-        .map_err(|e| Status::internal(format!("install task: {e}")))?
-        .map_err(install_status)?;
-        Ok(Response::new(installed_to_pb(installed)))
     }
 
     async fn get_certificate(
         &self,
         request: Request<pb::GetCertificateRequest>,
     ) -> Result<Response<pb::GetCertificateResponse>, Status> {
-        let r = request.into_inner();
-        let name = r.certificate;
-        let installer = Arc::clone(&self.installer);
-        let targets = installer.targets(&name).map_err(install_status)?;
-        // Probing is a TLS handshake per endpoint: only when asked.
-        let services = if r.probe_services {
-            targets.services.clone()
-        } else {
-            Vec::new()
-        };
-        let status = tokio::task::spawn_blocking(move || installer.status(&name))
-            .await
-            .map_err(|e| Status::internal(format!("status task: {e}")))?
-            .map_err(install_status)?;
-        let mut served = Vec::new();
-        for service in &services {
-            served.extend(
-                services::probe_all(service)
-                    .await
-                    .into_iter()
-                    .map(served_to_pb),
-            );
-        }
-        Ok(Response::new(pb::GetCertificateResponse {
-            version: status.version,
-            leaf_sha256: status.leaf_sha256,
-            intact: status.intact,
-            served,
-            not_after_unix: status.not_after,
-            problem: status.problem.unwrap_or_default(),
-        }))
+        bounded("GetCertificate", async {
+            let r = request.into_inner();
+            let name = r.certificate;
+            let installer = Arc::clone(&self.installer);
+            let targets = installer.targets(&name).map_err(install_status)?;
+            // Probing is a TLS handshake per endpoint: only when asked.
+            let services = if r.probe_services {
+                targets.services.clone()
+            } else {
+                Vec::new()
+            };
+            let status = tokio::task::spawn_blocking(move || installer.status(&name))
+                .await
+                .map_err(|e| Status::internal(format!("status task: {e}")))?
+                .map_err(install_status)?;
+            let mut served = Vec::new();
+            for service in &services {
+                served.extend(
+                    services::probe_all(service)
+                        .await
+                        .into_iter()
+                        .map(served_to_pb),
+                );
+            }
+            Ok(Response::new(pb::GetCertificateResponse {
+                version: status.version,
+                leaf_sha256: status.leaf_sha256,
+                intact: status.intact,
+                served,
+                not_after_unix: status.not_after,
+                problem: status.problem.unwrap_or_default(),
+            }))
+        })
+        .await
     }
 
     async fn restart_services(
@@ -249,10 +288,18 @@ impl Agent for AgentService {
             .installer
             .targets(&r.certificate)
             .map_err(install_status)?;
+        // Not `bounded`: each step is bounded by its service's own
+        // `timeout_secs`, and the caller's `grpc-timeout` bounds the whole.
         let (ok, outcomes) =
             services::restart_all(&targets.services, &expected, r.keep_going).await;
         for o in &outcomes {
-            info!(service = %o.service, step = o.step, ok = o.ok, "service restart");
+            info!(
+                service = %o.service,
+                step = o.step,
+                ok = o.ok,
+                detail = %o.detail,
+                "service restart"
+            );
         }
         Ok(Response::new(pb::RestartServicesResponse {
             ok,
@@ -273,13 +320,16 @@ impl Agent for AgentService {
         &self,
         request: Request<pb::RollbackCertificateRequest>,
     ) -> Result<Response<pb::InstallCertificateResponse>, Status> {
-        let name = request.into_inner().certificate;
-        let installer = Arc::clone(&self.installer);
-        let installed = tokio::task::spawn_blocking(move || installer.rollback(&name))
-            .await
-            .map_err(|e| Status::internal(format!("rollback task: {e}")))?
-            .map_err(install_status)?;
-        Ok(Response::new(installed_to_pb(installed)))
+        bounded("RollbackCertificate", async {
+            let name = request.into_inner().certificate;
+            let installer = Arc::clone(&self.installer);
+            let installed = tokio::task::spawn_blocking(move || installer.rollback(&name))
+                .await
+                .map_err(|e| Status::internal(format!("rollback task: {e}")))?
+                .map_err(install_status)?;
+            Ok(Response::new(installed_to_pb(installed)))
+        })
+        .await
     }
 
     async fn get_status(
