@@ -7,6 +7,12 @@
 //!   the agent on everything it receives, because gRPC input is untrusted.
 //! - [`bundle`] validates a PEM certificate chain and key: the coordinator
 //!   checks what the CA returned, and agents will check what they install.
+//! - [`cause_chain`] shows an error with every cause below it, the way the
+//!   CLI, the coordinator's node errors and the logs print them.
+//! - [`logging`] sets up both daemons' logs (text or JSON, colour only on a
+//!   terminal). It and [`restrict_umask`] are process setup rather than
+//!   contract; they sit here because every certfleet binary already
+//!   depends on this crate.
 //!
 //! Wire types stay here. Conversions to domain types are `TryFrom` impls with
 //! typed errors, so prost's `Option`s and unchecked strings never reach the
@@ -14,8 +20,10 @@
 #![forbid(unsafe_code)]
 
 pub mod bundle;
+pub mod cause_chain;
 pub mod challenge;
 pub mod identity;
+pub mod logging;
 pub mod tls;
 
 /// Generated `certfleet.v1` messages, clients and servers.
@@ -25,17 +33,9 @@ pub mod pb {
 }
 
 /// What both daemons do first: umask 0027, since nothing certfleet writes
-/// is for the world to read, and logs to stderr (journald under systemd),
-/// filtered by `CERTFLEET_LOG` (default `info`).
-pub fn init_process() {
+/// is for the world to read. Logging is [`logging::init`].
+pub fn restrict_umask() {
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o027));
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CERTFLEET_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 /// Largest gRPC message either side encodes or decodes, in bytes.
