@@ -1,6 +1,7 @@
 //! The coordinator's records, in an embedded SQLite database
 //! (`<state>/certfleet.db`, mode 0600): registered nodes, join tokens (only
-//! a hash of each secret) and the audit log of admin requests.
+//! a hash of each secret), what each node has installed, rollouts and their
+//! steps, and the audit log of admin requests.
 //!
 //! Calls are short and synchronous behind one mutex; none is on a hot path.
 
@@ -69,6 +70,11 @@ pub enum DbError {
         path: PathBuf,
         source: rusqlite::Error,
     },
+    #[error("making {path} private (0600): {source}")]
+    Mode {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "node {0} is already registered and active; `certfleet node remove {0}` first to join it again"
     )]
@@ -128,6 +134,29 @@ pub struct NodeRecord {
     pub last_contact: i64,
 }
 
+/// How a rollout ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutOutcome {
+    /// Every node serves the version.
+    Ok,
+    /// A node failed, was rolled back, and the rollout stopped there.
+    Halted,
+    /// The rollout stopped without reaching an outcome: it panicked or
+    /// its task went away.
+    Failed,
+}
+
+impl RolloutOutcome {
+    /// As stored in `rollouts.outcome` and shown by `certfleet status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Halted => "halted",
+            Self::Failed => "failed",
+        }
+    }
+}
+
 /// One recorded step of a rollout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RolloutStep {
@@ -169,6 +198,35 @@ impl Db {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
+        // WAL mode keeps recent writes (join token hashes, the audit log) in
+        // -wal and -shm beside the database: as private as the database.
+        for suffix in ["-wal", "-shm"] {
+            let side = PathBuf::from(format!("{}{suffix}", path.display()));
+            if side.exists() {
+                std::fs::set_permissions(&side, std::fs::Permissions::from_mode(0o600)).map_err(
+                    |source| DbError::Mode {
+                        path: side.clone(),
+                        source,
+                    },
+                )?;
+            }
+        }
+        Ok(Self {
+            path,
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// A database in memory, for unit tests (no file, no fsync).
+    #[cfg(test)]
+    pub(crate) fn in_memory() -> Result<Self, DbError> {
+        let path = PathBuf::from(":memory:");
+        let err = |source| DbError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open_in_memory().map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
         Ok(Self {
             path,
             conn: Mutex::new(conn),
@@ -179,7 +237,10 @@ impl Db {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
     ) -> Result<T, DbError> {
-        let mut conn = self.conn.lock().expect("db lock poisoned");
+        // A panic elsewhere while the lock was held leaves the connection
+        // usable (an open transaction rolls back when dropped), and a
+        // failed rollout must still be recorded while a panic unwinds.
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut conn).map_err(|source| DbError::Sqlite {
             path: self.path.clone(),
             source,
@@ -445,22 +506,40 @@ impl Db {
         Ok(())
     }
 
-    pub fn finish_rollout(&self, rollout: i64, outcome: &str, now: i64) -> Result<(), DbError> {
+    pub fn finish_rollout(
+        &self,
+        rollout: i64,
+        outcome: RolloutOutcome,
+        now: i64,
+    ) -> Result<(), DbError> {
         self.with(|c| {
             c.execute(
                 "UPDATE rollouts SET finished = ?2, outcome = ?3 WHERE id = ?1",
-                params![rollout, now, outcome],
+                params![rollout, now, outcome.as_str()],
             )
         })?;
         Ok(())
     }
 
     /// The outcome of the latest rollout of `certificate` ("ok",
-    /// "halted", "running"), if there was one.
+    /// "halted", "failed", or "running" while it runs), if there was one.
     pub fn last_rollout(&self, certificate: &str) -> Result<Option<String>, DbError> {
         self.with(|c| {
             c.query_row(
                 "SELECT coalesce(outcome, 'running') FROM rollouts WHERE certificate = ?1 ORDER BY id DESC LIMIT 1",
+                params![certificate],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+    }
+
+    /// The id of the latest rollout of `certificate`.
+    #[cfg(test)]
+    pub(crate) fn last_rollout_id(&self, certificate: &str) -> Result<Option<i64>, DbError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT id FROM rollouts WHERE certificate = ?1 ORDER BY id DESC LIMIT 1",
                 params![certificate],
                 |r| r.get(0),
             )
@@ -689,5 +768,24 @@ mod tests {
             Err(RenewRefusal::Superseded { .. })
         ));
         assert_eq!(db.check_renewal("a", "0d").unwrap(), Ok(()));
+    }
+
+    #[test]
+    fn the_database_and_its_wal_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        db.audit(Some(0), "test", "a write, so the WAL exists", 1)
+            .unwrap();
+        drop(db);
+        // Reopened: the side files left by the first run are checked too.
+        let db = Db::open(dir.path()).unwrap();
+        db.audit(Some(0), "test", "again", 2).unwrap();
+        for file in ["certfleet.db", "certfleet.db-wal", "certfleet.db-shm"] {
+            let path = dir.path().join(file);
+            if let Ok(meta) = std::fs::metadata(&path) {
+                assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{file}");
+            }
+        }
     }
 }

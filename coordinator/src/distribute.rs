@@ -11,8 +11,9 @@ use std::time::Instant;
 use tracing::{info, warn};
 
 use crate::challenge::{FanOut, FleetNode};
+use crate::config::CertificateSpec;
 use crate::db::now;
-use crate::issue::{IssueError, Issuer};
+use crate::fleet::{Fleet, FleetError, OperationGuard};
 use crate::progress::{Progress, Stage};
 use crate::store::StoreError;
 use crate::transport::{BundleToInstall, NodeInstall, TransportError};
@@ -21,7 +22,7 @@ use crate::transport::{BundleToInstall, NodeInstall, TransportError};
 #[derive(Debug, thiserror::Error)]
 pub enum DistributeError {
     #[error(transparent)]
-    Setup(#[from] IssueError),
+    Fleet(#[from] FleetError),
     #[error("certificate {name} has no version {version} in the store")]
     NoVersion { name: String, version: u32 },
     #[error("certificate {0} has not been issued yet: run `certfleet issue {0}`")]
@@ -44,102 +45,31 @@ pub struct Distributed {
     pub nodes: Vec<(String, NodeInstall)>,
 }
 
+/// Sends `version` (default: the live one) to every node serving the
+/// certificate, or only to `only`. The caller holds the certificate's lock.
 pub async fn distribute(
-    issuer: &Issuer,
-    name: &str,
+    fleet: &Fleet,
+    op: &OperationGuard,
     version: Option<u32>,
     only: &[String],
     progress: &Progress,
 ) -> Result<Distributed, DistributeError> {
-    let spec = issuer
-        .config()
-        .certificate(name)
-        .ok_or_else(|| IssueError::UnknownCertificate(name.to_owned()))?;
-    let version = match version {
-        Some(v) => v,
-        None => issuer
-            .store()
-            .live(name)?
-            .map(|s| s.version)
-            .ok_or_else(|| DistributeError::NotIssued(name.to_owned()))?,
-    };
-    let (fullchain_pem, key_pem) =
-        issuer
-            .store()
-            .read_version(name, version)?
-            .ok_or_else(|| DistributeError::NoVersion {
-                name: name.to_owned(),
-                version,
-            })?;
-    let mut nodes: Vec<FleetNode> = issuer.fleet(spec)?;
-    if !only.is_empty() {
-        if let Some(missing) = only
-            .iter()
-            .find(|n| !nodes.iter().any(|f| &f.node.name == *n))
-        {
-            return Err(DistributeError::NotServing(missing.clone()));
-        }
-        nodes.retain(|f| only.contains(&f.node.name));
-    }
-    let bundle = BundleToInstall {
-        certificate: name.to_owned(),
-        version,
-        fullchain_pem,
-        key_pem,
-        names: spec.sans.clone(),
-    };
-    let limits: FanOut = issuer.fan_out();
+    let name = op.certificate();
+    let spec = fleet.spec(name)?;
+    let bundle = read_bundle(fleet, spec, version)?;
+    let nodes = only_nodes(fleet.nodes(spec)?, only)?;
     let start = Instant::now();
-    let results = limits
-        .run(&nodes, |n| {
-            let bundle = &bundle;
-            async move { n.transport.install_certificate(bundle).await }
-        })
-        .await;
-    let mut ok = Vec::new();
-    let mut failed = Vec::new();
-    for (n, result) in results {
-        let name = n.node.name.clone();
-        match result.unwrap_or(Err(TransportError::Timeout(limits.node_timeout))) {
-            Ok(install) => {
-                let what = if install.changed {
-                    "installed"
-                } else {
-                    "already had"
-                };
-                progress.node(
-                    Stage::Distribute,
-                    &name,
-                    true,
-                    format!(
-                        "{what} version {} (leaf sha256 {})",
-                        install.version, install.leaf_sha256
-                    ),
-                );
-                ok.push((name, install));
-            }
-            Err(e) => {
-                let reason = format!("({}): {e}", n.node.agent);
-                progress.node(
-                    Stage::Distribute,
-                    &name,
-                    false,
-                    format!("node {name} {reason}"),
-                );
-                failed.push((name, reason));
-            }
-        }
-    }
+    let (mut ok, mut failed) = install_all(fleet.fan_out(), &nodes, &bundle, progress).await;
     let records: Vec<(String, u32, String)> = ok
         .iter()
         .map(|(n, i)| (n.clone(), i.version, i.leaf_sha256.clone()))
         .collect();
-    if let Err(e) = issuer.db().record_installs(name, &records, now()) {
+    if let Err(e) = fleet.db().record_installs(name, &records, now()) {
         warn!(error = %e, "cannot record installs");
     }
     info!(
         certificate = name,
-        version,
+        version = bundle.version,
         ok = ok.len(),
         failed = failed.len(),
         ms = start.elapsed().as_millis() as u64,
@@ -153,5 +83,199 @@ pub async fn distribute(
         });
     }
     ok.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(Distributed { version, nodes: ok })
+    Ok(Distributed {
+        version: bundle.version,
+        nodes: ok,
+    })
+}
+
+/// Reads `version` of the certificate (default: the live one) from the store.
+fn read_bundle(
+    fleet: &Fleet,
+    spec: &CertificateSpec,
+    version: Option<u32>,
+) -> Result<BundleToInstall, DistributeError> {
+    let name = &spec.name;
+    let version = match version {
+        Some(v) => v,
+        None => fleet
+            .store()
+            .live(name)?
+            .map(|s| s.version)
+            .ok_or_else(|| DistributeError::NotIssued(name.to_owned()))?,
+    };
+    let (fullchain_pem, key_pem) =
+        fleet
+            .store()
+            .read_version(name, version)?
+            .ok_or_else(|| DistributeError::NoVersion {
+                name: name.to_owned(),
+                version,
+            })?;
+    Ok(BundleToInstall {
+        certificate: name.to_owned(),
+        version,
+        fullchain_pem,
+        key_pem,
+        names: spec.sans.clone(),
+    })
+}
+
+/// `nodes`, or only those named in `only` when it names any; each of
+/// those must serve the certificate.
+fn only_nodes(
+    mut nodes: Vec<FleetNode>,
+    only: &[String],
+) -> Result<Vec<FleetNode>, DistributeError> {
+    if only.is_empty() {
+        return Ok(nodes);
+    }
+    if let Some(missing) = only
+        .iter()
+        .find(|n| !nodes.iter().any(|f| &f.node.name == *n))
+    {
+        return Err(DistributeError::NotServing(missing.clone()));
+    }
+    nodes.retain(|f| only.contains(&f.node.name));
+    Ok(nodes)
+}
+
+/// Installs `bundle` on every node under `limits`, reporting each;
+/// returns the nodes that have it and the ones that failed, with why.
+async fn install_all(
+    limits: FanOut,
+    nodes: &[FleetNode],
+    bundle: &BundleToInstall,
+    progress: &Progress,
+) -> (Vec<(String, NodeInstall)>, Vec<(String, String)>) {
+    let results = limits
+        .run(nodes, |n| n.transport.install_certificate(bundle))
+        .await;
+    let mut ok = Vec::new();
+    let mut failed = Vec::new();
+    for (n, result) in results {
+        let name = n.node.name.clone();
+        match result.unwrap_or(Err(TransportError::Timeout(limits.node_timeout))) {
+            Ok(install) => {
+                let what = if install.changed {
+                    "installed"
+                } else {
+                    "already had"
+                };
+                let line = format!(
+                    "{what} version {} (leaf sha256 {})",
+                    install.version, install.leaf_sha256
+                );
+                progress.node(Stage::Distribute, &name, true, line);
+                ok.push((name, install));
+            }
+            Err(e) => {
+                let reason = format!("({}): {e}", n.node.agent);
+                let line = format!("node {name} {reason}");
+                progress.node(Stage::Distribute, &name, false, line);
+                failed.push((name, reason));
+            }
+        }
+    }
+    (ok, failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::Operation;
+    use crate::fleet::testing::{Bench, lock};
+    use crate::transport::fake::{Call, Fail};
+
+    async fn run(
+        fleet: &Fleet,
+        version: Option<u32>,
+        only: &[&str],
+    ) -> Result<Distributed, DistributeError> {
+        let op = lock(fleet, Operation::Distribute);
+        let only: Vec<String> = only.iter().map(|n| n.to_string()).collect();
+        distribute(fleet, &op, version, &only, &Progress::discard()).await
+    }
+
+    #[tokio::test]
+    async fn every_node_gets_the_version_and_the_installs_are_recorded() {
+        let bench = Bench::new();
+        let fleet = bench.fleet(3, 1);
+        let done = run(&fleet, Some(1), &[]).await.unwrap();
+        assert_eq!(done.version, 1);
+        let names: Vec<&str> = done.nodes.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["n0", "n1", "n2"]);
+        assert!(done.nodes.iter().all(|(_, i)| i.changed));
+        for n in names {
+            assert_eq!(bench.fakes.calls(n), [Call::Install(1)]);
+            assert_eq!(bench.fakes.installed(n), bench.v1);
+        }
+        let recorded = bench.db.installs("cn").unwrap();
+        assert_eq!(recorded.len(), 3);
+        assert!(
+            recorded
+                .iter()
+                .all(|(_, v, sha)| (*v, sha) == (1, &bench.v1.1))
+        );
+        // Sending what a node has is a no-op.
+        let again = run(&fleet, Some(1), &[]).await.unwrap();
+        assert!(again.nodes.iter().all(|(_, i)| !i.changed));
+    }
+
+    #[tokio::test]
+    async fn only_the_named_nodes_are_sent_to() {
+        let bench = Bench::new();
+        let fleet = bench.fleet(3, 1);
+        let done = run(&fleet, None, &["n1"]).await.unwrap();
+        assert_eq!(done.version, 2);
+        assert_eq!(bench.fakes.calls("n1"), [Call::Install(2)]);
+        assert_eq!(bench.fakes.calls("n0"), []);
+        assert_eq!(bench.fakes.calls("n2"), []);
+        let err = run(&fleet, None, &["n1", "n7"]).await.unwrap_err();
+        assert!(
+            matches!(&err, DistributeError::NotServing(n) if n == "n7"),
+            "{err:?}"
+        );
+        assert_eq!(bench.fakes.calls("n1"), [Call::Install(2)]);
+    }
+
+    #[tokio::test]
+    async fn a_failing_node_is_named_and_the_others_still_get_the_version() {
+        let bench = Bench::new();
+        let fleet = bench.fleet(4, 1);
+        bench.fakes.fail("n2", Fail::Install);
+        bench.fakes.fail("n0", Fail::Unreachable);
+        let err = run(&fleet, Some(1), &[]).await.unwrap_err();
+        let DistributeError::Nodes { failed, succeeded } = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(*succeeded, 2);
+        let names: Vec<&str> = failed.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["n0", "n2"]);
+        let text = err.to_string();
+        assert!(
+            text.contains("node n2 (127.0.0.4:7443): refused: PermissionDenied: target /etc/ssl/private/cn.key: permission denied"),
+            "{text}"
+        );
+        assert!(
+            text.contains("node n0 (127.0.0.2:7443): unreachable"),
+            "{text}"
+        );
+        for n in ["n1", "n3"] {
+            assert_eq!(bench.fakes.installed(n), bench.v1, "{n}");
+        }
+        assert_eq!(bench.fakes.installed("n2"), bench.v2);
+    }
+
+    #[tokio::test]
+    async fn a_version_not_in_the_store_is_refused_before_any_node_is_asked() {
+        let bench = Bench::new();
+        let fleet = bench.fleet(2, 1);
+        let err = run(&fleet, Some(9), &[]).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "certificate cn has no version 9 in the store"
+        );
+        assert_eq!(bench.fakes.calls("n0"), []);
+    }
 }

@@ -1,13 +1,15 @@
 //! `certfleet restart`, `rollout` and `status`: getting the new certificate
-//! into the services that use it, one node at a time, proving each node
-//! serves it before touching the next.
+//! into the services that use it, one batch of nodes at a time, proving
+//! each node serves it before touching the next batch.
 //!
 //! Per batch of nodes (the certificate's `restart_batch`, 1 by default),
 //! each node's agent checks, restarts and verifies its services in its own
 //! configured order. A node that fails is rolled back to the previous
 //! version, its services restarted again and verified to serve that
-//! version, and the rollout halts: later nodes are never touched. Every
-//! step is recorded, so `status` and later mail can say what happened.
+//! version, and the rollout halts: later batches are never touched. Every
+//! step is recorded, so `status` and later mail can say what happened. The
+//! rollout's row in the database always gets an outcome, even when the
+//! rollout panics ([`Record`]).
 
 use std::time::Duration;
 
@@ -15,9 +17,9 @@ use futures::future::join_all;
 use tracing::{info, warn};
 
 use crate::challenge::FleetNode;
-use crate::db::now;
+use crate::db::{Db, DbError, RolloutOutcome, now};
 use crate::distribute::{DistributeError, distribute};
-use crate::issue::{IssueError, Issuer};
+use crate::fleet::{Fleet, FleetError, OperationGuard};
 use crate::progress::{Progress, Stage};
 use crate::store::StoreError;
 use crate::transport::{NodeCertificate, RestartReport, TransportError};
@@ -29,7 +31,9 @@ pub const NODE_RESTART_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 #[derive(Debug, thiserror::Error)]
 pub enum RolloutError {
     #[error(transparent)]
-    Setup(#[from] IssueError),
+    Fleet(#[from] FleetError),
+    #[error(transparent)]
+    Registry(#[from] DbError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("certificate {0} has not been issued yet: run `certfleet issue {0}`")]
@@ -62,6 +66,9 @@ struct NodeFailure {
     service: String,
     step: String,
     detail: String,
+    /// False when the node failed before anything on it was restarted
+    /// (the precheck): there is nothing to roll back.
+    restarted: bool,
 }
 
 impl NodeFailure {
@@ -71,77 +78,143 @@ impl NodeFailure {
                 service: s.service.clone(),
                 step: s.step.clone(),
                 detail: s.detail.clone(),
+                restarted: true,
             },
             None => Self {
                 service: "-".into(),
                 step: "restart".into(),
                 detail: "the node reported failure without a failing service".into(),
+                restarted: true,
             },
         }
     }
 
-    fn transport(step: &str, e: &TransportError) -> Self {
+    fn transport(step: &str, e: &TransportError, restarted: bool) -> Self {
         Self {
             service: "-".into(),
             step: step.into(),
             detail: e.to_string(),
+            restarted,
+        }
+    }
+}
+
+/// The first failed node of a batch, and what its rollback achieved.
+struct Halt {
+    node: String,
+    failure: NodeFailure,
+    rollback: String,
+}
+
+/// A rollout's row in the database. One dropped without an outcome (the
+/// rollout panicked, or its task was dropped) records
+/// [`RolloutOutcome::Failed`], so no rollout stays "running" for ever.
+struct Record<'a> {
+    db: &'a Db,
+    id: i64,
+    finished: bool,
+}
+
+impl<'a> Record<'a> {
+    fn start(db: &'a Db, certificate: &str, version: u32) -> Result<Self, DbError> {
+        Ok(Self {
+            db,
+            id: db.start_rollout(certificate, version, now())?,
+            finished: false,
+        })
+    }
+
+    fn step(&self, node: &str, step: &str, ok: bool, detail: &str) {
+        if let Err(e) = self.db.rollout_step(self.id, node, step, ok, detail, now()) {
+            warn!(error = %e, "cannot record a rollout step");
+        }
+    }
+
+    fn finish(mut self, outcome: RolloutOutcome) {
+        self.close(outcome);
+    }
+
+    fn close(&mut self, outcome: RolloutOutcome) {
+        self.finished = true;
+        if let Err(e) = self.db.finish_rollout(self.id, outcome, now()) {
+            warn!(error = %e, rollout = self.id, "cannot record the rollout's outcome");
+        }
+    }
+}
+
+impl Drop for Record<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            warn!(
+                rollout = self.id,
+                "rollout ended without an outcome; recording it as failed"
+            );
+            self.close(RolloutOutcome::Failed);
         }
     }
 }
 
 struct Run<'a> {
-    issuer: &'a Issuer,
     name: &'a str,
+    version: u32,
+    /// The live version's leaf SHA-256, which every node must end up serving.
+    expected: String,
     progress: &'a Progress,
-    rollout: i64,
+    record: &'a Record<'a>,
 }
 
 impl Run<'_> {
-    fn record(&self, node: &str, step: &str, ok: bool, detail: &str) {
-        if let Err(e) = self
-            .issuer
-            .db()
-            .rollout_step(self.rollout, node, step, ok, detail, now())
-        {
-            warn!(error = %e, "cannot record a rollout step");
+    /// Restarts one batch concurrently. Nodes that succeed join `done`; if
+    /// any fails, every failed node is rolled back and the first is reported.
+    async fn batch(&self, batch: &[FleetNode], done: &mut Vec<String>) -> Result<(), Halt> {
+        let results = join_all(batch.iter().map(|n| self.node(n))).await;
+        let mut failed = Vec::new();
+        for (n, result) in batch.iter().zip(results) {
+            let name = &n.node.name;
+            match result {
+                Ok(()) => {
+                    let line = format!("serves version {}", self.version);
+                    self.progress.node(Stage::Restart, name, true, line);
+                    done.push(name.clone());
+                }
+                Err(f) => {
+                    let line = format!("service {}, step {}: {}", f.service, f.step, f.detail);
+                    self.progress.node(Stage::Restart, name, false, line);
+                    self.record.step(name, &f.step, false, &f.detail);
+                    failed.push((n, f));
+                }
+            }
         }
+        let mut halt = None;
+        for (n, failure) in failed {
+            let rollback = if failure.restarted {
+                self.roll_back(n).await
+            } else {
+                "not needed: nothing on the node was restarted".to_owned()
+            };
+            halt.get_or_insert(Halt {
+                node: n.node.name.clone(),
+                failure,
+                rollback,
+            });
+        }
+        halt.map_or(Ok(()), Err)
     }
 
     /// Restarts one node; `Err` says where it failed.
-    async fn node(&self, n: &FleetNode, version: u32, expected: &str) -> Result<(), NodeFailure> {
-        let name = &n.node.name;
-        // Never restart onto files that are not the version being rolled out.
-        let status = n
-            .transport
-            // The version on disk is enough here; verify probes afterwards.
-            .certificate_status(self.name, false)
-            .await
-            .map_err(|e| NodeFailure::transport("precheck", &e))?;
-        if status.version != version || status.leaf_sha256 != expected || !status.intact {
-            return Err(NodeFailure {
-                service: "-".into(),
-                step: "precheck".into(),
-                detail: format!(
-                    "node has version {} ({}) installed, not version {version}: run `certfleet distribute {}` first",
-                    status.version,
-                    if status.intact {
-                        "intact"
-                    } else {
-                        &status.problem
-                    },
-                    self.name
-                ),
-            });
-        }
+    async fn node(&self, n: &FleetNode) -> Result<(), NodeFailure> {
+        self.precheck(n).await?;
         let report = tokio::time::timeout(
             NODE_RESTART_TIMEOUT,
-            n.transport.restart_services(self.name, expected, false),
+            n.transport
+                .restart_services(self.name, &self.expected, false),
         )
         .await
         .map_err(|_| {
-            NodeFailure::transport("restart", &TransportError::Timeout(NODE_RESTART_TIMEOUT))
+            let e = TransportError::Timeout(NODE_RESTART_TIMEOUT);
+            NodeFailure::transport("restart", &e, true)
         })?
-        .map_err(|e| NodeFailure::transport("restart", &e))?;
+        .map_err(|e| NodeFailure::transport("restart", &e, true))?;
         for s in &report.services {
             let line = format!(
                 "{}: {} {}: {}",
@@ -150,8 +223,9 @@ impl Run<'_> {
                 if s.ok { "ok" } else { "FAILED" },
                 s.detail
             );
-            self.progress.node(Stage::Restart, name, s.ok, line.clone());
-            self.record(name, &format!("{}:{}", s.service, s.step), s.ok, &s.detail);
+            self.progress.node(Stage::Restart, &n.node.name, s.ok, line);
+            let step = format!("{}:{}", s.service, s.step);
+            self.record.step(&n.node.name, &step, s.ok, &s.detail);
         }
         if report.ok {
             Ok(())
@@ -160,172 +234,172 @@ impl Run<'_> {
         }
     }
 
+    /// Never restarts onto files that are not the version being rolled out.
+    /// The version on disk is enough here; the restart's verify probes.
+    async fn precheck(&self, n: &FleetNode) -> Result<(), NodeFailure> {
+        let status = n
+            .transport
+            .certificate_status(self.name, false)
+            .await
+            .map_err(|e| NodeFailure::transport("precheck", &e, false))?;
+        if status.version == self.version && status.leaf_sha256 == self.expected && status.intact {
+            return Ok(());
+        }
+        Err(NodeFailure {
+            service: "-".into(),
+            step: "precheck".into(),
+            detail: format!(
+                "node has version {} ({}) installed, not version {}: run `certfleet distribute {}` first",
+                status.version,
+                if status.intact {
+                    "intact"
+                } else {
+                    &status.problem
+                },
+                self.version,
+                self.name
+            ),
+            restarted: false,
+        })
+    }
+
     /// Puts a failed node back on its previous version and proves it
     /// serves it; returns a sentence for the report.
     async fn roll_back(&self, n: &FleetNode) -> String {
         let name = &n.node.name;
-        let previous = match n.transport.rollback_certificate(self.name).await {
-            Ok(p) => p,
-            Err(e) => {
-                let line = format!("FAILED to reinstall the previous version: {e}");
-                self.progress
-                    .node(Stage::Rollback, name, false, line.clone());
-                self.record(name, "rollback", false, &line);
-                return line;
-            }
-        };
-        self.progress.node(
-            Stage::Rollback,
-            name,
-            true,
-            format!("reinstalled version {}", previous.version),
-        );
-        let line = match n
-            .transport
-            .restart_services(self.name, &previous.leaf_sha256, true)
-            .await
-        {
-            Ok(report) => {
-                let served: Vec<_> = report.services.iter().flat_map(|s| &s.served).collect();
-                let all = !served.is_empty()
-                    && served
-                        .iter()
-                        .all(|s| s.result.as_deref() == Ok(previous.leaf_sha256.as_str()));
-                if all {
-                    format!(
-                        "node {name} serves version {} again ({} endpoint(s) verified)",
-                        previous.version,
-                        served.len()
-                    )
-                } else {
-                    let seen: Vec<String> = served
-                        .iter()
-                        .map(|s| match &s.result {
-                            Ok(sha) => format!("{} serves {sha}", s.address),
-                            Err(e) => format!("{}: {e}", s.address),
-                        })
-                        .collect();
-                    format!(
-                        "FAILED: node {name} does not serve version {} ({}): {}",
-                        previous.version,
-                        previous.leaf_sha256,
-                        seen.join("; ")
-                    )
+        let (ok, line) = match n.transport.rollback_certificate(self.name).await {
+            Ok(previous) => {
+                self.progress.node(
+                    Stage::Rollback,
+                    name,
+                    true,
+                    format!("reinstalled version {}", previous.version),
+                );
+                let restarted = n
+                    .transport
+                    .restart_services(self.name, &previous.leaf_sha256, true)
+                    .await;
+                match restarted {
+                    Ok(report) => serves_previous(name, &previous, &report),
+                    Err(e) => (
+                        false,
+                        format!(
+                            "FAILED to restart services on version {}: {e}",
+                            previous.version
+                        ),
+                    ),
                 }
             }
-            Err(e) => format!(
-                "FAILED to restart services on version {}: {e}",
-                previous.version
+            Err(e) => (
+                false,
+                format!("FAILED to reinstall the previous version: {e}"),
             ),
         };
-        let ok = !line.starts_with("FAILED");
         self.progress.node(Stage::Rollback, name, ok, line.clone());
-        self.record(name, "rollback", ok, &line);
+        self.record.step(name, "rollback", ok, &line);
         line
     }
 }
 
-/// Restarts the certificate's services node by node onto the live version.
+/// Whether every endpoint of `node` serves `previous` again after the
+/// rollback's restart, and a sentence saying so.
+fn serves_previous(
+    node: &str,
+    previous: &crate::transport::NodeInstall,
+    report: &RestartReport,
+) -> (bool, String) {
+    let served: Vec<_> = report.services.iter().flat_map(|s| &s.served).collect();
+    let all = !served.is_empty()
+        && served
+            .iter()
+            .all(|s| s.result.as_deref() == Ok(previous.leaf_sha256.as_str()));
+    if all {
+        let line = format!(
+            "node {node} serves version {} again ({} endpoint(s) verified)",
+            previous.version,
+            served.len()
+        );
+        return (true, line);
+    }
+    let seen: Vec<String> = served
+        .iter()
+        .map(|s| match &s.result {
+            Ok(sha) => format!("{} serves {sha}", s.address),
+            Err(e) => format!("{}: {e}", s.address),
+        })
+        .collect();
+    let line = format!(
+        "FAILED: node {node} does not serve version {} ({}): {}",
+        previous.version,
+        previous.leaf_sha256,
+        seen.join("; ")
+    );
+    (false, line)
+}
+
+/// Restarts the certificate's services batch by batch onto the live
+/// version. The caller holds the certificate's lock.
 pub async fn restart(
-    issuer: &Issuer,
-    name: &str,
+    fleet: &Fleet,
+    op: &OperationGuard,
     progress: &Progress,
 ) -> Result<Restarted, RolloutError> {
-    let spec = issuer
-        .config()
-        .certificate(name)
-        .ok_or_else(|| IssueError::UnknownCertificate(name.to_owned()))?;
-    let live = issuer
+    let name = op.certificate();
+    let spec = fleet.spec(name)?;
+    let live = fleet
         .store()
         .live(name)?
         .ok_or_else(|| RolloutError::NotIssued(name.to_owned()))?;
-    let (version, expected) = (live.version, live.bundle.leaf_sha256_hex());
-    let nodes = issuer.fleet(spec)?;
-    let rollout = issuer
-        .db()
-        .start_rollout(name, version, now())
-        .map_err(IssueError::from)?;
+    let nodes = fleet.nodes(spec)?;
+    let record = Record::start(fleet.db(), name, live.version)?;
     let run = Run {
-        issuer,
         name,
+        version: live.version,
+        expected: live.bundle.leaf_sha256_hex(),
         progress,
-        rollout,
+        record: &record,
     };
     let mut done = Vec::with_capacity(nodes.len());
-    for (b, batch) in nodes.chunks(spec.restart_batch).enumerate() {
-        let results = join_all(batch.iter().map(|n| run.node(n, version, &expected))).await;
-        let mut failure = None;
-        for (n, result) in batch.iter().zip(results) {
-            match result {
-                Ok(()) => {
-                    progress.node(
-                        Stage::Restart,
-                        &n.node.name,
-                        true,
-                        format!("serves version {version}"),
-                    );
-                    done.push(n.node.name.clone());
-                }
-                Err(f) => {
-                    progress.node(
-                        Stage::Restart,
-                        &n.node.name,
-                        false,
-                        format!("service {}, step {}: {}", f.service, f.step, f.detail),
-                    );
-                    run.record(&n.node.name, &f.step, false, &f.detail);
-                    if failure.is_none() {
-                        failure = Some((n, f));
-                    }
-                }
-            }
-        }
-        if let Some((n, f)) = failure {
-            // Every failed node in the batch goes back; report the first.
-            let mut rollback = String::new();
-            for m in batch.iter().filter(|m| !done.contains(&m.node.name)) {
-                let line = run.roll_back(m).await;
-                if m.node.name == n.node.name {
-                    rollback = line;
-                }
-            }
-            let untouched: Vec<String> = nodes[(b + 1) * spec.restart_batch..]
-                .iter()
-                .map(|n| n.node.name.clone())
-                .collect();
-            let _ = issuer.db().finish_rollout(rollout, "halted", now());
-            warn!(certificate = name, node = %n.node.name, "rollout halted");
+    let mut batches = nodes.chunks(spec.restart_batch);
+    while let Some(batch) = batches.next() {
+        if let Err(halt) = run.batch(batch, &mut done).await {
+            // Whatever the batch size, the untouched nodes are exactly the
+            // later batches.
+            let untouched = batches.flatten().map(|n| n.node.name.clone()).collect();
+            record.finish(RolloutOutcome::Halted);
+            warn!(certificate = name, node = %halt.node, "rollout halted");
             return Err(RolloutError::Halted {
-                node: n.node.name.clone(),
-                service: f.service,
-                step: f.step,
-                detail: f.detail,
-                rollback,
+                node: halt.node,
+                service: halt.failure.service,
+                step: halt.failure.step,
+                detail: halt.failure.detail,
+                rollback: halt.rollback,
                 untouched,
             });
         }
     }
-    let _ = issuer.db().finish_rollout(rollout, "ok", now());
+    record.finish(RolloutOutcome::Ok);
     info!(
         certificate = name,
-        version,
+        version = live.version,
         nodes = done.len(),
         "rollout complete"
     );
     Ok(Restarted {
-        version,
+        version: live.version,
         nodes: done,
     })
 }
 
-/// Distribute the live version, then restart.
+/// Distribute the live version, then restart, under one hold of the
+/// certificate's lock.
 pub async fn rollout(
-    issuer: &Issuer,
-    name: &str,
+    fleet: &Fleet,
+    op: &OperationGuard,
     progress: &Progress,
 ) -> Result<Restarted, RolloutError> {
-    distribute(issuer, name, None, &[], progress).await?;
-    restart(issuer, name, progress).await
+    distribute(fleet, op, None, &[], progress).await?;
+    restart(fleet, op, progress).await
 }
 
 /// One node's view, for `certfleet status`.
@@ -335,21 +409,19 @@ pub struct NodeStatus {
     pub result: Result<NodeCertificate, String>,
 }
 
-/// Asks every node serving `name` what it has and serves.
+/// Asks every node serving `name` what it has and serves. Read-only: it
+/// takes no lock.
 pub async fn status(
-    issuer: &Issuer,
+    fleet: &Fleet,
     name: &str,
 ) -> Result<(Option<(u32, String)>, Vec<NodeStatus>), RolloutError> {
-    let spec = issuer
-        .config()
-        .certificate(name)
-        .ok_or_else(|| IssueError::UnknownCertificate(name.to_owned()))?;
-    let live = issuer
+    let spec = fleet.spec(name)?;
+    let live = fleet
         .store()
         .live(name)?
         .map(|s| (s.version, s.bundle.leaf_sha256_hex()));
-    let nodes = issuer.fleet(spec)?;
-    let results = issuer
+    let nodes = fleet.nodes(spec)?;
+    let results = fleet
         .fan_out()
         .run(&nodes, |n| n.transport.certificate_status(name, true))
         .await;
@@ -367,4 +439,251 @@ pub async fn status(
     let order = |name: &str| nodes.iter().position(|n| n.node.name == name);
     out.sort_by_key(|s| order(&s.node));
     Ok((live, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::fleet::Operation;
+    use crate::fleet::testing::{Bench, MAX_TEST_NODES, lock, node_name};
+    use crate::transport::fake::{Call, Fail};
+
+    /// The calls a node gets when it is restarted onto `expected`.
+    fn restarted(expected: &str) -> Vec<Call> {
+        vec![
+            Call::Status { probe: false },
+            Call::Restart {
+                expected: expected.to_owned(),
+                keep_going: false,
+            },
+        ]
+    }
+
+    /// The calls a node gets when its restart onto `new` fails and it is
+    /// rolled back to `previous`.
+    fn rolled_back(new: &str, previous: &str) -> Vec<Call> {
+        let mut calls = restarted(new);
+        calls.push(Call::Rollback);
+        calls.push(Call::Restart {
+            expected: previous.to_owned(),
+            keep_going: true,
+        });
+        calls
+    }
+
+    /// The steps recorded for `node` in the latest rollout: (step, ok).
+    fn steps(bench: &Bench, node: &str) -> Vec<(String, bool)> {
+        let id = bench.db.last_rollout_id("cn").unwrap().unwrap();
+        let steps = bench.db.rollout_steps(id).unwrap();
+        steps
+            .into_iter()
+            .filter(|s| s.node == node)
+            .map(|s| (s.step, s.ok))
+            .collect()
+    }
+
+    fn last_outcome(bench: &Bench) -> String {
+        bench.db.last_rollout("cn").unwrap().unwrap()
+    }
+
+    async fn run_restart(fleet: &Fleet) -> Result<Restarted, RolloutError> {
+        let op = lock(fleet, Operation::Restart);
+        restart(fleet, &op, &Progress::discard()).await
+    }
+
+    #[tokio::test]
+    async fn every_node_count_and_batch_size_halts_at_the_failing_batch() {
+        let bench = Bench::new();
+        let (v1, v2) = (&bench.v1.1, &bench.v2.1);
+        for nodes in 1..=MAX_TEST_NODES {
+            let names: Vec<String> = (0..nodes).map(node_name).collect();
+            for batch in 1..=4 {
+                for failing in 0..nodes {
+                    let case = format!("{nodes} nodes, batch {batch}, node {failing} fails");
+                    let fleet = bench.fleet(nodes, batch);
+                    bench.fakes.fail(&names[failing], Fail::Restart);
+                    let result = run_restart(&fleet).await;
+                    // The failing node's batch runs whole; later ones not at all.
+                    let end = ((failing / batch + 1) * batch).min(nodes);
+                    match result {
+                        Err(RolloutError::Halted {
+                            node,
+                            step,
+                            rollback,
+                            untouched,
+                            ..
+                        }) => {
+                            assert_eq!(node, names[failing], "{case}");
+                            assert_eq!(step, "check", "{case}");
+                            assert!(rollback.contains("serves version 1 again"), "{case}");
+                            assert_eq!(untouched, names[end..], "{case}");
+                        }
+                        other => panic!("{case}: {other:?}"),
+                    }
+                    for (i, name) in names.iter().enumerate() {
+                        let (calls, installed) =
+                            (bench.fakes.calls(name), bench.fakes.installed(name));
+                        if i == failing {
+                            assert_eq!(calls, rolled_back(v2, v1), "{case}: {name}");
+                            assert_eq!(installed, bench.v1, "{case}: {name}");
+                            assert!(steps(&bench, name).contains(&("rollback".into(), true)));
+                        } else if i < end {
+                            assert_eq!(calls, restarted(v2), "{case}: {name}");
+                            assert_eq!(installed, bench.v2, "{case}: {name}");
+                            assert!(steps(&bench, name).contains(&("web:verify".into(), true)));
+                        } else {
+                            assert_eq!(calls, [], "{case}: {name} was touched");
+                            assert_eq!(steps(&bench, name), [], "{case}: {name}");
+                        }
+                    }
+                    assert_eq!(last_outcome(&bench), "halted", "{case}");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn every_node_count_and_batch_size_restarts_every_node_in_order() {
+        let bench = Bench::new();
+        for nodes in 1..=MAX_TEST_NODES {
+            let names: Vec<String> = (0..nodes).map(node_name).collect();
+            for batch in 1..=4 {
+                let case = format!("{nodes} nodes, batch {batch}");
+                let fleet = bench.fleet(nodes, batch);
+                let restarted_nodes = run_restart(&fleet).await.unwrap();
+                assert_eq!(restarted_nodes.version, bench.v2.0, "{case}");
+                assert_eq!(restarted_nodes.nodes, names, "{case}");
+                for name in &names {
+                    assert_eq!(bench.fakes.calls(name), restarted(&bench.v2.1), "{case}");
+                }
+                assert_eq!(last_outcome(&bench), "ok", "{case}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn every_failed_node_of_a_batch_is_rolled_back_and_the_first_reported() {
+        let bench = Bench::new();
+        let fleet = bench.fleet(5, 2);
+        bench.fakes.fail("n2", Fail::Restart);
+        bench.fakes.fail("n3", Fail::Restart);
+        let err = run_restart(&fleet).await.unwrap_err();
+        let RolloutError::Halted {
+            node, untouched, ..
+        } = &err
+        else {
+            panic!("{err:?}");
+        };
+        assert_eq!(node, "n2");
+        assert_eq!(untouched, &["n4"]);
+        for n in ["n2", "n3"] {
+            assert_eq!(bench.fakes.calls(n), rolled_back(&bench.v2.1, &bench.v1.1));
+        }
+        let text = err.to_string();
+        assert!(
+            text.starts_with("rollout halted at node n2: service web, step check: web.conf:1"),
+            "{text}"
+        );
+        assert!(text.ends_with("untouched: n4"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_node_without_the_version_is_neither_restarted_nor_rolled_back() {
+        let bench = Bench::new();
+        let fleet = bench.fleet(3, 1);
+        bench.fakes.fail("n1", Fail::Stale);
+        let err = run_restart(&fleet).await.unwrap_err();
+        let RolloutError::Halted {
+            node,
+            step,
+            detail,
+            rollback,
+            untouched,
+            ..
+        } = err
+        else {
+            panic!("{err:?}");
+        };
+        assert_eq!((node.as_str(), step.as_str()), ("n1", "precheck"));
+        assert!(
+            detail.contains("run `certfleet distribute cn` first"),
+            "{detail}"
+        );
+        assert!(rollback.starts_with("not needed"), "{rollback}");
+        assert_eq!(untouched, ["n2"]);
+        assert_eq!(bench.fakes.calls("n1"), [Call::Status { probe: false }]);
+        assert_eq!(bench.fakes.installed("n1"), bench.v2);
+    }
+
+    #[tokio::test]
+    async fn a_rollback_that_fails_is_reported_as_failed() {
+        let bench = Bench::new();
+        let fleet = bench.fleet(2, 2);
+        bench.fakes.fail("n1", Fail::Restart);
+        bench.fakes.fail("n1", Fail::Rollback);
+        let err = run_restart(&fleet).await.unwrap_err();
+        let RolloutError::Halted { rollback, .. } = err else {
+            panic!("{err:?}");
+        };
+        assert!(
+            rollback.starts_with("FAILED to reinstall the previous version: refused"),
+            "{rollback}"
+        );
+        assert!(steps(&bench, "n1").contains(&("rollback".into(), false)));
+        assert_eq!(last_outcome(&bench), "halted");
+    }
+
+    #[tokio::test]
+    async fn a_panicking_restart_is_recorded_as_failed_and_frees_the_certificate() {
+        let bench = Bench::new();
+        let fleet = Arc::new(bench.fleet(3, 1));
+        bench.fakes.fail("n1", Fail::Panic);
+        let op = lock(&fleet, Operation::Restart);
+        let task = {
+            let fleet = Arc::clone(&fleet);
+            tokio::spawn(async move { restart(&fleet, &op, &Progress::discard()).await })
+        };
+        assert!(task.await.unwrap_err().is_panic());
+        assert_eq!(last_outcome(&bench), "failed");
+        assert_eq!(bench.fakes.calls("n2"), []);
+        // The next operation may run.
+        let op = lock(&fleet, Operation::Rollout);
+        drop(op);
+    }
+
+    #[tokio::test]
+    async fn rollout_restarts_nothing_when_distribution_fails() {
+        let bench = Bench::new();
+        let fleet = bench.fleet(3, 1);
+        bench.fakes.fail("n1", Fail::Install);
+        let op = lock(&fleet, Operation::Rollout);
+        let err = rollout(&fleet, &op, &Progress::discard())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, RolloutError::Distribute(DistributeError::Nodes { failed, .. })
+                if failed.len() == 1 && failed[0].0 == "n1"),
+            "{err:?}"
+        );
+        for n in ["n0", "n1", "n2"] {
+            assert_eq!(bench.fakes.calls(n), [Call::Install(2)], "{n}");
+        }
+    }
+
+    #[tokio::test]
+    async fn rollout_distributes_then_restarts() {
+        let bench = Bench::new();
+        let fleet = bench.fleet(3, 2);
+        let op = lock(&fleet, Operation::Rollout);
+        let done = rollout(&fleet, &op, &Progress::discard()).await.unwrap();
+        assert_eq!(done.nodes, ["n0", "n1", "n2"]);
+        let mut expected = vec![Call::Install(2)];
+        expected.extend(restarted(&bench.v2.1));
+        for n in ["n0", "n1", "n2"] {
+            assert_eq!(bench.fakes.calls(n), expected, "{n}");
+        }
+        assert_eq!(last_outcome(&bench), "ok");
+    }
 }

@@ -1,0 +1,607 @@
+//! The cluster as every operation sees it: the config, the node registry,
+//! the certificate store, a transport to each node, and one lock per
+//! certificate.
+//!
+//! [`Fleet::nodes`] turns a certificate's spec into the nodes that serve
+//! it, each with its transport. Transports come from a [`Connect`], so the
+//! flows in `distribute`, `rollout` and `issue` never know whether they
+//! talk gRPC to an agent or to the fake the unit tests use.
+//!
+//! [`OperationLocks`] lets one operation (issue, distribute, restart,
+//! rollout) run per certificate at a time: two rollouts would restart the
+//! same nodes at once, and an issue during a rollout would change the live
+//! version under it. The flows take an [`OperationGuard`] as proof that the
+//! caller holds the certificate's lock; the admin API takes it for every
+//! request (`admin::stream_operation`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+use crate::challenge::{FanOut, FleetNode};
+use crate::config::{CertificateSpec, Config, Node};
+use crate::db::{Db, DbError};
+use crate::store::Store;
+use crate::transport::{Connect, ConnectError};
+
+/// Why the nodes of a certificate cannot be worked on.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("no certificate named {0:?} in the config")]
+    UnknownCertificate(String),
+    #[error(transparent)]
+    Registry(#[from] DbError),
+    #[error(
+        "certificate {cert} names node {node}, which is not registered (see `certfleet nodes`)"
+    )]
+    UnknownNode { cert: String, node: String },
+    #[error("certificate {cert} names node {node}, which is {state}, not active")]
+    NodeNotActive {
+        cert: String,
+        node: String,
+        state: String,
+    },
+    #[error("no active node serves certificate {0}: register nodes with `certfleet node add`")]
+    NoNodes(String),
+    #[error("node {node}: registry holds an unusable address: {reason}")]
+    NodeAddress { node: String, reason: String },
+    #[error("setting up the connection to node {node}: {source}")]
+    Connect {
+        node: String,
+        #[source]
+        source: ConnectError,
+    },
+}
+
+impl FleetError {
+    /// The failure kind the admin API reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Registry(_) => "store",
+            Self::Connect { .. } => "internal",
+            Self::UnknownCertificate(_)
+            | Self::UnknownNode { .. }
+            | Self::NodeNotActive { .. }
+            | Self::NoNodes(_)
+            | Self::NodeAddress { .. } => "config",
+        }
+    }
+}
+
+/// The cluster's shared state. One per coordinator.
+pub struct Fleet {
+    config: Arc<Config>,
+    db: Arc<Db>,
+    store: Arc<Store>,
+    connect: Box<dyn Connect>,
+    /// One transport per node, reused across operations; rebuilt when the
+    /// registry's address for the node changes, dropped when it is removed.
+    transports: Mutex<HashMap<String, FleetNode>>,
+    locks: OperationLocks,
+}
+
+impl Fleet {
+    pub fn new(config: Arc<Config>, db: Arc<Db>, store: Store, connect: Box<dyn Connect>) -> Self {
+        Self {
+            config,
+            db,
+            store: Arc::new(store),
+            connect,
+            transports: Mutex::default(),
+            locks: OperationLocks::default(),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn db(&self) -> &Arc<Db> {
+        &self.db
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn locks(&self) -> &OperationLocks {
+        &self.locks
+    }
+
+    /// The config, for a context that keeps its own handle (the issuer).
+    pub(crate) fn shared_config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    /// The store, for a context that keeps its own handle (the issuer).
+    pub(crate) fn shared_store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The fan-out limits every operation uses.
+    pub(crate) fn fan_out(&self) -> FanOut {
+        let p = &self.config.placement;
+        FanOut {
+            concurrency: p.concurrency,
+            node_timeout: p.node_timeout,
+        }
+    }
+
+    /// The configured certificate `name`.
+    pub fn spec(&self, name: &str) -> Result<&CertificateSpec, FleetError> {
+        self.config
+            .certificate(name)
+            .ok_or_else(|| FleetError::UnknownCertificate(name.to_owned()))
+    }
+
+    /// Stops using `node`'s transport (the node was removed or re-added).
+    pub fn forget_node(&self, node: &str) {
+        self.transports
+            .lock()
+            .expect("transport map poisoned")
+            .remove(node);
+    }
+
+    /// The nodes that serve `spec`, in rollout order, from the registry:
+    /// those the spec lists, or else every active one. Only active nodes are
+    /// ever contacted.
+    pub fn nodes(&self, spec: &CertificateSpec) -> Result<Vec<FleetNode>, FleetError> {
+        let records = self.db.nodes()?;
+        let names: Vec<&str> = match &spec.nodes {
+            Some(list) => list.iter().map(String::as_str).collect(),
+            None => records
+                .iter()
+                .filter(|r| r.state == "active")
+                .map(|r| r.name.as_str())
+                .collect(),
+        };
+        if names.is_empty() {
+            return Err(FleetError::NoNodes(spec.name.clone()));
+        }
+        let mut transports = self.transports.lock().expect("transport map poisoned");
+        let mut fleet = Vec::with_capacity(names.len());
+        for name in names {
+            let record =
+                records
+                    .iter()
+                    .find(|r| r.name == name)
+                    .ok_or_else(|| FleetError::UnknownNode {
+                        cert: spec.name.clone(),
+                        node: name.to_owned(),
+                    })?;
+            if record.state != "active" {
+                return Err(FleetError::NodeNotActive {
+                    cert: spec.name.clone(),
+                    node: name.to_owned(),
+                    state: record.state.clone(),
+                });
+            }
+            let address = |reason: String| FleetError::NodeAddress {
+                node: name.to_owned(),
+                reason,
+            };
+            let node = Node {
+                name: name.to_owned(),
+                agent: record
+                    .agent
+                    .parse()
+                    .map_err(|e| address(format!("{}: {e}", record.agent)))?,
+                http01: record
+                    .http01
+                    .parse()
+                    .map_err(|e| address(format!("{}: {e}", record.http01)))?,
+            };
+            if let Some(known) = transports.get(name)
+                && known.node == node
+            {
+                fleet.push(known.clone());
+                continue;
+            }
+            let transport = self
+                .connect
+                .connect(&node)
+                .map_err(|source| FleetError::Connect {
+                    node: name.to_owned(),
+                    source,
+                })?;
+            let fleet_node = FleetNode { node, transport };
+            transports.insert(name.to_owned(), fleet_node.clone());
+            fleet.push(fleet_node);
+        }
+        Ok(fleet)
+    }
+}
+
+/// What an operation does to a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Issue,
+    Distribute,
+    Restart,
+    Rollout,
+}
+
+impl std::fmt::Display for Operation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Issue => "issue",
+            Self::Distribute => "distribute",
+            Self::Restart => "restart",
+            Self::Rollout => "rollout",
+        })
+    }
+}
+
+/// An operation on a certificate and who started it: what a caller who
+/// finds the certificate busy is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub operation: Operation,
+    pub certificate: String,
+    /// When it took the lock, seconds since the Unix epoch.
+    pub started: i64,
+    /// The admin's uid (the socket's SO_PEERCRED), when known.
+    pub uid: Option<u32>,
+}
+
+impl Holder {
+    /// `operation` of `certificate`, asked for now by `uid`.
+    pub fn new(operation: Operation, certificate: &str, uid: Option<u32>) -> Self {
+        Self {
+            operation,
+            certificate: certificate.to_owned(),
+            started: crate::db::now(),
+            uid,
+        }
+    }
+}
+
+/// "rollout of cn (started 14:02:11 UTC by uid 1000)"
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} of {} (started ", self.operation, self.certificate)?;
+        match time::OffsetDateTime::from_unix_timestamp(self.started) {
+            Ok(t) => write!(f, "{:02}:{:02}:{:02} UTC", t.hour(), t.minute(), t.second())?,
+            Err(_) => write!(f, "at {}", self.started)?,
+        }
+        match self.uid {
+            Some(uid) => write!(f, " by uid {uid})"),
+            None => f.write_str(" by an unknown user)"),
+        }
+    }
+}
+
+/// A certificate's lock is held by another operation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("busy: {0} is running")]
+pub struct Busy(pub Holder);
+
+/// One lock per certificate, shared by every operation on it.
+#[derive(Clone, Default)]
+pub struct OperationLocks(Arc<LockTable>);
+
+#[derive(Default)]
+struct LockTable {
+    /// Who holds each certificate that is locked.
+    held: Mutex<HashMap<String, Holder>>,
+    /// Woken whenever a lock is released.
+    released: Notify,
+}
+
+impl LockTable {
+    /// The table survives a panic in another holder: it is only ever left
+    /// consistent (one insert or one remove per critical section).
+    fn held(&self) -> MutexGuard<'_, HashMap<String, Holder>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl OperationLocks {
+    /// Takes `holder.certificate`'s lock, or says who has it.
+    pub fn try_acquire(&self, holder: Holder) -> Result<OperationGuard, Busy> {
+        let mut held = self.0.held();
+        if let Some(current) = held.get(&holder.certificate) {
+            return Err(Busy(current.clone()));
+        }
+        held.insert(holder.certificate.clone(), holder.clone());
+        Ok(OperationGuard {
+            locks: self.clone(),
+            holder,
+        })
+    }
+
+    /// Takes `holder.certificate`'s lock, waiting for it as long as it
+    /// takes. `waiting` hears of each operation waited for, once. An
+    /// operation that waited counts as started when it got the lock.
+    pub async fn acquire(
+        &self,
+        mut holder: Holder,
+        mut waiting: impl FnMut(&Holder),
+    ) -> OperationGuard {
+        let mut last: Option<Holder> = None;
+        loop {
+            if last.is_some() {
+                holder.started = crate::db::now();
+            }
+            // Made before the attempt, so a release between the attempt
+            // and the wait still wakes it.
+            let released = self.0.released.notified();
+            match self.try_acquire(holder.clone()) {
+                Ok(guard) => return guard,
+                Err(Busy(current)) => {
+                    if last.as_ref() != Some(&current) {
+                        waiting(&current);
+                        last = Some(current);
+                    }
+                }
+            }
+            released.await;
+        }
+    }
+}
+
+/// Proof that the caller holds a certificate's lock; dropping it (also
+/// while a panic unwinds) releases the lock.
+pub struct OperationGuard {
+    locks: OperationLocks,
+    holder: Holder,
+}
+
+impl OperationGuard {
+    pub fn certificate(&self) -> &str {
+        &self.holder.certificate
+    }
+
+    pub fn holder(&self) -> &Holder {
+        &self.holder
+    }
+}
+
+impl std::fmt::Debug for OperationGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("OperationGuard").field(&self.holder).finish()
+    }
+}
+
+impl Drop for OperationGuard {
+    fn drop(&mut self) {
+        self.locks.0.held().remove(&self.holder.certificate);
+        self.locks.0.released.notify_waiters();
+    }
+}
+
+/// A fleet of fake nodes for unit tests: every flow runs against it
+/// without root, a CA or any process.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::Arc;
+
+    use certfleet_proto::bundle::Bundle;
+    use tempfile::TempDir;
+
+    use super::{Fleet, Holder, Operation, OperationGuard};
+    use crate::config::Config;
+    use crate::db::{Db, NodeRecord};
+    use crate::store::Store;
+    use crate::transport::fake::FakeNodes;
+
+    /// The most nodes a test fleet has.
+    pub(crate) const MAX_TEST_NODES: usize = 7;
+
+    /// A certificate "cn" with versions 1 and 2 in a store, live at 2, and
+    /// [`MAX_TEST_NODES`] active nodes `n0`… in a registry.
+    pub(crate) struct Bench {
+        pub(crate) db: Arc<Db>,
+        pub(crate) fakes: FakeNodes,
+        /// (version, leaf SHA-256) of versions 1 and 2.
+        pub(crate) v1: (u32, String),
+        pub(crate) v2: (u32, String),
+        state: TempDir,
+    }
+
+    pub(crate) fn node_name(i: usize) -> String {
+        format!("n{i}")
+    }
+
+    fn bundle() -> (Bundle, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let sans = vec!["cn.example.org".to_owned()];
+        let cert = rcgen::CertificateParams::new(sans.clone())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let key_pem = key.serialize_pem();
+        (
+            Bundle::parse(&cert.pem(), Some(&key_pem), &sans).unwrap(),
+            key_pem,
+        )
+    }
+
+    impl Bench {
+        pub(crate) fn new() -> Self {
+            // The store fsyncs every file; in memory that costs nothing.
+            let shm = std::path::Path::new("/dev/shm");
+            let state = if shm.is_dir() {
+                tempfile::tempdir_in(shm).unwrap()
+            } else {
+                tempfile::tempdir().unwrap()
+            };
+            let store = Store::open(state.path()).unwrap();
+            let mut versions = Vec::new();
+            for _ in 0..2 {
+                let (b, key) = bundle();
+                let (v, _) = store.save("cn", &b, &key).unwrap();
+                versions.push((v, b.leaf_sha256_hex()));
+            }
+            let db = Arc::new(Db::in_memory().unwrap());
+            for i in 0..MAX_TEST_NODES {
+                let record = NodeRecord {
+                    name: node_name(i),
+                    agent: format!("127.0.0.{}:7443", i + 2),
+                    http01: format!("127.0.0.{}", i + 2),
+                    state: "pending".into(),
+                    cert_not_after: 0,
+                    last_contact: 0,
+                };
+                db.add_node(&record, &format!("t{i}"), "secret", i64::MAX, 0)
+                    .unwrap();
+                db.activate(&record.name, "01", 0, 0).unwrap();
+            }
+            let v2 = versions.pop().unwrap();
+            let v1 = versions.pop().unwrap();
+            Self {
+                db,
+                fakes: FakeNodes::default(),
+                v1,
+                v2,
+                state,
+            }
+        }
+
+        /// A fleet whose certificate "cn" is served by the first `nodes`
+        /// nodes, restarted `batch` at a time. Every node starts with
+        /// version 2 installed (version 1 before it) and nothing failing.
+        pub(crate) fn fleet(&self, nodes: usize, batch: usize) -> Fleet {
+            let names: Vec<String> = (0..nodes).map(node_name).collect();
+            let text = format!(
+                r#"
+state_dir = "{}"
+[acme]
+directory = "https://localhost:14000/dir"
+[enrollment]
+listen = "127.0.0.1:7444"
+[[certificates]]
+name = "cn"
+sans = ["cn.example.org"]
+nodes = {}
+restart_batch = {batch}
+"#,
+                self.state.path().display(),
+                serde_json::to_string(&names).unwrap()
+            );
+            let config = Config::from_toml_str(&text, "test.toml").unwrap();
+            self.fakes
+                .reset(&names, &[self.v1.clone(), self.v2.clone()]);
+            Fleet::new(
+                Arc::new(config),
+                Arc::clone(&self.db),
+                Store::open(self.state.path()).unwrap(),
+                Box::new(self.fakes.clone()),
+            )
+        }
+    }
+
+    /// Takes "cn"'s lock for `operation`, as the admin API would.
+    pub(crate) fn lock(fleet: &Fleet, operation: Operation) -> OperationGuard {
+        fleet
+            .locks()
+            .try_acquire(Holder::new(operation, "cn", Some(1000)))
+            .unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// 2024-01-01T14:02:11Z.
+    const STARTED: i64 = 1_704_117_731;
+
+    fn holder(operation: Operation, certificate: &str) -> Holder {
+        Holder {
+            operation,
+            certificate: certificate.into(),
+            started: STARTED,
+            uid: Some(1000),
+        }
+    }
+
+    #[test]
+    fn a_second_operation_is_told_who_holds_the_certificate() {
+        let locks = OperationLocks::default();
+        let first = locks.try_acquire(holder(Operation::Rollout, "cn")).unwrap();
+        let busy = locks
+            .try_acquire(holder(Operation::Issue, "cn"))
+            .unwrap_err();
+        assert_eq!(busy, Busy(holder(Operation::Rollout, "cn")));
+        assert_eq!(
+            busy.to_string(),
+            "busy: rollout of cn (started 14:02:11 UTC by uid 1000) is running"
+        );
+        // Another certificate is not held up.
+        let other = locks.try_acquire(holder(Operation::Issue, "web")).unwrap();
+        assert_eq!(other.certificate(), "web");
+        drop(first);
+        locks.try_acquire(holder(Operation::Issue, "cn")).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_operation_starts_when_the_holder_finishes() {
+        let locks = OperationLocks::default();
+        let first = locks.try_acquire(holder(Operation::Rollout, "cn")).unwrap();
+        let start = tokio::time::Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(first);
+        });
+        let mut waited_for = Vec::new();
+        let second = locks
+            .acquire(holder(Operation::Issue, "cn"), |h| {
+                waited_for.push(h.to_string())
+            })
+            .await;
+        assert_eq!(start.elapsed(), Duration::from_secs(30));
+        assert_eq!(
+            waited_for,
+            ["rollout of cn (started 14:02:11 UTC by uid 1000)"]
+        );
+        assert_eq!(second.holder().operation, Operation::Issue);
+        // The waiter now holds it.
+        assert!(locks.try_acquire(holder(Operation::Restart, "cn")).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_take_turns() {
+        let locks = OperationLocks::default();
+        let first = locks.try_acquire(holder(Operation::Rollout, "cn")).unwrap();
+        let mut waiters = Vec::new();
+        for _ in 0..3 {
+            let locks = locks.clone();
+            waiters.push(tokio::spawn(async move {
+                let guard = locks
+                    .acquire(holder(Operation::Restart, "cn"), |_| {})
+                    .await;
+                let start = tokio::time::Instant::now();
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                drop(guard);
+                start
+            }));
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        drop(first);
+        let mut starts = Vec::new();
+        for w in waiters {
+            starts.push(w.await.unwrap());
+        }
+        // One after another, never two at once.
+        starts.sort();
+        for pair in starts.windows(2) {
+            assert!(pair[1] - pair[0] >= Duration::from_secs(10), "{starts:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_holder_releases_the_lock() {
+        let locks = OperationLocks::default();
+        let guard = locks.try_acquire(holder(Operation::Rollout, "cn")).unwrap();
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            panic!("a bug in the rollout");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        locks.try_acquire(holder(Operation::Issue, "cn")).unwrap();
+    }
+}
