@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use certfleet_proto::cause_chain::{self, Chain};
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -42,6 +43,30 @@ pub enum AcmeSetupError {
     },
     #[error("account credentials {path}: {reason}")]
     Credentials { path: PathBuf, reason: String },
+    #[error(
+        "the CA's terms of service have not been accepted, so no ACME account was created: \
+         read {terms} and set `acme.agree_tos = true` in the coordinator's config \
+         (or run `certfleet-coordinator init --agree-tos`)"
+    )]
+    TermsNotAgreed { terms: String },
+}
+
+/// The file `certfleet-coordinator init --agree-tos` leaves under
+/// `<state>/acme/`: the operator accepted the CA's terms of service there.
+pub const TOS_AGREED_FILE: &str = "terms-of-service-agreed";
+
+/// Records that the operator accepted the terms of service of the CA that
+/// `config` names (`certfleet-coordinator init --agree-tos`).
+pub fn record_tos_agreement(config: &crate::config::Config) -> Result<(), AcmeSetupError> {
+    let dir = config.state_dir.join("acme");
+    let path = dir.join(TOS_AGREED_FILE);
+    let err = |e: std::io::Error| AcmeSetupError::Credentials {
+        path: path.clone(),
+        reason: e.to_string(),
+    };
+    fsutil::create_private_dir(&dir).map_err(err)?;
+    let note = format!("accepted for {}\n", config.acme.directory);
+    fsutil::write_atomic(&path, note.as_bytes(), 0o600).map_err(err)
 }
 
 /// instant-acme's HTTP client: hyper with rustls (aws-lc-rs).
@@ -56,9 +81,38 @@ impl HttpClient for AcmeHttp {
         Box::pin(async move {
             match fut.await {
                 Ok(rsp) => Ok(BytesResponse::from(rsp)),
-                Err(e) => Err(instant_acme::Error::Other(Box::new(e))),
+                Err(e) => Err(instant_acme::Error::Other(CaRequestError::new(&e).into())),
             }
         })
+    }
+}
+
+/// A request to the CA that got no answer: hyper's `client error
+/// (Connect)` with every cause below it in words, and what to do where that
+/// is known. Callers add what was being done and the directory URL.
+#[derive(Debug, thiserror::Error)]
+#[error("{chain}{}", hint.map(|h| format!(" ({h})")).unwrap_or_default())]
+pub(crate) struct CaRequestError {
+    chain: String,
+    hint: Option<&'static str>,
+}
+
+impl CaRequestError {
+    fn new(err: &(dyn std::error::Error + 'static)) -> Self {
+        Self {
+            chain: Chain(err).to_string(),
+            hint: ca_hint(err),
+        }
+    }
+}
+
+/// What to do about a failed request to the CA, where the cause says.
+fn ca_hint(err: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    match cause_chain::find::<rustls::Error>(err)? {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => Some(
+            "the CA's certificate is not trusted here: for a private CA or Pebble, set acme.extra_roots to its root certificate",
+        ),
+        _ => None,
     }
 }
 
@@ -136,6 +190,30 @@ impl AcmeAccount {
         self.dir.join(format!("account-{id}.json"))
     }
 
+    /// The CA's terms-of-service URL from its directory's `meta`
+    /// (RFC 8555 §7.1.1), or a phrase saying where to look.
+    async fn terms_url(&self) -> String {
+        let fallback = format!("the terms of the CA at {}", self.config.directory);
+        let Ok(client) = http_client(&self.config) else {
+            return fallback;
+        };
+        let Ok(request) =
+            http::Request::get(&self.config.directory).body(BodyWrapper::from(Vec::new()))
+        else {
+            return fallback;
+        };
+        let Ok(mut response) = client.request(request).await else {
+            return fallback;
+        };
+        let Ok(body) = response.body.into_bytes().await else {
+            return fallback;
+        };
+        serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|d| d["meta"]["termsOfService"].as_str().map(str::to_owned))
+            .unwrap_or(fallback)
+    }
+
     pub async fn get(&self) -> Result<&Account, AcmeSetupError> {
         self.account.get_or_try_init(|| self.load_or_create()).await
     }
@@ -160,6 +238,11 @@ impl AcmeAccount {
                 Ok(account)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if !self.config.agree_tos && !self.dir.join(TOS_AGREED_FILE).exists() {
+                    return Err(AcmeSetupError::TermsNotAgreed {
+                        terms: self.terms_url().await,
+                    });
+                }
                 let contact: Vec<&str> = self.config.contact.iter().map(String::as_str).collect();
                 let new_account = NewAccount {
                     contact: &contact,
@@ -185,5 +268,39 @@ impl AcmeAccount {
             }
             Err(e) => Err(cred_err(e.to_string())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use super::*;
+
+    /// A failed handshake as hyper-rustls hands it on: rustls' error in
+    /// tokio-rustls' io::Error in its own.
+    fn handshake_error(e: rustls::Error) -> io::Error {
+        io::Error::other(io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    #[test]
+    fn an_untrusted_ca_says_to_set_extra_roots() {
+        let untrusted = handshake_error(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        ));
+        assert_eq!(
+            CaRequestError::new(&untrusted).to_string(),
+            "invalid peer certificate: UnknownIssuer (the CA's certificate is not trusted here: for a private CA or Pebble, set acme.extra_roots to its root certificate)"
+        );
+        // Other failures get their cause in words, and no guess.
+        let expired = handshake_error(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Expired,
+        ));
+        assert_eq!(ca_hint(&expired), None);
+        let refused = io::Error::from_raw_os_error(111);
+        assert_eq!(
+            CaRequestError::new(&refused).to_string(),
+            "connection refused"
+        );
     }
 }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use certfleet_proto::cause_chain::Chain;
 use certfleet_proto::challenge::{Http01Response, Token};
 use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{self, StreamExt};
@@ -172,15 +173,17 @@ pub async fn place_all(
 pub async fn self_check_all(
     nodes: &[FleetNode],
     pending: &[PendingChallenge],
-    port: u16,
+    ports: ValidationPorts,
     client: &SelfCheckClient,
     limits: FanOut,
     progress: &Progress,
 ) -> Result<(), Vec<NodeError>> {
     let results = limits
         .run(nodes, |n| async move {
-            let addr = SocketAddr::new(n.node.http01, port);
-            let checks = pending.iter().map(|p| client.check(&n.node.name, addr, p));
+            let addr = SocketAddr::new(n.node.http01, ports.http);
+            let checks = pending
+                .iter()
+                .map(|p| client.check(&n.node.name, addr, ports, p));
             futures::future::join_all(checks)
                 .await
                 .into_iter()
@@ -189,7 +192,7 @@ pub async fn self_check_all(
         .await;
     let mut errors = Vec::new();
     for (n, result) in results {
-        let addr = SocketAddr::new(n.node.http01, port);
+        let addr = SocketAddr::new(n.node.http01, ports.http);
         let error = match result {
             Some(None) => None,
             Some(Some(e)) => Some(e),
@@ -278,49 +281,323 @@ impl Default for SelfCheckClient {
 }
 
 impl SelfCheckClient {
+    /// Fetches `p`'s token from the node at `addr` the way the CA would,
+    /// following redirects (see [`Redirect`]); on failure the error names the
+    /// last URL fetched.
     async fn check(
         &self,
         node: &str,
         addr: SocketAddr,
+        ports: ValidationPorts,
         p: &PendingChallenge,
     ) -> Result<(), NodeError> {
-        let url = format!(
-            "http://{addr}/.well-known/acme-challenge/{}",
-            p.response.token()
-        );
-        let fail = |reason: String| NodeError::SelfCheck {
+        let path = format!("/.well-known/acme-challenge/{}", p.response.token());
+        let mut url = format!("http://{addr}{path}");
+        let mut host = p.identifier.clone();
+        let fail = |url: &str, host: &str, reason: String| NodeError::SelfCheck {
             node: node.to_owned(),
             addr,
-            url: url.clone(),
-            host: p.identifier.clone(),
+            url: url.to_owned(),
+            host: host.to_owned(),
             reason,
         };
-        let request = http::Request::get(&url)
-            .header(http::header::HOST, &p.identifier)
+        let mut fetched = self
+            .first(&url, &host)
+            .await
+            .map_err(|reason| fail(&url, &host, reason))?;
+        let mut redirects = 0;
+        while fetched.status.is_redirection() {
+            let Some(location) = &fetched.location else {
+                return Err(fail(
+                    &url,
+                    &host,
+                    format!("got {} without a Location", fetched.status),
+                ));
+            };
+            redirects += 1;
+            if redirects > MAX_REDIRECTS {
+                return Err(fail(
+                    &url,
+                    &host,
+                    format!("more than {MAX_REDIRECTS} redirects; the CA gives up there too"),
+                ));
+            }
+            let next = Redirect::parse(location, &host, &url, ports).map_err(|reason| {
+                fail(&url, &host, format!("redirect to {location:?}: {reason}"))
+            })?;
+            url = next.shown(addr.ip());
+            host = next.host.clone();
+            fetched = next
+                .fetch(addr.ip())
+                .await
+                .map_err(|reason| fail(&url, &host, reason))?;
+        }
+        if fetched.status != http::StatusCode::OK {
+            return Err(fail(&url, &host, unexpected_status(fetched.status)));
+        }
+        // The CA trims surrounding whitespace (RFC 8555 §8.3), so do we.
+        let body = String::from_utf8_lossy(&fetched.body);
+        if body.trim() != p.response.key_authorization() {
+            return Err(fail(
+                &url,
+                &host,
+                format!(
+                    "got 200 with the wrong body ({} bytes, expected the key authorization)",
+                    body.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The plain-HTTP fetch every check starts with, on the pooled client.
+    async fn first(&self, url: &str, host: &str) -> Result<Fetched, String> {
+        let request = http::Request::get(url)
+            .header(http::header::HOST, host)
             .body(Empty::new())
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| e.to_string())?;
         let response = self
             .0
             .request(request)
             .await
-            .map_err(|e| fail(format!("{e:#}")))?;
+            .map_err(|e| Chain(&e).to_string())?;
+        Fetched::read(response).await
+    }
+}
+
+/// Most redirects a self-check follows, as Let's Encrypt's validators do.
+pub const MAX_REDIRECTS: usize = 10;
+
+/// Where the CA connects to validate: HTTP-01 on `http` (80 in production)
+/// and, when the node redirects to HTTPS, `https` (443). Let's Encrypt
+/// follows redirects only to these two ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValidationPorts {
+    pub http: u16,
+    pub https: u16,
+}
+
+/// A response as far as the self-check needs it.
+struct Fetched {
+    status: http::StatusCode,
+    location: Option<String>,
+    body: Bytes,
+}
+
+impl Fetched {
+    async fn read<B>(response: http::Response<B>) -> Result<Self, String>
+    where
+        B: hyper::body::Body,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let status = response.status();
+        let location = response
+            .headers()
+            .get(http::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let body = Limited::new(response.into_body(), MAX_SELF_CHECK_BODY)
             .collect()
             .await
-            .map_err(|e| fail(format!("reading body: {e}")))?
+            .map_err(|e| format!("reading body: {e}"))?
             .to_bytes();
-        if status != http::StatusCode::OK {
-            return Err(fail(format!("got {status}")));
+        Ok(Self {
+            status,
+            location,
+            body,
+        })
+    }
+}
+
+/// One redirect to follow. RFC 8555 §8.3 lets the CA follow redirects;
+/// Let's Encrypt follows `http` and `https` URLs to ports 80 and 443 only,
+/// to DNS names, not IP addresses, and does not check the certificate of an
+/// HTTPS target. The self-check keeps talking to the node under test (it
+/// bypasses DNS on purpose) with `Host:` and SNI set to the URL's host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Redirect {
+    https: bool,
+    host: String,
+    port: u16,
+    path: String,
+}
+
+impl Redirect {
+    /// `location` relative to the URL just fetched (`current_host`,
+    /// `current_url`), checked against the CA's rules.
+    fn parse(
+        location: &str,
+        current_host: &str,
+        current_url: &str,
+        ports: ValidationPorts,
+    ) -> Result<Self, String> {
+        if location.starts_with('/') && !location.starts_with("//") {
+            let https = current_url.starts_with("https://");
+            return Ok(Self {
+                https,
+                host: current_host.to_owned(),
+                port: if https { ports.https } else { ports.http },
+                path: location.to_owned(),
+            });
         }
-        // The CA trims surrounding whitespace (RFC 8555 §8.3), so do we.
-        let body = String::from_utf8_lossy(&body);
-        if body.trim() != p.response.key_authorization() {
-            return Err(fail(format!(
-                "got 200 with the wrong body ({} bytes, expected the key authorization)",
-                body.len()
-            )));
+        let uri: http::Uri = location.parse().map_err(|e| format!("not a URL: {e}"))?;
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            other => return Err(format!("scheme {other:?} is not http or https")),
+        };
+        let host = uri
+            .host()
+            .ok_or("no host")?
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        if host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[') {
+            return Err("the CA does not follow redirects to IP addresses".into());
         }
-        Ok(())
+        let (allowed, default) = if https {
+            (ports.https, 443)
+        } else {
+            (ports.http, 80)
+        };
+        let port = uri.port_u16().unwrap_or(default);
+        if port != allowed {
+            return Err(format!(
+                "port {port}: the CA follows redirects only to the validation ports ({} for http, {} for https)",
+                ports.http, ports.https
+            ));
+        }
+        let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        Ok(Self {
+            https,
+            host,
+            port,
+            path,
+        })
+    }
+
+    /// The URL as fetched, at the node's address, for messages.
+    fn shown(&self, ip: std::net::IpAddr) -> String {
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}{}", SocketAddr::new(ip, self.port), self.path)
+    }
+
+    /// Fetches it from the node at `ip`, on a connection of its own.
+    async fn fetch(&self, ip: std::net::IpAddr) -> Result<Fetched, String> {
+        let tcp = tokio::net::TcpStream::connect(SocketAddr::new(ip, self.port))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        if !self.https {
+            return self.exchange(tcp).await;
+        }
+        // Like the CA: any certificate will do on a redirect target.
+        let config =
+            rustls::ClientConfig::builder_with_provider(certfleet_proto::identity::provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(
+                    certfleet_proto::identity::FingerprintOnly::new(),
+                ))
+                .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from(self.host.clone())
+            .map_err(|e| format!("host {:?}: {e}", self.host))?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        self.exchange(tls).await
+    }
+
+    async fn exchange<S>(&self, stream: S) -> Result<Fetched, String>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+        tokio::spawn(conn);
+        let request = http::Request::get(&self.path)
+            .header(http::header::HOST, &self.host)
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        Fetched::read(response).await
+    }
+}
+
+/// The reason for a self-check answered with `status` instead of 200, with
+/// what to check where the status says. The coordinator does not know a
+/// webroot node's directory (the agent's config holds it), so the hint
+/// names it as `<webroot>`.
+pub(crate) fn unexpected_status(status: http::StatusCode) -> String {
+    match status {
+        // The web server does not find the token file, or may not read it.
+        http::StatusCode::NOT_FOUND | http::StatusCode::FORBIDDEN => format!(
+            "got {status} (webroot mode: is `<webroot>/.well-known/acme-challenge/` served and readable by the web server user?)"
+        ),
+        _ => format!("got {status}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PORTS: ValidationPorts = ValidationPorts {
+        http: 80,
+        https: 443,
+    };
+
+    #[test]
+    fn redirects_follow_the_cas_rules() {
+        let here = "http://10.0.0.1:80/.well-known/acme-challenge/t";
+        let r = Redirect::parse(
+            "https://cn.example.org/.well-known/acme-challenge/t",
+            "cn.example.org",
+            here,
+            PORTS,
+        )
+        .unwrap();
+        assert_eq!(
+            (r.https, r.port, r.host.as_str()),
+            (true, 443, "cn.example.org")
+        );
+        assert_eq!(r.path, "/.well-known/acme-challenge/t");
+        let r = Redirect::parse("/x?y=1", "cn.example.org", here, PORTS).unwrap();
+        assert_eq!((r.https, r.port, r.path.as_str()), (false, 80, "/x?y=1"));
+        for (bad, why) in [
+            ("https://cn.example.org:8443/x", "port 8443"),
+            ("ftp://cn.example.org/x", "scheme"),
+            ("http://192.0.2.1/x", "IP addresses"),
+            ("not a url at all", "not a URL"),
+        ] {
+            let err = Redirect::parse(bad, "cn.example.org", here, PORTS).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        let test_ports = ValidationPorts {
+            http: 5002,
+            https: 5001,
+        };
+        assert!(Redirect::parse("https://cn.example.org:5001/x", "h", here, test_ports).is_ok());
+    }
+
+    #[test]
+    fn a_missing_or_unreadable_token_file_points_at_the_webroot() {
+        assert_eq!(
+            unexpected_status(http::StatusCode::NOT_FOUND),
+            "got 404 Not Found (webroot mode: is `<webroot>/.well-known/acme-challenge/` served and readable by the web server user?)"
+        );
+        assert!(
+            unexpected_status(http::StatusCode::FORBIDDEN)
+                .contains("readable by the web server user")
+        );
+        assert_eq!(
+            unexpected_status(http::StatusCode::INTERNAL_SERVER_ERROR),
+            "got 500 Internal Server Error"
+        );
     }
 }

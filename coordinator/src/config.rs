@@ -14,6 +14,9 @@ use serde::Deserialize;
 
 /// Port the CA fetches HTTP-01 responses from (RFC 8555 §8.3).
 pub const DEFAULT_VALIDATION_PORT: u16 = 80;
+/// Default of `acme.validation_tls_port`: where Let's Encrypt follows an
+/// HTTP-to-HTTPS redirect.
+pub const DEFAULT_VALIDATION_TLS_PORT: u16 = 443;
 /// Nodes placed to, and self-checked, at once.
 pub const DEFAULT_CONCURRENCY: usize = 32;
 /// How long one node may take to place, self-check or remove tokens.
@@ -87,6 +90,9 @@ struct RawAcme {
     #[serde(default)]
     contact: Vec<String>,
     validation_port: Option<u16>,
+    validation_tls_port: Option<u16>,
+    #[serde(default)]
+    agree_tos: bool,
     #[serde(default)]
     extra_roots: Vec<PathBuf>,
     ca_timeout_secs: Option<u64>,
@@ -114,6 +120,7 @@ struct RawEnrollment {
     listen: Option<String>,
     advertise: Option<String>,
     agent_cert_validity_secs: Option<u64>,
+    coordinator_cert_validity_secs: Option<u64>,
     join_token_ttl_secs: Option<u64>,
     #[serde(default)]
     failed_joins: RawFailedJoins,
@@ -158,6 +165,9 @@ pub struct EnrollmentConfig {
     pub advertise: String,
     /// How long a node certificate is valid.
     pub agent_cert_validity: Duration,
+    /// How long the coordinator's own certificate is valid; it is renewed
+    /// in the background at two thirds of that.
+    pub coordinator_cert_validity: Duration,
     /// How long a join token is valid unless `node add` says otherwise.
     pub join_token_ttl: Duration,
     /// `[enrollment.failed_joins]`: when a source address's join attempts
@@ -183,6 +193,12 @@ pub struct AcmeConfig {
     pub contact: Vec<String>,
     /// The port the CA fetches HTTP-01 from, and so the port self-checked.
     pub validation_port: u16,
+    /// The HTTPS port a redirect from HTTP-01 may lead the CA to (443; a
+    /// test CA's `tlsPort`); the self-check follows redirects there too.
+    pub validation_tls_port: u16,
+    /// The operator has read and accepts the CA's terms of service; no
+    /// account is created without it.
+    pub agree_tos: bool,
     /// PEM files of extra roots to trust for the CA's API (e.g. Pebble's).
     pub extra_roots: Vec<PathBuf>,
     /// How long to wait for validation, and then for issuance.
@@ -252,6 +268,16 @@ pub struct CertificateSpec {
 }
 
 impl Config {
+    /// Where a certificate the store could not take is kept: beside the
+    /// admin socket (`/run/certfleet/rescued` by default), which is on
+    /// another file system than the state directory on a usual install.
+    pub fn rescue_dir(&self) -> PathBuf {
+        self.admin_socket
+            .parent()
+            .unwrap_or(Path::new("/run/certfleet"))
+            .join("rescued")
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let read_err = |source| ConfigError::Read {
             path: path.to_owned(),
@@ -376,6 +402,16 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             "0 is not a port".into(),
         ));
     }
+    let validation_tls_port = raw
+        .acme
+        .validation_tls_port
+        .unwrap_or(DEFAULT_VALIDATION_TLS_PORT);
+    if validation_tls_port == 0 {
+        return Err(invalid(
+            "acme.validation_tls_port".into(),
+            "0 is not a port".into(),
+        ));
+    }
     for (i, root) in raw.acme.extra_roots.iter().enumerate() {
         if !root.is_absolute() {
             return Err(invalid(
@@ -479,6 +515,13 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             "enrollment.agent_cert_validity_secs",
             &invalid,
         )?,
+        coordinator_cert_validity: secs(
+            raw.enrollment.coordinator_cert_validity_secs,
+            crate::pki::COORDINATOR_VALIDITY,
+            10..=5 * 365 * 24 * 3600,
+            "enrollment.coordinator_cert_validity_secs",
+            &invalid,
+        )?,
         join_token_ttl: secs(
             raw.enrollment.join_token_ttl_secs,
             DEFAULT_JOIN_TOKEN_TTL,
@@ -553,10 +596,12 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
                 ));
             }
             for (j, n) in list.iter().enumerate() {
-                if !certfleet_proto::identity::is_valid_node_name(n) {
+                certfleet_proto::identity::check_node_name(n)
+                    .map_err(|e| invalid(format!("certificates[{i}].nodes[{j}]"), e))?;
+                if list[..j].contains(n) {
                     return Err(invalid(
                         format!("certificates[{i}].nodes[{j}]"),
-                        format!("{n:?} is not a node name (a-z 0-9 -, at most 63)"),
+                        format!("{n:?} is listed twice"),
                     ));
                 }
             }
@@ -598,6 +643,8 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             directory,
             contact: raw.acme.contact,
             validation_port,
+            validation_tls_port,
+            agree_tos: raw.acme.agree_tos,
             extra_roots: raw.acme.extra_roots,
             ca_timeout,
             external_account,

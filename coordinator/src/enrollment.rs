@@ -268,6 +268,7 @@ mod tests {
             listen: "127.0.0.1:0".parse().unwrap(),
             advertise: "127.0.0.1:7444".into(),
             agent_cert_validity: Duration::from_secs(3600),
+            coordinator_cert_validity: crate::pki::COORDINATOR_VALIDITY,
             join_token_ttl: Duration::from_secs(3600),
             failed_joins: FailedJoinsConfig {
                 limit,
@@ -276,7 +277,7 @@ mod tests {
         };
         EnrollmentService::new(
             Arc::new(Db::open(state).unwrap()),
-            Arc::new(ClusterCa::load(state).unwrap()),
+            Arc::new(ClusterCa::load(state, crate::pki::COORDINATOR_VALIDITY).unwrap()),
             &config,
         )
     }

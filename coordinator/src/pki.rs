@@ -8,7 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use certfleet_proto::identity::{COORDINATOR_IDENTITY, ca_pin, node_identity};
+use std::sync::Arc;
+
+use certfleet_proto::identity::{COORDINATOR_IDENTITY, LiveIdentity, ca_pin, node_identity};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
@@ -121,11 +123,15 @@ pub fn init(state_dir: &Path, force: bool) -> Result<String, PkiError> {
     write_atomic(&p.ca_key, ca_key.serialize_pem().as_bytes(), 0o600).map_err(io(&p.ca_key))?;
     write_atomic(&p.ca_cert, ca.pem().as_bytes(), 0o644).map_err(io(&p.ca_cert))?;
     let issuer = Issuer::new(params, ca_key);
-    write_coordinator_identity(&p, &issuer)?;
+    write_coordinator_identity(&p, &issuer, COORDINATOR_VALIDITY)?;
     Ok(ca_pin(ca.der()).expect("a certificate rcgen just made parses"))
 }
 
-fn write_coordinator_identity(p: &Paths, issuer: &Issuer<'_, KeyPair>) -> Result<(), PkiError> {
+fn write_coordinator_identity(
+    p: &Paths,
+    issuer: &Issuer<'_, KeyPair>,
+    lifetime: Duration,
+) -> Result<(), PkiError> {
     let key = KeyPair::generate().map_err(sign_err)?;
     let mut params =
         CertificateParams::new(vec![COORDINATOR_IDENTITY.to_owned()]).map_err(sign_err)?;
@@ -137,7 +143,7 @@ fn write_coordinator_identity(p: &Paths, issuer: &Issuer<'_, KeyPair>) -> Result
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     params.serial_number = Some(random_serial());
-    validity(&mut params, COORDINATOR_VALIDITY);
+    validity(&mut params, lifetime);
     let cert = params.signed_by(&key, issuer).map_err(sign_err)?;
     write_atomic(&p.key, key.serialize_pem().as_bytes(), 0o600).map_err(io(&p.key))?;
     write_atomic(&p.cert, cert.pem().as_bytes(), 0o644).map_err(io(&p.cert))?;
@@ -155,6 +161,7 @@ pub struct NodeCertificate {
 /// The loaded CA, able to sign node certificates.
 pub struct ClusterCa {
     issuer: Issuer<'static, KeyPair>,
+    paths: Paths,
     pub ca_der: CertificateDer<'static>,
     pub ca_pem: String,
     pub pin: String,
@@ -172,7 +179,10 @@ impl std::fmt::Debug for ClusterCa {
 }
 
 impl ClusterCa {
-    pub fn load(state_dir: &Path) -> Result<Self, PkiError> {
+    /// Loads the CA from `state_dir`, and renews the coordinator's identity
+    /// first if it is due, or if it outlives `identity_lifetime` (the
+    /// config asks for shorter-lived identities now).
+    pub fn load(state_dir: &Path, identity_lifetime: Duration) -> Result<Self, PkiError> {
         let p = paths(state_dir);
         if !p.ca_cert.exists() {
             return Err(PkiError::Missing(state_dir.to_owned()));
@@ -193,14 +203,15 @@ impl ClusterCa {
         let pin = ca_pin(&ca_der).ok_or_else(|| invalid(&p.ca_cert, "does not parse".into()))?;
         let mut this = Self {
             issuer,
+            paths: paths(state_dir),
             ca_der,
             ca_pem,
             pin,
             identity_pem: String::new(),
             identity_key_pem: String::new(),
         };
-        if identity_needs_renewal(&p.cert) {
-            write_coordinator_identity(&p, &this.issuer)?;
+        if identity_needs_renewal(&p.cert, identity_lifetime) {
+            write_coordinator_identity(&p, &this.issuer, identity_lifetime)?;
         }
         this.identity_pem = format!("{}{}", read(&p.cert)?, this.ca_pem);
         this.identity_key_pem = read(&p.key)?;
@@ -257,18 +268,100 @@ fn parse_csr(csr_der: &[u8]) -> Result<CertificateSigningRequestParams, PkiError
 }
 
 /// The coordinator's certificate is re-signed when a third of its life is left.
-fn identity_needs_renewal(cert_path: &Path) -> bool {
+/// Whether the coordinator's certificate at `cert_path` is missing, past
+/// two thirds of its life, or valid for longer than `lifetime` from now.
+fn identity_needs_renewal(cert_path: &Path, lifetime: Duration) -> bool {
     let Ok(pem) = std::fs::read_to_string(cert_path) else {
         return true;
     };
-    let Ok(b) = certfleet_proto::bundle::Bundle::parse(&pem, None, &[]) else {
-        return true;
-    };
-    let now = SystemTime::now()
+    match identity_due_in(&pem) {
+        None => true,
+        Some(due) => {
+            due.is_zero()
+                || certfleet_proto::bundle::Bundle::parse(&pem, None, &[])
+                    .is_ok_and(|b| b.not_after > unix_now() + lifetime.as_secs() as i64 + 60)
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    now > b.not_after - (b.not_after - b.not_before) / 3
+        .unwrap_or(0)
+}
+
+/// Time until two thirds of the life of the leaf in `pem` has passed (zero
+/// when it has); `None` if it does not parse.
+fn identity_due_in(pem: &str) -> Option<Duration> {
+    let b = certfleet_proto::bundle::Bundle::parse(pem, None, &[]).ok()?;
+    let due = b.not_before + (b.not_after - b.not_before) * 2 / 3;
+    Some(Duration::from_secs(
+        due.saturating_sub(unix_now()).max(0) as u64
+    ))
+}
+
+/// Retry delays after a failed renewal of the coordinator's identity.
+const RENEW_RETRY: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(300);
+
+impl ClusterCa {
+    /// Issues the coordinator a new certificate on a new key, valid for
+    /// `lifetime`, writes it to the state directory, and returns
+    /// (chain PEM, key PEM).
+    pub fn renew_identity(&self, lifetime: Duration) -> Result<(String, String), PkiError> {
+        write_coordinator_identity(&self.paths, &self.issuer, lifetime)?;
+        let read = |path: &Path| std::fs::read_to_string(path).map_err(io(path));
+        Ok((
+            format!("{}{}", read(&self.paths.cert)?, self.ca_pem),
+            read(&self.paths.key)?,
+        ))
+    }
+}
+
+/// Keeps the coordinator's own identity fresh while it runs: renews it at
+/// two thirds of its life and swaps it into `live`, which every agent
+/// connection and the enrollment listener present, so a coordinator that
+/// runs for longer than its certificate lives still reaches every agent.
+/// A failure is logged and retried with backoff until `stop`.
+pub async fn renew_identity_until(
+    ca: Arc<ClusterCa>,
+    live: Arc<LiveIdentity>,
+    lifetime: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut chain = ca.identity_pem.clone();
+    let mut retry = *RENEW_RETRY.start();
+    loop {
+        let wait = identity_due_in(&chain).unwrap_or(Duration::ZERO);
+        tokio::select! {
+            () = &mut stop => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        let renewed = ca.renew_identity(lifetime).and_then(|(c, k)| {
+            live.replace(&c, &k).map_err(|e| PkiError::Invalid {
+                path: ca.paths.cert.clone(),
+                reason: e.to_string(),
+            })?;
+            Ok(c)
+        });
+        match renewed {
+            Ok(c) => {
+                chain = c;
+                retry = *RENEW_RETRY.start();
+                tracing::info!(valid_for = ?lifetime, "renewed the coordinator's identity");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?retry, "renewing the coordinator's identity failed");
+                tokio::select! {
+                    () = &mut stop => return,
+                    () = tokio::time::sleep(retry) => {}
+                }
+                retry = (retry * 2).min(*RENEW_RETRY.end());
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -284,7 +377,7 @@ mod tests {
             init(state.path(), false),
             Err(PkiError::Exists(_))
         ));
-        let ca = ClusterCa::load(state.path()).unwrap();
+        let ca = ClusterCa::load(state.path(), COORDINATOR_VALIDITY).unwrap();
         assert_eq!(ca.pin, pin);
         use std::os::unix::fs::PermissionsExt;
         for key in ["ca/ca.key", "identity/coordinator.key"] {

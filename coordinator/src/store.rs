@@ -37,6 +37,24 @@ fn at(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
+/// Free space the store must have before an order is placed: a version is
+/// a few KiB, and the database and logs share the disk.
+pub const MIN_FREE_BYTES: u64 = 1 << 20;
+
+/// A certificate the CA issued that the store could not take, and where
+/// it was kept instead.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the CA issued certificate {name} (serial {serial}) but it could not be stored: {source}; {kept}"
+)]
+pub struct NotStored {
+    pub name: String,
+    pub serial: String,
+    pub source: StoreError,
+    /// Where the certificate and key are now, or why they could not be kept.
+    pub kept: String,
+}
+
 /// A version as found in the store.
 #[derive(Debug, Clone)]
 pub struct Stored {
@@ -65,6 +83,83 @@ impl Store {
                 .map_err(at(dir))?;
         }
         Ok(store)
+    }
+
+    /// Before an order: the store can be written and has [`MIN_FREE_BYTES`],
+    /// so a certificate the CA issues (and counts against its rate limit) is
+    /// not thrown away for want of a disk.
+    pub fn preflight(&self) -> Result<(), StoreError> {
+        let stat =
+            nix::sys::statvfs::statvfs(&self.archive).map_err(|e| at(&self.archive)(e.into()))?;
+        let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
+        if free < MIN_FREE_BYTES {
+            return Err(at(&self.archive)(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                format!(
+                    "only {free} bytes free, at least {MIN_FREE_BYTES} are needed before an order is placed; free some space"
+                ),
+            )));
+        }
+        let probe = self.archive.join(".certfleet-preflight");
+        write_atomic(&probe, b"ok\n", 0o600)
+            .and_then(|()| std::fs::remove_file(&probe))
+            .map_err(at(&probe))
+    }
+
+    /// [`Store::save`], and when that fails, keeps the certificate and key
+    /// in `rescue_dir/<name>/` (mode 0600) for [`Store::store_rescued`].
+    pub fn save_or_rescue(
+        &self,
+        name: &str,
+        bundle: &Bundle,
+        key_pem: &str,
+        rescue_dir: &Path,
+    ) -> Result<(u32, PathBuf), NotStored> {
+        let source = match self.save(name, bundle, key_pem) {
+            Ok(saved) => return Ok(saved),
+            Err(e) => e,
+        };
+        let dir = rescue_dir.join(name);
+        let fullchain = format!("{}{}", bundle.leaf_pem, bundle.chain_pem);
+        let kept = crate::fsutil::create_private_dir(&dir)
+            .and_then(|()| write_atomic(&dir.join("fullchain.pem"), fullchain.as_bytes(), 0o600))
+            .and_then(|()| write_atomic(&dir.join("privkey.pem"), key_pem.as_bytes(), 0o600));
+        let kept = match kept {
+            Ok(()) => format!(
+                "kept in {} (fullchain.pem, privkey.pem); once the store can be written, the next `certfleet issue {name}` stores it without a new order",
+                dir.display()
+            ),
+            Err(e) => format!("keeping it in {} failed too: {e}", dir.display()),
+        };
+        Err(NotStored {
+            name: name.to_owned(),
+            serial: bundle.serial.clone(),
+            source,
+            kept,
+        })
+    }
+
+    /// Stores a certificate an earlier order could not store (see
+    /// [`Store::save_or_rescue`]), if one is waiting and still matches
+    /// `sans`; returns its new version.
+    pub fn store_rescued(
+        &self,
+        name: &str,
+        sans: &[String],
+        rescue_dir: &Path,
+    ) -> Result<Option<(u32, Bundle)>, StoreError> {
+        let dir = rescue_dir.join(name);
+        let read = |file: &str| std::fs::read_to_string(dir.join(file));
+        let (Ok(fullchain), Ok(key)) = (read("fullchain.pem"), read("privkey.pem")) else {
+            return Ok(None);
+        };
+        // Only one that is still good for these names; otherwise order anew.
+        let Ok(bundle) = Bundle::parse(&fullchain, Some(&key), sans) else {
+            return Ok(None);
+        };
+        let (version, _) = self.save(name, &bundle, &key)?;
+        std::fs::remove_dir_all(&dir).map_err(at(&dir))?;
+        Ok(Some((version, bundle)))
     }
 
     /// The highest complete version of `name` in the archive, 0 if none.

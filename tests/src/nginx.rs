@@ -41,29 +41,56 @@ http {{
 
 /// Starts nginx in the foreground serving `webroot` on `ip:port`;
 /// everything it writes stays in `dir`. Its workers (www-data) must be able
-/// to reach `webroot`.
+/// to reach `webroot`. With `https_port`, plain HTTP only redirects to
+/// `https://$host:https_port$request_uri`, and the webroot is served there
+/// with a self-signed placeholder certificate.
 pub async fn serve_webroot(
     dir: &Path,
     ip: IpAddr,
     port: u16,
+    https_port: Option<u16>,
     webroot: &Path,
 ) -> anyhow::Result<Nginx> {
     std::fs::create_dir_all(dir.join("tmp"))?;
-    let conf = format!(
-        r#"{common}
-    server {{
+    let root = webroot.display();
+    let servers = match https_port {
+        None => format!(
+            r#"    server {{
         listen {ip}:{port};
         server_name _;
         root {root};
         location /.well-known/acme-challenge/ {{
             default_type text/plain;
         }}
+    }}"#
+        ),
+        Some(https) => {
+            let key = rcgen::KeyPair::generate()?;
+            let cert = rcgen::CertificateParams::new(vec!["placeholder.invalid".to_owned()])?
+                .self_signed(&key)?;
+            std::fs::write(dir.join("placeholder.pem"), cert.pem())?;
+            std::fs::write(dir.join("placeholder.key"), key.serialize_pem())?;
+            let d = dir.display();
+            format!(
+                r#"    server {{
+        listen {ip}:{port};
+        server_name _;
+        return 301 https://$host:{https}$request_uri;
     }}
-}}
-"#,
-        root = webroot.display(),
-        common = common(dir),
-    );
+    server {{
+        listen {ip}:{https} ssl;
+        server_name _;
+        ssl_certificate {d}/placeholder.pem;
+        ssl_certificate_key {d}/placeholder.key;
+        root {root};
+        location /.well-known/acme-challenge/ {{
+            default_type text/plain;
+        }}
+    }}"#
+            )
+        }
+    };
+    let conf = format!("{common}\n{servers}\n}}\n", common = common(dir));
     std::fs::write(dir.join("nginx.conf"), conf)?;
     start("nginx (webroot)", dir, SocketAddr::new(ip, port)).await
 }

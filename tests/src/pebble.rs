@@ -49,11 +49,18 @@ impl Pebble {
     /// Starts Pebble and challtestsrv. A port picked as free can be taken
     /// (by another test, or as the source port of an outgoing connection)
     /// before the server binds it, so a failed start is retried on new ports.
-    pub async fn start(dir: &Path, http_port: u16, options: PebbleOptions) -> anyhow::Result<Self> {
+    /// It validates HTTP-01 on `http_port` and follows redirects to HTTPS on
+    /// `tls_port`.
+    pub async fn start(
+        dir: &Path,
+        http_port: u16,
+        tls_port: u16,
+        options: PebbleOptions,
+    ) -> anyhow::Result<Self> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match Self::start_once(dir, http_port, options).await {
+            match Self::start_once(dir, http_port, tls_port, options).await {
                 Ok(pebble) => return Ok(pebble),
                 Err(e) if attempt < START_ATTEMPTS => {
                     eprintln!("pebble start attempt {attempt} failed, retrying: {e:#}");
@@ -66,6 +73,7 @@ impl Pebble {
     async fn start_once(
         dir: &Path,
         http_port: u16,
+        tls_port: u16,
         options: PebbleOptions,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
@@ -90,7 +98,7 @@ impl Pebble {
                 "certificate": dir.join("listener.pem"),
                 "privateKey": dir.join("listener.key"),
                 "httpPort": http_port,
-                "tlsPort": free_port(localhost),
+                "tlsPort": tls_port,
                 "ocspResponderURL": "",
                 "externalAccountBindingRequired": options.external_account.is_some(),
                 "externalAccountMACKeys": options

@@ -325,6 +325,89 @@ async fn issues_through_nginx_serving_the_webroot() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_self_check_follows_an_http_to_https_redirect_as_the_ca_does() {
+    // Every node's nginx answers plain HTTP with 301 to HTTPS only, and
+    // serves the webroot there: the self-check must follow the redirect,
+    // as Pebble (and Let's Encrypt) do, rather than refuse the node.
+    let cluster = Cluster::start(ClusterSpec {
+        http01: Http01::WebrootNginxHttps,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let out = cluster.issue().await.unwrap();
+    let cert = issued(&cluster, &out);
+    assert_eq!(cert["version"], 1);
+    let log: String = cluster
+        .nodes
+        .iter()
+        .map(|n| std::fs::read_to_string(n.dir.join("nginx/access.log")).unwrap_or_default())
+        .collect();
+    let challenge = |status: &str| {
+        log.lines()
+            .filter(|l| l.contains("/.well-known/acme-challenge/") && l.contains(status))
+            .count()
+    };
+    assert!(
+        challenge("\" 301 ") >= cluster.sans.len() && challenge("\" 200 ") >= cluster.sans.len(),
+        "expected redirected and served challenge fetches:\n{log}"
+    );
+    assert_no_tokens_left(&cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_account_is_made_until_the_operator_accepts_the_terms() {
+    let mut cluster = Cluster::start(ClusterSpec {
+        nodes: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let config = std::fs::read_to_string(&cluster.config_path)
+        .unwrap()
+        .replace("agree_tos = true\n", "");
+    std::fs::write(&cluster.config_path, config).unwrap();
+    cluster.coordinator.take();
+    cluster.start_coordinator().await.unwrap();
+    let out = cluster.issue().await.unwrap();
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    let said = format!("{}{}", out.stdout, out.stderr);
+    // Pebble's directory names its terms as a data: URL.
+    assert!(
+        said.contains("terms of service have not been accepted")
+            && said.contains("data:text/plain")
+            && said.contains("acme.agree_tos = true"),
+        "{said}"
+    );
+    assert!(
+        !cluster.state_dir.join("acme").exists()
+            || std::fs::read_dir(cluster.state_dir.join("acme"))
+                .unwrap()
+                .count()
+                == 0
+    );
+    // `init --agree-tos` records the choice; the next issue makes the account.
+    let init = std::process::Command::new(certfleet_tests::process::bin("certfleet-coordinator"))
+        .arg("--config")
+        .arg(&cluster.config_path)
+        .args(["init", "--agree-tos"])
+        .output()
+        .unwrap();
+    // On a cluster that has its CA, init only records the agreement.
+    assert!(
+        init.status.success()
+            && cluster
+                .state_dir
+                .join("acme/terms-of-service-agreed")
+                .exists(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let out = cluster.issue().await.unwrap();
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_cas_problem_document_reaches_the_cli_unchanged() {
     // Every node serves every token (the self-check passes), but DNS sends
     // cn-unm-1's name somewhere else, so the CA's own fetch fails.
