@@ -343,20 +343,9 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         key: key.to_owned(),
         reason,
     };
-    if raw.node.is_empty()
-        || !raw
-            .node
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-    {
-        return Err(invalid(
-            "node",
-            format!(
-                "{:?} must be non-empty and use only A-Z a-z 0-9 - _ .",
-                raw.node
-            ),
-        ));
-    }
+    // The same rule the coordinator applies at `node add` and join, so a
+    // mistake shows here rather than at join.
+    certfleet_proto::identity::check_node_name(&raw.node).map_err(|e| invalid("node", e))?;
     let state_dir = raw
         .state_dir
         .unwrap_or_else(|| PathBuf::from("/var/lib/certfleet-agent"));
@@ -774,6 +763,20 @@ listen = "127.0.0.2:80"
     }
 
     #[test]
+    fn a_node_name_the_cluster_would_refuse_is_refused_here() {
+        for bad in ["CN-UCSB-1", "cn_ucsb_1", "cn.ucsb", "-cn", &"a".repeat(64)] {
+            let text = GOOD.replace("cn-ucsb-1", bad);
+            let err = Config::from_toml_str(&text, "a.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("key `node`") && err.contains("DNS label"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn names_unknown_key() {
         let text = GOOD.replace("[grpc]", "colour = \"red\"\n[grpc]");
         let err = Config::from_toml_str(&text, "agent.toml")
@@ -878,10 +881,17 @@ listen = "127.0.0.2:80"
                 "agent-standalone.toml",
                 include_str!("../../deploy/examples/agent-standalone.toml"),
             ),
+            (
+                "agent-nginx.toml",
+                include_str!("../../deploy/examples/agent-nginx.toml"),
+            ),
         ] {
             // The DataONE examples name the ssl-cert group, as the node would have.
             let c = Config::from_toml_str(text, name).unwrap_or_else(|e| panic!("{e}"));
-            assert!(name.contains(&c.node) || c.node == "web-1", "{name}");
+            assert!(
+                name.contains(&c.node) || c.node.starts_with("web-"),
+                "{name}"
+            );
         }
     }
 }

@@ -30,6 +30,11 @@ use tracing::{info, warn};
 use crate::config::{CertificateTargets, Content, TargetFile};
 use crate::dir::{Dir, DirError, TEMP_PREFIX, Trust};
 
+/// The highest version an install may name: far past any certificate's
+/// life (a version a day for 2,700 years), and far from `u32::MAX`, where
+/// "the next version" would wrap.
+pub const MAX_VERSION: u32 = 1_000_000;
+
 /// Versions kept in the agent's archive per certificate (current, previous,
 /// one more).
 pub const KEEP_VERSIONS: usize = 3;
@@ -44,8 +49,8 @@ pub enum InstallError {
         version: u32,
         source: InvalidBundle,
     },
-    #[error("version must be at least 1")]
-    Version,
+    #[error("version {0} is not between 1 and {MAX_VERSION}")]
+    Version(u32),
     #[error("certificate {name} has no version before {current} to roll back to")]
     NoPrevious { name: String, current: u32 },
     #[error("{path}: {source}")]
@@ -145,8 +150,8 @@ impl Installer {
         names: &[String],
     ) -> Result<Installed, InstallError> {
         let targets = self.targets(name)?;
-        if version == 0 {
-            return Err(InstallError::Version);
+        if version == 0 || version > MAX_VERSION {
+            return Err(InstallError::Version(version));
         }
         let bundle = Bundle::parse(fullchain_pem, Some(key_pem), names).map_err(|source| {
             InstallError::Invalid {

@@ -3,6 +3,10 @@
 //!
 //! An order keeps running if the client hangs up: abandoning it half-way
 //! would leave tokens placed and an authorization pending for nothing.
+//!
+//! Issue, distribute, restart and rollout each take the certificate's
+//! operation lock first ([`stream_operation`]): a second one is refused as
+//! busy, naming the first, or waits for it when the request says `wait`.
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -12,7 +16,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use certfleet_proto::MAX_MESSAGE_BYTES;
-use certfleet_proto::identity::is_valid_node_name;
+use certfleet_proto::identity::check_node_name;
 use certfleet_proto::pb;
 use certfleet_proto::pb::admin_server::{Admin, AdminServer};
 use tokio::net::UnixListener;
@@ -22,6 +26,7 @@ use tonic::{Request, Response, Status};
 
 use crate::db::{DbError, NodeRecord, now};
 use crate::distribute::{DistributeError, Distributed, distribute};
+use crate::fleet::{Fleet, Holder, Operation, OperationGuard, OperationLocks};
 use crate::issue::{Failed, IssueError, Issued, Issuer};
 use crate::progress::{Event, Progress, Stage};
 use crate::rollout::{self, Restarted, RolloutError};
@@ -70,12 +75,12 @@ pub fn bind_socket(path: &Path) -> std::io::Result<UnixListener> {
 /// Serves the admin API on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: UnixListener,
-    issuer: Arc<Issuer>,
+    service: AdminService,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
         .add_service(
-            AdminServer::new(AdminService { issuer })
+            AdminServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
@@ -83,9 +88,33 @@ pub async fn serve(
         .await
 }
 
-struct AdminService {
+/// The admin API's handlers.
+pub struct AdminService {
+    fleet: Arc<Fleet>,
     issuer: Arc<Issuer>,
+    /// The cluster CA's pin, printed with join tokens.
+    ca_pin: String,
 }
+
+/// Where the agent's config lives on the node, as printed in the join
+/// command; only characters that need no shell quoting.
+fn agent_config_path(given: &str) -> Result<String, Status> {
+    if given.is_empty() {
+        return Ok(DEFAULT_AGENT_CONFIG.to_owned());
+    }
+    let plain = given
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/._-+".contains(&b));
+    if !given.starts_with('/') || !plain || given.split('/').any(|c| c == "..") {
+        return Err(Status::invalid_argument(format!(
+            "--agent-config {given:?}: must be an absolute path of letters, digits and / . _ - +"
+        )));
+    }
+    Ok(given.to_owned())
+}
+
+/// The agent's config path the join command names unless told otherwise.
+pub const DEFAULT_AGENT_CONFIG: &str = "/etc/certfleet/agent.toml";
 
 /// The calling process's uid, from the socket's SO_PEERCRED.
 fn caller_uid<T>(request: &Request<T>) -> Option<u32> {
@@ -97,39 +126,48 @@ fn caller_uid<T>(request: &Request<T>) -> Option<u32> {
 }
 
 impl AdminService {
+    pub fn new(fleet: Arc<Fleet>, issuer: Arc<Issuer>, ca_pin: String) -> Self {
+        Self {
+            fleet,
+            issuer,
+            ca_pin,
+        }
+    }
+
     /// Refuses an unknown certificate before any work, as a usage error.
     fn known(&self, name: &str) -> Result<(), Status> {
-        match self.issuer.config().certificate(name) {
-            Some(_) => Ok(()),
-            None => Err(Status::not_found(
-                IssueError::UnknownCertificate(name.to_owned()).to_string(),
-            )),
-        }
+        self.fleet
+            .spec(name)
+            .map(|_| ())
+            .map_err(|e| Status::not_found(e.to_string()))
     }
 
     fn restart_or_rollout(
         &self,
         request: Request<pb::RestartRequest>,
-        with_distribute: bool,
+        operation: Operation,
     ) -> Result<Response<EventStream>, Status> {
         let uid = caller_uid(&request);
-        let name = request.into_inner().certificate;
-        let action = if with_distribute {
-            "rollout"
-        } else {
-            "restart"
-        };
-        self.audit(uid, action, &format!("certificate {name:?}"));
-        self.known(&name)?;
-        let issuer = Arc::clone(&self.issuer);
+        let r = request.into_inner();
+        self.audit(
+            uid,
+            &operation.to_string(),
+            &format!("certificate {:?}", r.certificate),
+        );
+        self.known(&r.certificate)?;
+        let fleet = Arc::clone(&self.fleet);
+        let holder = Holder::new(operation, &r.certificate, uid);
         Ok(Response::new(stream_operation(
-            move |progress| async move {
-                let result = if with_distribute {
-                    rollout::rollout(&issuer, &name, &progress).await
+            self.fleet.locks().clone(),
+            holder,
+            r.wait,
+            move |op, progress| async move {
+                let result = if operation == Operation::Rollout {
+                    rollout::rollout(&fleet, &op, &progress).await
                 } else {
-                    rollout::restart(&issuer, &name, &progress).await
+                    rollout::restart(&fleet, &op, &progress).await
                 };
-                restarted_to_pb(&name, result)
+                restarted_to_pb(op.certificate(), result)
             },
         )))
     }
@@ -138,7 +176,7 @@ impl AdminService {
     /// pass names and ids only.
     fn audit(&self, uid: Option<u32>, action: &str, detail: &str) {
         tracing::info!(uid, action, detail, "admin request");
-        if let Err(e) = self.issuer.db().audit(uid, action, detail, now()) {
+        if let Err(e) = self.fleet.db().audit(uid, action, detail, now()) {
             tracing::warn!(error = %e, "cannot write the audit log");
         }
     }
@@ -162,14 +200,14 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::RestartRequest>,
     ) -> Result<Response<Self::RestartStream>, Status> {
-        self.restart_or_rollout(request, false)
+        self.restart_or_rollout(request, Operation::Restart)
     }
 
     async fn rollout(
         &self,
         request: Request<pb::RestartRequest>,
     ) -> Result<Response<Self::RolloutStream>, Status> {
-        self.restart_or_rollout(request, true)
+        self.restart_or_rollout(request, Operation::Rollout)
     }
 
     async fn status(
@@ -178,11 +216,11 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let name = request.into_inner().certificate;
         self.known(&name)?;
-        let (live, nodes) = rollout::status(&self.issuer, &name)
+        let (live, nodes) = rollout::status(&self.fleet, &name)
             .await
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         let last_rollout = self
-            .issuer
+            .fleet
             .db()
             .last_rollout(&name)
             .map_err(|e| Status::internal(e.to_string()))?
@@ -238,17 +276,16 @@ impl Admin for AdminService {
                 r.certificate, r.version, r.nodes
             ),
         );
-        if self.issuer.config().certificate(&r.certificate).is_none() {
-            return Err(Status::not_found(
-                IssueError::UnknownCertificate(r.certificate).to_string(),
-            ));
-        }
-        let issuer = Arc::clone(&self.issuer);
+        self.known(&r.certificate)?;
+        let fleet = Arc::clone(&self.fleet);
+        let holder = Holder::new(Operation::Distribute, &r.certificate, uid);
         Ok(Response::new(stream_operation(
-            move |progress| async move {
+            self.fleet.locks().clone(),
+            holder,
+            r.wait,
+            move |op, progress| async move {
                 let version = (r.version > 0).then_some(r.version);
-                let result =
-                    distribute(&issuer, &r.certificate, version, &r.nodes, &progress).await;
+                let result = distribute(&fleet, &op, version, &r.nodes, &progress).await;
                 distributed_to_pb(&r.certificate, result)
             },
         )))
@@ -259,17 +296,17 @@ impl Admin for AdminService {
         request: Request<pb::IssueRequest>,
     ) -> Result<Response<Self::IssueStream>, Status> {
         let uid = caller_uid(&request);
-        let name = request.into_inner().certificate;
-        self.audit(uid, "issue", &format!("certificate {name:?}"));
-        if self.issuer.config().certificate(&name).is_none() {
-            return Err(Status::not_found(
-                IssueError::UnknownCertificate(name).to_string(),
-            ));
-        }
+        let r = request.into_inner();
+        self.audit(uid, "issue", &format!("certificate {:?}", r.certificate));
+        self.known(&r.certificate)?;
         let issuer = Arc::clone(&self.issuer);
+        let holder = Holder::new(Operation::Issue, &r.certificate, uid);
         Ok(Response::new(stream_operation(
-            move |progress| async move {
-                match issuer.issue(&name, &progress).await {
+            self.fleet.locks().clone(),
+            holder,
+            r.wait,
+            move |op, progress| async move {
+                match issuer.issue(&op, &progress).await {
                     Ok(issued) => done_to_pb(&issued),
                     Err(failed) => failed_to_pb(&failed),
                 }
@@ -282,7 +319,7 @@ impl Admin for AdminService {
         _request: Request<pb::ListCertificatesRequest>,
     ) -> Result<Response<pb::ListCertificatesResponse>, Status> {
         let stored = self
-            .issuer
+            .fleet
             .store()
             .list()
             .map_err(|e| Status::internal(e.to_string()))?;
@@ -297,12 +334,8 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::AddNodeResponse>, Status> {
         let uid = caller_uid(&request);
         let r = request.into_inner();
-        if !is_valid_node_name(&r.name) {
-            return Err(Status::invalid_argument(format!(
-                "node name {:?}: must be 1-63 characters of a-z 0-9 and '-', not starting or ending with '-'",
-                r.name
-            )));
-        }
+        check_node_name(&r.name).map_err(Status::invalid_argument)?;
+        let agent_config = agent_config_path(&r.agent_config)?;
         let agent: SocketAddr = r.agent.parse().map_err(|e| {
             Status::invalid_argument(format!(
                 "--agent {:?}: not an address like 10.0.0.2:7443: {e}",
@@ -316,7 +349,7 @@ impl Admin for AdminService {
                 Status::invalid_argument(format!("--http01 {:?}: not an IP address: {e}", r.http01))
             })?
         };
-        let enrollment = &self.issuer.config().enrollment;
+        let enrollment = &self.fleet.config().enrollment;
         let ttl = match r.token_ttl_seconds {
             0 => enrollment.join_token_ttl,
             s => std::time::Duration::from_secs(s.into()),
@@ -331,26 +364,26 @@ impl Admin for AdminService {
             cert_not_after: 0,
             last_contact: 0,
         };
-        self.issuer
+        self.fleet
             .db()
             .add_node(&record, &id, &secret, expires, now())
             .map_err(|e| match e {
                 DbError::Active(_) => Status::failed_precondition(e.to_string()),
                 e => Status::internal(e.to_string()),
             })?;
-        self.issuer.forget_node(&r.name);
+        self.fleet.forget_node(&r.name);
         self.audit(
             uid,
             "node add",
             &format!("node {} agent {agent} token id {id}", r.name),
         );
         let token = format!("{id}.{secret}");
-        let ca_pin = self.issuer.ca_pin().to_owned();
+        let ca_pin = self.ca_pin.clone();
         Ok(Response::new(pb::AddNodeResponse {
             // The token goes to the command's standard input, never into
             // its arguments: every local user can read a process's argv.
             join_command: format!(
-                "certfleet-agent --config /etc/certfleet/agent.toml join --coordinator {} --ca-pin {ca_pin} --token-file -",
+                "certfleet-agent --config {agent_config} join --coordinator {} --ca-pin {ca_pin} --token-file -",
                 enrollment.advertise
             ),
             token,
@@ -365,11 +398,11 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
         let uid = caller_uid(&request);
         let name = request.into_inner().name;
-        self.issuer.db().remove(&name).map_err(|e| match e {
+        self.fleet.db().remove(&name).map_err(|e| match e {
             DbError::UnknownNode(_) => Status::not_found(e.to_string()),
             e => Status::internal(e.to_string()),
         })?;
-        self.issuer.forget_node(&name);
+        self.fleet.forget_node(&name);
         self.audit(uid, "node remove", &format!("node {name}"));
         Ok(Response::new(pb::RemoveNodeResponse {}))
     }
@@ -379,7 +412,7 @@ impl Admin for AdminService {
         _request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         let nodes = self
-            .issuer
+            .fleet
             .db()
             .nodes()
             .map_err(|e| Status::internal(e.to_string()))?
@@ -400,27 +433,103 @@ impl Admin for AdminService {
 /// A stream of an operation's events, ending with its DONE or FAILED event.
 type EventStream = ReceiverStream<Result<pb::IssueEvent, Status>>;
 
-/// Runs `operation` in its own task (it keeps running if the client hangs
-/// up) and streams its progress, then the event it ends with.
-fn stream_operation<F, Fut>(operation: F) -> EventStream
+type EventSender = mpsc::Sender<Result<pb::IssueEvent, Status>>;
+
+/// Runs `operation` in its own task once it holds the certificate's lock
+/// for `holder`, and streams its progress, then the event it ends with.
+///
+/// Once started, the operation keeps running if the client hangs up. While
+/// another operation holds the lock, this one fails as busy, or with `wait`
+/// waits for it (a client that hangs up while waiting cancels it). One that
+/// panics ends with a FAILED event like any other failure; the lock and any
+/// rollout record it held are released as the panic unwinds.
+fn stream_operation<F, Fut>(
+    locks: OperationLocks,
+    holder: Holder,
+    wait: bool,
+    operation: F,
+) -> EventStream
 where
-    F: FnOnce(Progress) -> Fut + Send + 'static,
+    F: FnOnce(OperationGuard, Progress) -> Fut + Send + 'static,
     Fut: Future<Output = pb::IssueEvent> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel(EVENT_BUFFER);
     tokio::spawn(async move {
+        let Some(op) = lock(&locks, holder, wait, &tx).await else {
+            return;
+        };
+        let what = op.holder().clone();
         let (progress, mut events) = Progress::channel();
-        let task = tokio::spawn(operation(progress));
+        let task = tokio::spawn(operation(op, progress));
         while let Some(event) = events.recv().await {
             // A client that hung up does not stop the operation.
             let _ = tx.send(Ok(event_to_pb(event))).await;
         }
-        let last = task
-            .await
-            .map_err(|e| Status::internal(format!("operation task failed: {e}")));
-        let _ = tx.send(last).await;
+        let last = task.await.unwrap_or_else(|e| ended_abnormally(&what, e));
+        let _ = tx.send(Ok(last)).await;
     });
     ReceiverStream::new(rx)
+}
+
+/// Takes the certificate's lock for `holder`, waiting for it with `wait`.
+/// `None` when the operation must not run; `tx` has been told why.
+async fn lock(
+    locks: &OperationLocks,
+    holder: Holder,
+    wait: bool,
+    tx: &EventSender,
+) -> Option<OperationGuard> {
+    if !wait {
+        return match locks.try_acquire(holder) {
+            Ok(op) => Some(op),
+            Err(busy) => {
+                let event = failure_event("busy", String::new(), busy.to_string());
+                let _ = tx.send(Ok(event)).await;
+                None
+            }
+        };
+    }
+    let waiting = |current: &Holder| {
+        // A fresh stream has room for these few lines.
+        let _ = tx.try_send(Ok(pb::IssueEvent {
+            stage: pb::Stage::Waiting.into(),
+            ok: true,
+            message: format!("waiting for {current}"),
+            ..Default::default()
+        }));
+    };
+    let (operation, certificate) = (holder.operation, holder.certificate.clone());
+    tokio::select! {
+        op = locks.acquire(holder, waiting) => Some(op),
+        () = tx.closed() => {
+            tracing::info!(%operation, certificate, "client hung up while waiting; not started");
+            None
+        }
+    }
+}
+
+/// The last event of an operation whose task panicked or was cancelled.
+fn ended_abnormally(what: &Holder, error: tokio::task::JoinError) -> pb::IssueEvent {
+    let how = if error.is_panic() {
+        let payload = error.into_panic();
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".to_owned());
+        format!("panicked ({message})")
+    } else {
+        "was cancelled".to_owned()
+    };
+    let (operation, certificate) = (what.operation, &what.certificate);
+    tracing::error!(%operation, certificate, how, "operation ended abnormally");
+    failure_event(
+        "internal",
+        String::new(),
+        format!(
+            "internal error: the {operation} of {certificate} {how}; it was stopped, and a rollout it started is recorded as failed. This is a bug: the coordinator's log has the details"
+        ),
+    )
 }
 
 fn distributed_to_pb(name: &str, result: Result<Distributed, DistributeError>) -> pb::IssueEvent {
@@ -443,9 +552,10 @@ fn distributed_to_pb(name: &str, result: Result<Distributed, DistributeError>) -
             let (kind, node) = match &e {
                 DistributeError::Nodes { failed, .. } => ("node", node_list(failed)),
                 DistributeError::NotServing(n) => ("config", n.clone()),
-                DistributeError::Setup(_)
-                | DistributeError::NoVersion { .. }
-                | DistributeError::NotIssued(_) => ("config", String::new()),
+                DistributeError::Fleet(e) => (e.kind(), String::new()),
+                DistributeError::NoVersion { .. } | DistributeError::NotIssued(_) => {
+                    ("config", String::new())
+                }
                 DistributeError::Store(_) => ("store", String::new()),
             };
             failure_event(kind, node, e.to_string())
@@ -498,7 +608,8 @@ fn restarted_to_pb(name: &str, result: Result<Restarted, RolloutError>) -> pb::I
                 RolloutError::Distribute(DistributeError::Nodes { failed, .. }) => {
                     ("node", node_list(failed))
                 }
-                RolloutError::Store(_) => ("store", String::new()),
+                RolloutError::Store(_) | RolloutError::Registry(_) => ("store", String::new()),
+                RolloutError::Fleet(e) => (e.kind(), String::new()),
                 _ => ("config", String::new()),
             };
             failure_event(kind, node, e.to_string())
@@ -581,8 +692,7 @@ fn done_to_pb(issued: &Issued) -> pb::IssueEvent {
 fn failed_to_pb(failed: &Failed) -> pb::IssueEvent {
     let error = &failed.error;
     let kind = match error {
-        IssueError::UnknownCertificate(_) => "config",
-        IssueError::Busy(_) => "busy",
+        IssueError::Fleet(e) => e.kind(),
         IssueError::Nodes {
             stage: Stage::SelfCheck,
             ..
@@ -594,12 +704,7 @@ fn failed_to_pb(failed: &Failed) -> pb::IssueEvent {
         | IssueError::BadToken { .. } => "acme",
         IssueError::Certificate(_) => "certificate",
         IssueError::Key(_) => "internal",
-        IssueError::Store(_) | IssueError::Registry(_) => "store",
-        IssueError::UnknownNode { .. }
-        | IssueError::NodeNotActive { .. }
-        | IssueError::NoNodes(_)
-        | IssueError::NodeAddress { .. } => "config",
-        IssueError::Tls { .. } => "internal",
+        IssueError::Store(_) | IssueError::NotStored(_) => "store",
     };
     let node = match error {
         IssueError::Nodes { errors, .. } => errors
@@ -624,5 +729,165 @@ fn failed_to_pb(failed: &Failed) -> pb::IssueEvent {
             acme_detail: problem.and_then(|p| p.detail.clone()).unwrap_or_default(),
             order_url: failed.order_url.clone().unwrap_or_default(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_join_command_names_only_a_plain_absolute_agent_config() {
+        assert_eq!(agent_config_path("").unwrap(), DEFAULT_AGENT_CONFIG);
+        assert_eq!(
+            agent_config_path("/srv/certfleet/agent-2.toml").unwrap(),
+            "/srv/certfleet/agent-2.toml"
+        );
+        for bad in [
+            "agent.toml",
+            "/etc/a b.toml",
+            "/etc/$(id).toml",
+            "/etc/../x.toml",
+        ] {
+            let err = agent_config_path(bad).unwrap_err();
+            assert!(err.message().contains("--agent-config"), "{bad}: {err:?}");
+        }
+    }
+
+    /// 2024-01-01T14:02:11Z.
+    const STARTED: i64 = 1_704_117_731;
+
+    fn holder(operation: Operation) -> Holder {
+        Holder {
+            operation,
+            certificate: "cn".into(),
+            started: STARTED,
+            uid: Some(1000),
+        }
+    }
+
+    /// An operation that ends DONE and says it ran.
+    fn done(
+        ran: Arc<std::sync::atomic::AtomicBool>,
+    ) -> impl FnOnce(OperationGuard, Progress) -> futures::future::Ready<pb::IssueEvent> {
+        move |_op, _progress| {
+            ran.store(true, std::sync::atomic::Ordering::SeqCst);
+            futures::future::ready(pb::IssueEvent {
+                stage: pb::Stage::Done.into(),
+                ..Default::default()
+            })
+        }
+    }
+
+    async fn events(stream: EventStream) -> Vec<pb::IssueEvent> {
+        use tokio_stream::StreamExt;
+        stream.map(|e| e.unwrap()).collect().await
+    }
+
+    #[tokio::test]
+    async fn a_second_operation_on_a_certificate_fails_as_busy() {
+        let locks = OperationLocks::default();
+        let _rollout = locks.try_acquire(holder(Operation::Rollout)).unwrap();
+        let ran = Arc::default();
+        let stream = stream_operation(
+            locks.clone(),
+            holder(Operation::Issue),
+            false,
+            done(Arc::clone(&ran)),
+        );
+        let events = events(stream).await;
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].stage(), pb::Stage::Failed);
+        let failure = events[0].failure.as_ref().unwrap();
+        assert_eq!(failure.kind, "busy");
+        assert_eq!(
+            failure.message,
+            "busy: rollout of cn (started 14:02:11 UTC by uid 1000) is running"
+        );
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_wait_it_says_what_it_waits_for_and_runs_after() {
+        use tokio_stream::StreamExt;
+        let locks = OperationLocks::default();
+        let rollout = locks.try_acquire(holder(Operation::Rollout)).unwrap();
+        let ran = Arc::default();
+        let mut stream = stream_operation(
+            locks.clone(),
+            holder(Operation::Issue),
+            true,
+            done(Arc::clone(&ran)),
+        );
+        let first = stream.next().await.unwrap().unwrap();
+        assert_eq!(first.stage(), pb::Stage::Waiting);
+        assert_eq!(
+            first.message,
+            "waiting for rollout of cn (started 14:02:11 UTC by uid 1000)"
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
+        drop(rollout);
+        let rest = events(stream).await;
+        assert_eq!(rest.len(), 1, "{rest:?}");
+        assert_eq!(rest[0].stage(), pb::Stage::Done);
+        assert!(ran.load(std::sync::atomic::Ordering::SeqCst));
+        // It released the lock when it ended.
+        locks.try_acquire(holder(Operation::Restart)).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_hangs_up_while_waiting_cancels_the_operation() {
+        use tokio_stream::StreamExt;
+        let locks = OperationLocks::default();
+        let rollout = locks.try_acquire(holder(Operation::Rollout)).unwrap();
+        let ran = Arc::default();
+        let mut stream = stream_operation(
+            locks.clone(),
+            holder(Operation::Issue),
+            true,
+            done(Arc::clone(&ran)),
+        );
+        assert_eq!(
+            stream.next().await.unwrap().unwrap().stage(),
+            pb::Stage::Waiting
+        );
+        drop(stream);
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        drop(rollout);
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
+        locks.try_acquire(holder(Operation::Restart)).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_panicking_operation_ends_as_a_failure_and_frees_the_certificate() {
+        let locks = OperationLocks::default();
+        fn bug() -> pb::IssueEvent {
+            panic!("index out of bounds: the len is 3 but the index is 4")
+        }
+        let stream = stream_operation(
+            locks.clone(),
+            holder(Operation::Restart),
+            false,
+            |_op, progress| async move {
+                progress.step(Stage::Restart, "restarting");
+                bug()
+            },
+        );
+        let events = events(stream).await;
+        assert_eq!(events.len(), 2, "{events:?}");
+        let last = events.last().unwrap();
+        assert_eq!(last.stage(), pb::Stage::Failed);
+        let failure = last.failure.as_ref().unwrap();
+        assert_eq!(failure.kind, "internal");
+        assert!(
+            failure.message.starts_with(
+                "internal error: the restart of cn panicked (index out of bounds: the len is 3 but the index is 4)"
+            ),
+            "{}",
+            failure.message
+        );
+        locks.try_acquire(holder(Operation::Rollout)).unwrap();
     }
 }

@@ -1,10 +1,10 @@
-//! One ACME order for one certificate, end to end (DESIGN.md, "Issue").
+//! One ACME order for one certificate, end to end (docs/ARCHITECTURE.md,
+//! "Issue").
 //!
 //! The order of steps is the point: nothing is asked of the CA until every
 //! node serves every token and the coordinator has fetched each one itself.
 //! Tokens come off every node whatever happens after they were placed.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,11 +17,10 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::acme::{AcmeAccount, AcmeSetupError};
 use crate::challenge::{self, FanOut, FleetNode, NodeError, PendingChallenge, SelfCheckClient};
-use crate::config::{CertificateSpec, Config, KeyType, Node};
-use crate::db::{Db, DbError};
+use crate::config::{CertificateSpec, Config, KeyType};
+use crate::fleet::{Fleet, FleetError, OperationGuard};
 use crate::progress::{Progress, Stage};
 use crate::store::{Store, StoreError, Stored};
-use crate::transport::{ClusterTrust, GrpcAgent};
 
 /// First wait before polling the CA for an order's state; instant-acme
 /// grows it by [`POLL_BACKOFF`] and honours Retry-After when the CA sends it.
@@ -62,10 +61,8 @@ pub(crate) use nonce_retry;
 /// Why an order failed.
 #[derive(Debug, thiserror::Error)]
 pub enum IssueError {
-    #[error("no certificate named {0:?} in the config")]
-    UnknownCertificate(String),
-    #[error("an order for certificate {0} is already running")]
-    Busy(String),
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
     #[error(transparent)]
     Setup(#[from] AcmeSetupError),
     #[error("{}", join_lines(.errors))]
@@ -97,23 +94,7 @@ pub enum IssueError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
-    Registry(#[from] DbError),
-    #[error(
-        "certificate {cert} names node {node}, which is not registered (see `certfleet nodes`)"
-    )]
-    UnknownNode { cert: String, node: String },
-    #[error("certificate {cert} names node {node}, which is {state}, not active")]
-    NodeNotActive {
-        cert: String,
-        node: String,
-        state: String,
-    },
-    #[error("no active node serves certificate {0}: register nodes with `certfleet node add`")]
-    NoNodes(String),
-    #[error("node {node}: registry holds an unusable address: {reason}")]
-    NodeAddress { node: String, reason: String },
-    #[error("TLS setup for node {node}: {reason}")]
-    Tls { node: String, reason: String },
+    NotStored(#[from] crate::store::NotStored),
 }
 
 impl IssueError {
@@ -190,166 +171,38 @@ pub struct Issued {
 
 /// Runs orders. Cheap to share: one per coordinator.
 pub struct Issuer {
+    /// The nodes, their transports and the certificate locks.
+    fleet: Arc<Fleet>,
+    /// The fleet's own config and store, which every step of an order reads.
     config: Arc<Config>,
+    store: Arc<Store>,
     acme: AcmeAccount,
-    db: Arc<Db>,
-    trust: ClusterTrust,
-    ca_pin: String,
-    /// One channel per node, reused across orders; rebuilt when the
-    /// registry's address for the node changes, dropped when it is removed.
-    channels: std::sync::Mutex<HashMap<String, FleetNode>>,
     self_check: SelfCheckClient,
-    store: Store,
-    locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Issuer {
-    pub fn new(
-        config: Arc<Config>,
-        acme: AcmeAccount,
-        store: Store,
-        db: Arc<Db>,
-        trust: ClusterTrust,
-        ca_pin: String,
-    ) -> Self {
+    pub fn new(fleet: Arc<Fleet>, acme: AcmeAccount) -> Self {
         Self {
-            config,
+            config: Arc::clone(fleet.shared_config()),
+            store: Arc::clone(fleet.shared_store()),
+            fleet,
             acme,
-            db,
-            trust,
-            ca_pin,
-            channels: Default::default(),
             self_check: SelfCheckClient::default(),
-            store,
-            locks: Default::default(),
         }
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
-    pub fn db(&self) -> &Arc<Db> {
-        &self.db
-    }
-
-    /// The cluster CA's pin, printed with join tokens.
-    pub fn ca_pin(&self) -> &str {
-        &self.ca_pin
-    }
-
-    /// The fan-out limits every operation uses.
-    pub(crate) fn fan_out(&self) -> FanOut {
-        let p = &self.config.placement;
-        FanOut {
-            concurrency: p.concurrency,
-            node_timeout: p.node_timeout,
-        }
-    }
-
-    /// Stops using `node`'s channel (the node was removed).
-    pub fn forget_node(&self, node: &str) {
-        self.channels
-            .lock()
-            .expect("channel map poisoned")
-            .remove(node);
-    }
-
-    /// The nodes that serve `spec`, from the registry: only active ones are
-    /// ever contacted.
-    pub(crate) fn fleet(&self, spec: &CertificateSpec) -> Result<Vec<FleetNode>, IssueError> {
-        let records = self.db.nodes()?;
-        let names: Vec<&str> = match &spec.nodes {
-            Some(list) => list.iter().map(String::as_str).collect(),
-            None => records
-                .iter()
-                .filter(|r| r.state == "active")
-                .map(|r| r.name.as_str())
-                .collect(),
-        };
-        if names.is_empty() {
-            return Err(IssueError::NoNodes(spec.name.clone()));
-        }
-        let mut channels = self.channels.lock().expect("channel map poisoned");
-        let mut fleet = Vec::with_capacity(names.len());
-        for name in names {
-            let record =
-                records
-                    .iter()
-                    .find(|r| r.name == name)
-                    .ok_or_else(|| IssueError::UnknownNode {
-                        cert: spec.name.clone(),
-                        node: name.to_owned(),
-                    })?;
-            if record.state != "active" {
-                return Err(IssueError::NodeNotActive {
-                    cert: spec.name.clone(),
-                    node: name.to_owned(),
-                    state: record.state.clone(),
-                });
-            }
-            let address = |reason: String| IssueError::NodeAddress {
-                node: name.to_owned(),
-                reason,
-            };
-            let node = Node {
-                name: name.to_owned(),
-                agent: record
-                    .agent
-                    .parse()
-                    .map_err(|e| address(format!("{}: {e}", record.agent)))?,
-                http01: record
-                    .http01
-                    .parse()
-                    .map_err(|e| address(format!("{}: {e}", record.http01)))?,
-            };
-            if let Some(known) = channels.get(name)
-                && known.node == node
-            {
-                fleet.push(known.clone());
-                continue;
-            }
-            let transport = GrpcAgent::new(&node, &self.trust).map_err(|e| IssueError::Tls {
-                node: name.to_owned(),
-                reason: e.to_string(),
-            })?;
-            let fleet_node = FleetNode {
-                node,
-                transport: Arc::new(transport),
-            };
-            channels.insert(name.to_owned(), fleet_node.clone());
-            fleet.push(fleet_node);
-        }
-        Ok(fleet)
-    }
-
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
-    /// Issues a new version of certificate `name`.
-    pub async fn issue(&self, name: &str, progress: &Progress) -> Result<Issued, Failed> {
-        let failed = |error| Failed {
-            error,
+    /// Issues a new version of the certificate `op` holds the lock of. The
+    /// lock keeps a second order from racing this one for the same
+    /// authorizations and version number, and a rollout from seeing the
+    /// live version change under it.
+    pub async fn issue(&self, op: &OperationGuard, progress: &Progress) -> Result<Issued, Failed> {
+        let name = op.certificate();
+        let failed = |error: FleetError| Failed {
+            error: error.into(),
             order_url: None,
         };
-        let spec = self
-            .config
-            .certificate(name)
-            .ok_or_else(|| failed(IssueError::UnknownCertificate(name.to_owned())))?;
-        // One order per certificate at a time: a second one would race the
-        // first for the same authorizations and the same version number.
-        let lock = Arc::clone(
-            self.locks
-                .lock()
-                .expect("lock map poisoned")
-                .entry(name.to_owned())
-                .or_default(),
-        );
-        let _guard = lock
-            .try_lock()
-            .map_err(|_| failed(IssueError::Busy(name.to_owned())))?;
-        let nodes = self.fleet(spec).map_err(failed)?;
+        let spec = self.fleet.spec(name).map_err(failed)?;
+        let nodes = self.fleet.nodes(spec).map_err(failed)?;
         let span = info_span!("issue", cert = %name, sans = spec.sans.len(), nodes = nodes.len());
         let mut order = OrderRun {
             issuer: self,
@@ -424,11 +277,15 @@ struct OrderRun<'a> {
 
 impl OrderRun<'_> {
     fn limits(&self) -> FanOut {
-        self.issuer.fan_out()
+        self.issuer.fleet.fan_out()
     }
 
     async fn run(&mut self) -> Result<(Stored, usize), IssueError> {
         let config = &self.issuer.config;
+        if let Some(stored) = self.store_rescued()? {
+            return Ok((stored, 0));
+        }
+        self.issuer.store.preflight()?;
         let ca_start = Instant::now();
         let account = self.issuer.acme.get().await?;
         let identifiers: Vec<Identifier> = self
@@ -502,7 +359,10 @@ impl OrderRun<'_> {
             challenge::self_check_all(
                 self.nodes,
                 &pending,
-                config.acme.validation_port,
+                challenge::ValidationPorts {
+                    http: config.acme.validation_port,
+                    https: config.acme.validation_tls_port,
+                },
                 &self.issuer.self_check,
                 limits,
                 self.progress,
@@ -559,7 +419,12 @@ impl OrderRun<'_> {
             .step(Stage::Finalize, "certificate downloaded");
 
         let bundle = Bundle::parse(&chain, Some(&key_pem), &self.spec.sans)?;
-        let (version, _) = self.issuer.store.save(&self.spec.name, &bundle, &key_pem)?;
+        let (version, _) = self.issuer.store.save_or_rescue(
+            &self.spec.name,
+            &bundle,
+            &key_pem,
+            &config.rescue_dir(),
+        )?;
         let stored = self
             .issuer
             .store
@@ -583,6 +448,34 @@ impl OrderRun<'_> {
             ),
         );
         Ok((stored, reused))
+    }
+
+    /// Stores the certificate an earlier order got but could not store,
+    /// instead of ordering a new one (the CA counted that one already).
+    fn store_rescued(&self) -> Result<Option<Stored>, IssueError> {
+        let rescue = self.issuer.config.rescue_dir();
+        let name = &self.spec.name;
+        let Some((version, bundle)) =
+            self.issuer
+                .store
+                .store_rescued(name, &self.spec.sans, &rescue)?
+        else {
+            return Ok(None);
+        };
+        let stored = self
+            .issuer
+            .store
+            .live(name)?
+            .filter(|s| s.version == version);
+        self.progress.step(
+            Stage::Store,
+            format!(
+                "stored version {version} (serial {}) from {}: the certificate an earlier order could not store; no new order placed",
+                bundle.serial,
+                rescue.join(name).display()
+            ),
+        );
+        Ok(stored)
     }
 
     fn retry_policy(&self) -> RetryPolicy {

@@ -4,10 +4,14 @@
 //! - [`config`]: the coordinator's config, validated before any side effect.
 //! - [`acme`]: the ACME account and the HTTP client instant-acme uses.
 //! - [`transport`]: how a node is reached (the agent over gRPC, mutual
-//!   TLS); the one place the coordinator→agent channel is built.
+//!   TLS); the one place the coordinator→agent channel is built. Its
+//!   `Transport` trait is the seam the unit tests' fake nodes plug into.
+//! - [`fleet`]: what every operation works on: config, registry, store,
+//!   a transport per node, and one operation lock per certificate.
 //! - [`pki`]: the cluster's private CA and the coordinator's identity.
 //! - [`enrollment`]: nodes join with one-time tokens and renew over mTLS.
-//! - [`db`]: the registry of nodes, join tokens and the audit log (SQLite).
+//! - [`db`]: the registry of nodes, join tokens, installs, rollouts and the
+//!   audit log (SQLite).
 //! - [`challenge`]: placing tokens on every node, self-checking each node,
 //!   removing tokens — bounded, parallel fan-outs.
 //! - [`issue`]: one order end to end, in the order that keeps the CA from
@@ -31,6 +35,7 @@ pub mod config;
 pub mod db;
 pub mod distribute;
 pub mod enrollment;
+pub mod fleet;
 mod fsutil;
 pub mod issue;
 pub mod pki;
@@ -50,6 +55,7 @@ use crate::acme::{AcmeAccount, AcmeSetupError};
 use crate::config::Config;
 use crate::db::{Db, DbError};
 use crate::enrollment::EnrollmentService;
+use crate::fleet::Fleet;
 use crate::issue::Issuer;
 use crate::pki::{ClusterCa, PkiError};
 use crate::store::{Store, StoreError};
@@ -72,9 +78,16 @@ pub enum SetupError {
 
 /// Everything the coordinator serves, built from a validated config.
 pub struct Coordinator {
+    pub fleet: Arc<Fleet>,
     pub issuer: Arc<Issuer>,
+    /// The cluster CA's pin, printed with join tokens.
+    pub ca_pin: String,
     pub enrollment: EnrollmentService,
     pub trust: ClusterTrust,
+    /// The cluster CA, which renews the coordinator's own identity.
+    pub ca: Arc<ClusterCa>,
+    /// How long each of the coordinator's own certificates lives.
+    pub identity_lifetime: std::time::Duration,
 }
 
 /// Loads the cluster CA (made by `init`), the registry, the store and the
@@ -82,7 +95,8 @@ pub struct Coordinator {
 pub fn build(config: Config) -> Result<Coordinator, SetupError> {
     let store = Store::open(&config.state_dir)?;
     let acme = AcmeAccount::new(&config.acme, &config.state_dir)?;
-    let ca = Arc::new(ClusterCa::load(&config.state_dir)?);
+    let identity_lifetime = config.enrollment.coordinator_cert_validity;
+    let ca = Arc::new(ClusterCa::load(&config.state_dir, identity_lifetime)?);
     let db = Arc::new(Db::open(&config.state_dir)?);
     let identity = LiveIdentity::from_pem(&ca.identity_pem, &ca.identity_key_pem)
         .map_err(|e| SetupError::Identity(e.to_string()))?;
@@ -91,18 +105,21 @@ pub fn build(config: Config) -> Result<Coordinator, SetupError> {
         identity: Arc::new(identity),
     };
     let enrollment = EnrollmentService::new(Arc::clone(&db), Arc::clone(&ca), &config.enrollment);
-    let issuer = Arc::new(Issuer::new(
+    let fleet = Arc::new(Fleet::new(
         Arc::new(config),
-        acme,
-        store,
         db,
-        trust.clone(),
-        ca.pin.clone(),
+        store,
+        Box::new(trust.clone()),
     ));
+    let issuer = Arc::new(Issuer::new(Arc::clone(&fleet), acme));
     Ok(Coordinator {
+        fleet,
         issuer,
+        ca_pin: ca.pin.clone(),
         enrollment,
         trust,
+        ca,
+        identity_lifetime,
     })
 }
 
@@ -136,14 +153,21 @@ pub async fn run(
             enrollment::serve(listener, service, &trust, stop.cancelled_owned()).await
         })
     };
+    let renewal = tokio::spawn(pki::renew_identity_until(
+        Arc::clone(&coordinator.ca),
+        Arc::clone(&coordinator.trust.identity),
+        coordinator.identity_lifetime,
+        stop.clone().cancelled_owned(),
+    ));
     let admin = tokio::spawn(admin::serve(
         listeners.admin,
-        coordinator.issuer,
+        admin::AdminService::new(coordinator.fleet, coordinator.issuer, coordinator.ca_pin),
         stop.clone().cancelled_owned(),
     ));
     shutdown.await;
     info!("shutting down");
     stop.cancel();
+    let _ = renewal.await;
     admin.await.expect("admin task")?;
     enrollment.await.expect("enrollment task")
 }

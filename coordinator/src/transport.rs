@@ -1,13 +1,15 @@
 //! How the coordinator reaches a node.
 //!
-//! [`Transport`] is what the issuance flow needs from a node; [`GrpcAgent`]
-//! implements it over the agent's gRPC service. [`agent_channel`] is the one
-//! place the coordinator→agent channel is built: mutual TLS, presenting the
-//! coordinator's identity and accepting only a certificate from the cluster
-//! CA that names the node meant, whatever address it was reached on.
+//! [`Transport`] is what the flows need from a node; [`GrpcAgent`]
+//! implements it over the agent's gRPC service, and the unit tests' fake
+//! (`fake::FakeNodes`) in memory. [`Connect`] makes a node's transport for
+//! the fleet: [`ClusterTrust`] connects over gRPC. [`agent_channel`] is the
+//! one place the coordinator→agent channel is built: mutual TLS, presenting
+//! the coordinator's identity and accepting only a certificate from the
+//! cluster CA that names the node meant, whatever address it was reached on.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use certfleet_proto::MAX_MESSAGE_BYTES;
 use certfleet_proto::challenge::{Http01Response, Token};
@@ -18,6 +20,71 @@ use rustls::pki_types::CertificateDer;
 use tonic::transport::Channel;
 
 use crate::config::Node;
+use crate::rollout::NODE_RESTART_TIMEOUT;
+
+/// Deadline of every call but a restart: the agent answers these from its
+/// own state (tokens, installs, status and its probes, reinstalling the
+/// previous version) and cuts them itself at its `service::REQUEST_TIMEOUT`.
+/// This is a little longer, so that the agent's answer, which says what took
+/// too long, arrives first.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(40);
+
+/// Deadline of `RestartServices`.
+///
+/// The coordinator never sees a node's services, so it cannot derive this
+/// from their `timeout_secs`. The agent bounds each service's check, restart
+/// and verify by that service's `timeout_secs` itself, so a restart ends by
+/// three times the sum of them (plus a few seconds of probes) however it
+/// fails. This deadline is only the ceiling above that, for an agent that
+/// stopped answering: [`NODE_RESTART_TIMEOUT`], which holds the DataONE
+/// example's worst case (apache2 30 s, postgresql 60 s, tomcat9 120 s: about
+/// 11 minutes) with room to spare.
+pub const RESTART_DEADLINE: Duration = NODE_RESTART_TIMEOUT;
+
+/// One call's deadline, from the moment it is made.
+///
+/// It travels as `grpc-timeout`, which the agent's server honours: when it
+/// passes, the agent drops the call and kills any command still running,
+/// even if this side's giving up never reaches it (a lost connection).
+/// tonic's channel enforces the same deadline on this side.
+struct Deadline {
+    limit: Duration,
+    started: Instant,
+}
+
+impl Deadline {
+    fn start(limit: Duration) -> Self {
+        Self {
+            limit,
+            started: Instant::now(),
+        }
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.limit);
+        request
+    }
+
+    /// The call's answer. tonic reports a `grpc-timeout` that expired, on
+    /// either side, as CANCELLED; once the deadline has passed, that is a
+    /// [`TransportError::Timeout`].
+    fn answer<T>(
+        &self,
+        result: Result<tonic::Response<T>, tonic::Status>,
+    ) -> Result<T, TransportError> {
+        match result {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status)
+                if status.code() == tonic::Code::Cancelled
+                    && self.started.elapsed() >= self.limit =>
+            {
+                Err(TransportError::Timeout(self.limit))
+            }
+            Err(status) => Err(status.into()),
+        }
+    }
+}
 
 /// Why a call to a node failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -30,20 +97,12 @@ pub enum TransportError {
     Timeout(Duration),
 }
 
-/// A status's message with the chain of errors behind it: for a refused
-/// TLS handshake the reason ("certificate expired") is only in the sources.
+/// A status's message with the chain of errors behind it, in words: for a
+/// refused TLS handshake the reason ("certificate expired") is only in the
+/// sources, and for a connection the system's reason ("connection refused").
+/// The caller names the node and its address.
 fn describe(status: &tonic::Status) -> String {
-    let mut message = status.message().to_owned();
-    let mut source = std::error::Error::source(status);
-    while let Some(e) = source {
-        let text = e.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = e.source();
-    }
-    message
+    certfleet_proto::cause_chain::status(status)
 }
 
 impl From<tonic::Status> for TransportError {
@@ -166,6 +225,15 @@ impl std::fmt::Debug for BundleToInstall {
     }
 }
 
+/// Why a node's transport could not be set up.
+pub type ConnectError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Makes the transport to a node. The fleet calls it once per node and
+/// address, and reuses what it returns.
+pub trait Connect: Send + Sync {
+    fn connect(&self, node: &Node) -> Result<Arc<dyn Transport>, ConnectError>;
+}
+
 /// What a node reports after an install.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeInstall {
@@ -196,6 +264,13 @@ pub fn agent_channel(node: &Node, trust: &ClusterTrust) -> Result<Channel, rustl
     ))
 }
 
+/// Nodes are reached through their agents, over mutual TLS.
+impl Connect for ClusterTrust {
+    fn connect(&self, node: &Node) -> Result<Arc<dyn Transport>, ConnectError> {
+        Ok(Arc::new(GrpcAgent::new(node, self)?))
+    }
+}
+
 /// A node reached through its agent's gRPC service.
 #[derive(Clone)]
 pub struct GrpcAgent {
@@ -222,7 +297,13 @@ impl Transport for GrpcAgent {
             tokens: batch.iter().map(pb::Http01Token::from).collect(),
             ttl_seconds: ttl.as_secs().try_into().unwrap_or(u32::MAX),
         };
-        self.client.clone().place_tokens(request).await?;
+        let deadline = Deadline::start(CALL_DEADLINE);
+        let answer = self
+            .client
+            .clone()
+            .place_tokens(deadline.request(request))
+            .await;
+        deadline.answer(answer)?;
         Ok(())
     }
 
@@ -237,13 +318,13 @@ impl Transport for GrpcAgent {
             key_pem: bundle.key_pem.clone(),
             names: bundle.names.clone(),
         };
-        let r = self
+        let deadline = Deadline::start(CALL_DEADLINE);
+        let answer = self
             .client
             .clone()
-            .install_certificate(request)
-            .await?
-            .into_inner();
-        Ok(install_from_pb(r))
+            .install_certificate(deadline.request(request))
+            .await;
+        Ok(install_from_pb(deadline.answer(answer)?))
     }
 
     async fn restart_services(
@@ -257,12 +338,13 @@ impl Transport for GrpcAgent {
             expected_leaf_sha256: expected.to_owned(),
             keep_going,
         };
-        let r = self
+        let deadline = Deadline::start(RESTART_DEADLINE);
+        let answer = self
             .client
             .clone()
-            .restart_services(request)
-            .await?
-            .into_inner();
+            .restart_services(deadline.request(request))
+            .await;
+        let r = deadline.answer(answer)?;
         Ok(RestartReport {
             ok: r.ok,
             services: r
@@ -283,13 +365,13 @@ impl Transport for GrpcAgent {
         let request = pb::RollbackCertificateRequest {
             certificate: certificate.to_owned(),
         };
-        Ok(install_from_pb(
-            self.client
-                .clone()
-                .rollback_certificate(request)
-                .await?
-                .into_inner(),
-        ))
+        let deadline = Deadline::start(CALL_DEADLINE);
+        let answer = self
+            .client
+            .clone()
+            .rollback_certificate(deadline.request(request))
+            .await;
+        Ok(install_from_pb(deadline.answer(answer)?))
     }
 
     async fn certificate_status(
@@ -301,12 +383,13 @@ impl Transport for GrpcAgent {
             certificate: certificate.to_owned(),
             probe_services: probe,
         };
-        let r = self
+        let deadline = Deadline::start(CALL_DEADLINE);
+        let answer = self
             .client
             .clone()
-            .get_certificate(request)
-            .await?
-            .into_inner();
+            .get_certificate(deadline.request(request))
+            .await;
+        let r = deadline.answer(answer)?;
         Ok(NodeCertificate {
             version: r.version,
             leaf_sha256: r.leaf_sha256,
@@ -321,12 +404,312 @@ impl Transport for GrpcAgent {
         let request = pb::RemoveTokensRequest {
             tokens: tokens.iter().map(Token::to_string).collect(),
         };
-        Ok(self
+        let deadline = Deadline::start(CALL_DEADLINE);
+        let answer = self
             .client
             .clone()
-            .remove_tokens(request)
-            .await?
-            .into_inner()
-            .removed)
+            .remove_tokens(deadline.request(request))
+            .await;
+        Ok(deadline.answer(answer)?.removed)
+    }
+}
+
+/// Nodes in memory for unit tests: each records every call it gets and
+/// fails where the test says, so the flows' logic is tested without root,
+/// a CA or any process.
+#[cfg(test)]
+pub(crate) mod fake {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use certfleet_proto::bundle::Bundle;
+    use certfleet_proto::challenge::{Http01Response, Token};
+
+    use super::{
+        Connect, ConnectError, NodeCertificate, NodeInstall, RestartReport, ServedReport,
+        ServiceReport, Transport, TransportError,
+    };
+    use crate::config::Node;
+
+    /// A call a fake node got.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub(crate) enum Call {
+        PlaceTokens(usize),
+        RemoveTokens(usize),
+        Install(u32),
+        Restart { expected: String, keep_going: bool },
+        Rollback,
+        Status { probe: bool },
+    }
+
+    /// How a fake node fails.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum Fail {
+        /// Every call: the agent cannot be reached.
+        Unreachable,
+        /// Installs are refused.
+        Install,
+        /// It reports the version before its newest installed (as a node
+        /// that was never distributed to).
+        Stale,
+        /// A restart onto its newest version fails at the check step; a
+        /// restart with `keep_going` (a rollback's) works.
+        Restart,
+        /// A restart panics, as a bug in the coordinator would.
+        Panic,
+        /// Reinstalling the previous version is refused.
+        Rollback,
+    }
+
+    #[derive(Debug, Default)]
+    struct FakeNode {
+        /// (version, leaf SHA-256) installed, oldest first; the last is current.
+        versions: Vec<(u32, String)>,
+        calls: Vec<Call>,
+        fails: Vec<Fail>,
+    }
+
+    impl FakeNode {
+        fn current(&self) -> (u32, String) {
+            self.versions.last().cloned().unwrap_or_default()
+        }
+
+        fn fails(&self, fail: Fail) -> bool {
+            self.fails.contains(&fail)
+        }
+    }
+
+    /// Every fake node, by name; also the [`Connect`] that hands them out.
+    #[derive(Clone, Default)]
+    pub(crate) struct FakeNodes(Arc<Mutex<HashMap<String, FakeNode>>>);
+
+    impl FakeNodes {
+        /// Forgets every node, then gives each of `names` `versions`
+        /// installed in order, and no failure.
+        pub(crate) fn reset(&self, names: &[String], versions: &[(u32, String)]) {
+            let mut nodes = self.0.lock().unwrap();
+            nodes.clear();
+            for name in names {
+                nodes.insert(
+                    name.clone(),
+                    FakeNode {
+                        versions: versions.to_vec(),
+                        ..FakeNode::default()
+                    },
+                );
+            }
+        }
+
+        /// Makes `node` fail as `fail` says, as well as any way it
+        /// already fails.
+        pub(crate) fn fail(&self, node: &str, fail: Fail) {
+            let mut nodes = self.0.lock().unwrap();
+            nodes.entry(node.to_owned()).or_default().fails.push(fail);
+        }
+
+        /// The calls `node` got, in order.
+        pub(crate) fn calls(&self, node: &str) -> Vec<Call> {
+            self.0
+                .lock()
+                .unwrap()
+                .get(node)
+                .map(|n| n.calls.clone())
+                .unwrap_or_default()
+        }
+
+        /// The (version, leaf SHA-256) `node` has installed.
+        pub(crate) fn installed(&self, node: &str) -> (u32, String) {
+            self.0
+                .lock()
+                .unwrap()
+                .get(node)
+                .map(FakeNode::current)
+                .unwrap_or_default()
+        }
+
+        /// Records `call` on `node`, then answers with `f` unless the
+        /// node is unreachable.
+        fn call<T>(
+            &self,
+            node: &str,
+            call: Call,
+            f: impl FnOnce(&mut FakeNode) -> Result<T, TransportError>,
+        ) -> Result<T, TransportError> {
+            let mut nodes = self.0.lock().unwrap();
+            let n = nodes.entry(node.to_owned()).or_default();
+            n.calls.push(call);
+            if n.fails(Fail::Unreachable) {
+                return Err(TransportError::Unreachable(format!(
+                    "node {node}: connection refused"
+                )));
+            }
+            f(n)
+        }
+    }
+
+    impl Connect for FakeNodes {
+        fn connect(&self, node: &Node) -> Result<Arc<dyn Transport>, ConnectError> {
+            Ok(Arc::new(FakeTransport {
+                node: node.name.clone(),
+                nodes: self.clone(),
+            }))
+        }
+    }
+
+    /// One fake node's transport.
+    struct FakeTransport {
+        node: String,
+        nodes: FakeNodes,
+    }
+
+    fn refused(code: tonic::Code, message: &str) -> TransportError {
+        TransportError::Refused {
+            code,
+            message: message.to_owned(),
+        }
+    }
+
+    #[tonic::async_trait]
+    impl Transport for FakeTransport {
+        async fn place_tokens(
+            &self,
+            batch: &[Http01Response],
+            _ttl: Duration,
+        ) -> Result<(), TransportError> {
+            self.nodes
+                .call(&self.node, Call::PlaceTokens(batch.len()), |_| Ok(()))
+        }
+
+        async fn remove_tokens(&self, tokens: &[Token]) -> Result<u32, TransportError> {
+            let n = tokens.len();
+            self.nodes
+                .call(&self.node, Call::RemoveTokens(n), |_| Ok(n as u32))
+        }
+
+        async fn install_certificate(
+            &self,
+            bundle: &super::BundleToInstall,
+        ) -> Result<NodeInstall, TransportError> {
+            let leaf = Bundle::parse(&bundle.fullchain_pem, None, &[])
+                .map_err(|e| refused(tonic::Code::InvalidArgument, &e.to_string()))?
+                .leaf_sha256_hex();
+            let version = bundle.version;
+            self.nodes.call(&self.node, Call::Install(version), |n| {
+                if n.fails(Fail::Install) {
+                    return Err(refused(
+                        tonic::Code::PermissionDenied,
+                        "target /etc/ssl/private/cn.key: permission denied",
+                    ));
+                }
+                let changed = n.current() != (version, leaf.clone());
+                if changed {
+                    n.versions.push((version, leaf.clone()));
+                }
+                Ok(NodeInstall {
+                    version,
+                    leaf_sha256: leaf,
+                    changed,
+                })
+            })
+        }
+
+        async fn restart_services(
+            &self,
+            _certificate: &str,
+            expected: &str,
+            keep_going: bool,
+        ) -> Result<RestartReport, TransportError> {
+            let call = Call::Restart {
+                expected: expected.to_owned(),
+                keep_going,
+            };
+            let (panics, fails, (_, serves)) = self.nodes.call(&self.node, call, |n| {
+                Ok((n.fails(Fail::Panic), n.fails(Fail::Restart), n.current()))
+            })?;
+            // Outside the lock, so the fake stays usable after the panic.
+            if panics {
+                panic!("fake node {}: restart panicked", self.node);
+            }
+            if fails && !keep_going {
+                return Ok(RestartReport {
+                    ok: false,
+                    services: vec![ServiceReport {
+                        service: "web".into(),
+                        step: "check".into(),
+                        ok: false,
+                        detail: "web.conf:1: unknown directive \"bogus\"".into(),
+                        served: Vec::new(),
+                    }],
+                });
+            }
+            let ok = serves == expected;
+            Ok(RestartReport {
+                ok,
+                services: vec![ServiceReport {
+                    service: "web".into(),
+                    step: "verify".into(),
+                    ok,
+                    detail: format!("serves {serves}"),
+                    served: vec![ServedReport {
+                        service: "web".into(),
+                        address: format!("{}:443", self.node),
+                        result: Ok(serves),
+                    }],
+                }],
+            })
+        }
+
+        async fn rollback_certificate(
+            &self,
+            _certificate: &str,
+        ) -> Result<NodeInstall, TransportError> {
+            self.nodes.call(&self.node, Call::Rollback, |n| {
+                if n.fails(Fail::Rollback) || n.versions.len() < 2 {
+                    return Err(refused(
+                        tonic::Code::FailedPrecondition,
+                        "no earlier version to roll back to",
+                    ));
+                }
+                n.versions.pop();
+                let (version, leaf_sha256) = n.current();
+                Ok(NodeInstall {
+                    version,
+                    leaf_sha256,
+                    changed: true,
+                })
+            })
+        }
+
+        async fn certificate_status(
+            &self,
+            _certificate: &str,
+            probe: bool,
+        ) -> Result<NodeCertificate, TransportError> {
+            let node = self.node.clone();
+            self.nodes.call(&self.node, Call::Status { probe }, |n| {
+                let (version, leaf) = match n.versions.len() {
+                    len if n.fails(Fail::Stale) && len >= 2 => n.versions[len - 2].clone(),
+                    _ => n.current(),
+                };
+                let served = if probe {
+                    vec![ServedReport {
+                        service: "web".into(),
+                        address: format!("{node}:443"),
+                        result: Ok(leaf.clone()),
+                    }]
+                } else {
+                    Vec::new()
+                };
+                Ok(NodeCertificate {
+                    version,
+                    leaf_sha256: leaf,
+                    intact: true,
+                    problem: String::new(),
+                    not_after: 0,
+                    served,
+                })
+            })
+        }
     }
 }

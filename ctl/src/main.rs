@@ -2,33 +2,41 @@
 //! coordinator's admin API on its Unix socket; everything it shows comes
 //! from there.
 //!
-//! Exit codes: 0 ok, 1 the operation failed, 2 usage or config error.
+//! Exit codes: 0 ok (also when the reader of its output closed the pipe
+//! early, see [`output`]), 1 the operation failed, 2 usage or config
+//! error. Errors carry their causes and, where one is known, a hint
+//! ([`socket`] for the admin socket; the coordinator adds its own).
 #![forbid(unsafe_code)]
 
+mod output;
 mod render;
+mod socket;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use certfleet_proto::cause_chain;
 use certfleet_proto::pb;
 use certfleet_proto::pb::admin_client::AdminClient;
-use clap::{Parser, Subcommand};
-use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use tonic::transport::Channel;
+
+use crate::output::{errln, outln};
+use crate::socket::{AdminSocket, ConfigFile, Origin};
 
 /// Drive a certfleet coordinator.
 #[derive(Parser)]
 #[command(name = "certfleet", version)]
 struct Cli {
-    /// The coordinator's admin socket.
-    #[arg(
-        long,
-        global = true,
-        env = "CERTFLEET_SOCKET",
-        default_value = "/run/certfleet/admin.sock"
-    )]
-    socket: PathBuf,
+    /// The coordinator's admin socket [default: admin_socket from the
+    /// coordinator's config, else /run/certfleet/admin.sock].
+    #[arg(long, global = true, env = "CERTFLEET_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// The coordinator's config, read only for its admin_socket [default:
+    /// /etc/certfleet/coordinator.toml, if it exists].
+    #[arg(long, global = true, env = "CERTFLEET_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
     /// Print machine-readable JSON (one object per line for streams).
     #[arg(long, global = true)]
     json: bool,
@@ -42,6 +50,8 @@ enum Command {
     Issue {
         /// The certificate's name as configured in [[certificates]].
         certificate: String,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// List the certificates in the store: names, serial, expiry, days left.
     Certificates,
@@ -55,6 +65,8 @@ enum Command {
         /// Only these nodes (comma-separated).
         #[arg(long, value_delimiter = ',')]
         nodes: Vec<String>,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// Restart the certificate's services node by node, verifying each
     /// serves the live version; a failing node is rolled back and the
@@ -62,11 +74,15 @@ enum Command {
     Restart {
         /// The certificate's name.
         certificate: String,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// Distribute, then restart.
     Rollout {
         /// The certificate's name.
         certificate: String,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// Per node: version and fingerprint on disk, what each endpoint serves, days left.
     Status {
@@ -78,6 +94,15 @@ enum Command {
     Node(NodeCommand),
     /// List the registered nodes: state, certificate expiry, last contact.
     Nodes,
+}
+
+/// What an operation does when another one on the same certificate runs.
+#[derive(clap::Args)]
+struct Wait {
+    /// If another issue, distribute, restart or rollout of the certificate
+    /// is running, wait for it to finish instead of failing as busy.
+    #[arg(long)]
+    wait: bool,
 }
 
 #[derive(Subcommand)]
@@ -95,6 +120,9 @@ enum NodeCommand {
         /// How long the join token stays valid, in seconds (default: the coordinator's).
         #[arg(long, default_value_t = 0)]
         token_ttl: u32,
+        /// The agent's config path on the node, for the printed join command.
+        #[arg(long, default_value = "/etc/certfleet/agent.toml")]
+        agent_config: String,
     },
     /// Remove a node: its certificate is refused from now on.
     Remove {
@@ -111,35 +139,42 @@ pub(crate) enum Outcome {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let socket = match admin_socket(&cli, &matches) {
+        Ok(socket) => socket,
+        Err(e) => {
+            errln!("certfleet: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
     let outcome = runtime.block_on(async {
-        let client = match connect(&cli.socket).await {
+        let client = match socket::connect(&socket).await {
             Ok(c) => c,
             Err(e) => {
-                eprintln!(
-                    "certfleet: cannot reach the coordinator at {}: {e}",
-                    cli.socket.display()
-                );
+                errln!("certfleet: {e}");
                 return Outcome::Failed;
             }
         };
         match &cli.command {
-            Command::Issue { certificate } => {
+            Command::Issue { certificate, wait } => {
                 let request = pb::IssueRequest {
                     certificate: certificate.clone(),
+                    wait: wait.wait,
                 };
                 match client.clone().issue(request).await {
                     Ok(r) => follow(r.into_inner(), cli.json).await,
                     Err(status) => refused(&status),
                 }
             }
-            Command::Restart { certificate } | Command::Rollout { certificate } => {
+            Command::Restart { certificate, wait } | Command::Rollout { certificate, wait } => {
                 let request = pb::RestartRequest {
                     certificate: certificate.clone(),
+                    wait: wait.wait,
                 };
                 let call = if matches!(cli.command, Command::Rollout { .. }) {
                     client.clone().rollout(request).await
@@ -164,11 +199,13 @@ fn main() -> ExitCode {
                 certificate,
                 version,
                 nodes,
+                wait,
             } => {
                 let request = pb::DistributeRequest {
                     certificate: certificate.clone(),
                     version: version.unwrap_or(0),
                     nodes: nodes.clone(),
+                    wait: wait.wait,
                 };
                 match client.clone().distribute(request).await {
                     Ok(r) => follow(r.into_inner(), cli.json).await,
@@ -181,12 +218,14 @@ fn main() -> ExitCode {
                 agent,
                 http01,
                 token_ttl,
+                agent_config,
             }) => {
                 let request = pb::AddNodeRequest {
                     name: name.clone(),
                     agent: agent.clone(),
                     http01: http01.clone(),
                     token_ttl_seconds: *token_ttl,
+                    agent_config: agent_config.clone(),
                 };
                 match client.clone().add_node(request).await {
                     Ok(r) => {
@@ -201,9 +240,9 @@ fn main() -> ExitCode {
                 match client.clone().remove_node(request).await {
                     Ok(_) => {
                         if cli.json {
-                            println!("{}", serde_json::json!({ "removed": name }));
+                            outln!("{}", serde_json::json!({ "removed": name }));
                         } else {
-                            println!("removed node {name}: its certificate is refused from now on");
+                            outln!("removed node {name}: its certificate is refused from now on");
                         }
                         Outcome::Ok
                     }
@@ -226,25 +265,35 @@ fn main() -> ExitCode {
     }
 }
 
-async fn connect(
-    socket: &std::path::Path,
-) -> Result<AdminClient<Channel>, tonic::transport::Error> {
-    let socket = socket.to_owned();
-    // The URI is required by the API but unused: every connection goes to the socket.
-    let channel = Endpoint::from_static("http://certfleet.invalid")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
-        }))
-        .await?;
-    Ok(AdminClient::new(channel)
-        .max_decoding_message_size(certfleet_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(certfleet_proto::MAX_MESSAGE_BYTES))
+/// The admin socket the options, the environment or the coordinator's
+/// config name (see [`socket`]).
+fn admin_socket(cli: &Cli, matches: &ArgMatches) -> Result<AdminSocket, socket::ConfigError> {
+    let from_env = |id: &str| matches.value_source(id) == Some(ValueSource::EnvVariable);
+    let given = cli.socket.clone().map(|path| {
+        let origin = if from_env("socket") {
+            Origin::Env
+        } else {
+            Origin::Flag
+        };
+        (path, origin)
+    });
+    let config = match &cli.config {
+        Some(path) => ConfigFile::Named {
+            path: path.clone(),
+            by: if from_env("config") {
+                "CERTFLEET_CONFIG"
+            } else {
+                "--config"
+            },
+        },
+        None => ConfigFile::Usual(socket::DEFAULT_CONFIG.into()),
+    };
+    socket::locate(given, &config)
 }
 
 /// Maps a refusal of the request itself to an exit code.
 fn refused(status: &tonic::Status) -> Outcome {
-    eprintln!("certfleet: {}", status.message());
+    errln!("certfleet: {}", cause_chain::status(status));
     match status.code() {
         tonic::Code::NotFound | tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => {
             Outcome::Usage
@@ -259,18 +308,19 @@ async fn follow(mut stream: tonic::Streaming<pb::IssueEvent>, json: bool) -> Out
     loop {
         match stream.message().await {
             Ok(Some(event)) => {
-                let last = matches!(event.stage(), pb::Stage::Done | pb::Stage::Failed);
-                let ok = event.stage() == pb::Stage::Done;
+                let outcome = match event.stage() {
+                    pb::Stage::Done => Some(Outcome::Ok),
+                    pb::Stage::Failed => Some(failed(&event)),
+                    _ => None,
+                };
                 view.event(&event);
-                if last {
-                    return if ok { Outcome::Ok } else { Outcome::Failed };
+                if let Some(outcome) = outcome {
+                    return outcome;
                 }
             }
             Ok(None) => {
                 view.finish();
-                eprintln!(
-                    "certfleet: the coordinator closed the stream before the operation ended"
-                );
+                errln!("certfleet: the coordinator closed the stream before the operation ended");
                 return Outcome::Failed;
             }
             Err(status) => {
@@ -278,6 +328,16 @@ async fn follow(mut stream: tonic::Streaming<pb::IssueEvent>, json: bool) -> Out
                 return refused(&status);
             }
         }
+    }
+}
+
+/// The exit code for an operation's FAILED event: a config error (a
+/// certificate naming a node that is not registered, an unknown version)
+/// is 2, like every config error; anything else is 1.
+fn failed(event: &pb::IssueEvent) -> Outcome {
+    match &event.failure {
+        Some(f) if f.kind == "config" => Outcome::Usage,
+        _ => Outcome::Failed,
     }
 }
 

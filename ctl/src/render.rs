@@ -7,6 +7,8 @@ use certfleet_proto::pb;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
+use crate::output::{errln, outln};
+
 fn stage_name(stage: pb::Stage) -> &'static str {
     match stage {
         pb::Stage::Unspecified => "unspecified",
@@ -20,6 +22,7 @@ fn stage_name(stage: pb::Stage) -> &'static str {
         pb::Stage::Distribute => "distribute",
         pb::Stage::Restart => "restart",
         pb::Stage::Rollback => "rollback",
+        pb::Stage::Waiting => "wait",
         pb::Stage::Done => "done",
         pb::Stage::Failed => "failed",
     }
@@ -103,44 +106,47 @@ impl IssueView {
                     "order_url": f.order_url,
                 });
             }
-            println!("{v}");
+            outln!("{v}");
             return;
         }
         match stage {
             pb::Stage::Done => {
                 self.finish();
                 if e.issued.is_none() {
-                    println!("{}", e.message);
+                    outln!("{}", e.message);
                 }
                 if let Some(c) = &e.issued {
-                    println!("issued {} version {}", c.name, c.version);
-                    println!("  live:     {}", c.live_dir);
-                    println!("  names:    {}", c.sans.join(", "));
-                    println!("  serial:   {}", c.serial);
-                    println!(
+                    outln!("issued {} version {}", c.name, c.version);
+                    outln!("  live:     {}", c.live_dir);
+                    outln!("  names:    {}", c.sans.join(", "));
+                    outln!("  serial:   {}", c.serial);
+                    outln!(
                         "  expires:  {} ({} days)",
                         date(c.not_after_unix),
                         c.days_left
                     );
-                    println!("  sha256:   {}", c.sha256);
+                    outln!("  sha256:   {}", c.sha256);
                     if let Some(t) = &c.timings {
-                        println!(
+                        outln!(
                             "  took:     {} ms (CA {} ms, placement+self-check {} ms, cleanup {} ms)",
-                            t.total_ms, t.ca_ms, t.placement_ms, t.cleanup_ms
+                            t.total_ms,
+                            t.ca_ms,
+                            t.placement_ms,
+                            t.cleanup_ms
                         );
                     }
                 }
             }
             pb::Stage::Failed => {
                 self.finish();
-                eprintln!("error: {}", e.message);
+                errln!("error: {}", e.message);
                 if let Some(f) = &e.failure {
                     if !f.acme_type.is_empty() {
-                        eprintln!("  CA problem type:   {}", f.acme_type);
-                        eprintln!("  CA problem detail: {}", f.acme_detail);
+                        errln!("  CA problem type:   {}", f.acme_type);
+                        errln!("  CA problem detail: {}", f.acme_detail);
                     }
                     if !f.order_url.is_empty() {
-                        eprintln!("  order: {}", f.order_url);
+                        errln!("  order: {}", f.order_url);
                     }
                 }
             }
@@ -156,7 +162,7 @@ impl IssueView {
                         pb.println(line);
                         pb.set_message(format!("{}…", stage_name(stage)));
                     }
-                    None => println!("{line}"),
+                    None => outln!("{line}"),
                 }
             }
         }
@@ -172,19 +178,23 @@ impl IssueView {
 pub(crate) fn certificates(certs: &[pb::Certificate], json: bool) {
     if json {
         let list: Vec<_> = certs.iter().map(certificate_json).collect();
-        println!("{}", json!(list));
+        outln!("{}", json!(list));
         return;
     }
     if certs.is_empty() {
-        println!("no certificates yet; run `certfleet issue <name>`");
+        outln!("no certificates yet; run `certfleet issue <name>`");
         return;
     }
-    println!(
+    outln!(
         "{:<20} {:>7} {:<40} {:<25} {:>9}  NAMES",
-        "NAME", "VERSION", "SERIAL", "NOT AFTER", "DAYS LEFT"
+        "NAME",
+        "VERSION",
+        "SERIAL",
+        "NOT AFTER",
+        "DAYS LEFT"
     );
     for c in certs {
-        println!(
+        outln!(
             "{:<20} {:>7} {:<40} {:<25} {:>9}  {}",
             c.name,
             c.version,
@@ -198,7 +208,7 @@ pub(crate) fn certificates(certs: &[pb::Certificate], json: bool) {
 
 pub(crate) fn node_added(name: &str, r: &pb::AddNodeResponse, json: bool) {
     if json {
-        println!(
+        outln!(
             "{}",
             json!({
                 "node": name,
@@ -211,17 +221,17 @@ pub(crate) fn node_added(name: &str, r: &pb::AddNodeResponse, json: bool) {
         );
         return;
     }
-    println!("registered node {name}");
-    println!(
+    outln!("registered node {name}");
+    outln!(
         "  join token: {} (one use, expires {})",
         r.token,
         date(r.expires_unix)
     );
-    println!("  CA pin:     {}", r.ca_pin);
+    outln!("  CA pin:     {}", r.ca_pin);
     // The command reads the token from standard input: given as an
     // argument, it would show in the node's process list.
-    println!("run on {name}, and paste the join token when it asks for it:");
-    println!("  {}", r.join_command);
+    outln!("run on {name}, and paste the join token when it asks for it:");
+    outln!("  {}", r.join_command);
 }
 
 pub(crate) fn nodes(nodes: &[pb::NodeInfo], json: bool) {
@@ -240,19 +250,23 @@ pub(crate) fn nodes(nodes: &[pb::NodeInfo], json: bool) {
                 })
             })
             .collect();
-        println!("{}", json!(list));
+        outln!("{}", json!(list));
         return;
     }
     if nodes.is_empty() {
-        println!("no nodes yet; run `certfleet node add <name> --agent <ip:port>`");
+        outln!("no nodes yet; run `certfleet node add <name> --agent <ip:port>`");
         return;
     }
-    println!(
+    outln!(
         "{:<20} {:<8} {:<22} {:<25} {:<25}",
-        "NAME", "STATE", "AGENT", "CERT NOT AFTER", "LAST CONTACT"
+        "NAME",
+        "STATE",
+        "AGENT",
+        "CERT NOT AFTER",
+        "LAST CONTACT"
     );
     for n in nodes {
-        println!(
+        outln!(
             "{:<20} {:<8} {:<22} {:<25} {:<25}",
             n.name,
             n.state,
@@ -295,7 +309,7 @@ pub(crate) fn status(s: &pb::StatusResponse, json: bool) -> crate::Outcome {
                 })
             })
             .collect();
-        println!(
+        outln!(
             "{}",
             json!({
                 "live_version": s.live_version,
@@ -306,7 +320,7 @@ pub(crate) fn status(s: &pb::StatusResponse, json: bool) -> crate::Outcome {
             })
         );
     } else {
-        println!(
+        outln!(
             "live version {} (sha256 {}); last rollout: {}",
             s.live_version,
             short(&s.live_sha256),
@@ -316,13 +330,19 @@ pub(crate) fn status(s: &pb::StatusResponse, json: bool) -> crate::Outcome {
                 &s.last_rollout
             }
         );
-        println!(
+        outln!(
             "{:<20} {:>7} {:<16} {:<7} {:>9}  SERVED",
-            "NODE", "VERSION", "ON DISK", "INTACT", "DAYS LEFT"
+            "NODE",
+            "VERSION",
+            "ON DISK",
+            "INTACT",
+            "DAYS LEFT"
         );
         for n in &s.nodes {
             if !n.error.is_empty() {
-                println!("{:<20} unreachable: {}", n.node, n.error);
+                // The coordinator's error names the agent's address and
+                // says what happened ("unreachable", "refused", ...).
+                outln!("{:<20} {}", n.node, n.error);
                 continue;
             }
             let served: Vec<String> = n
@@ -339,7 +359,7 @@ pub(crate) fn status(s: &pb::StatusResponse, json: bool) -> crate::Outcome {
                     format!("{} {} {what}", e.service, e.address)
                 })
                 .collect();
-            println!(
+            outln!(
                 "{:<20} {:>7} {:<16} {:<7} {:>9}  {}",
                 n.node,
                 n.version,
@@ -349,7 +369,7 @@ pub(crate) fn status(s: &pb::StatusResponse, json: bool) -> crate::Outcome {
                 served.join("; ")
             );
             if !n.problem.is_empty() {
-                println!("{:<20} files: {}", "", n.problem);
+                outln!("{:<20} files: {}", "", n.problem);
             }
         }
     }

@@ -45,6 +45,20 @@ pub fn node_identity(node: &str) -> String {
     format!("{node}{NODE_IDENTITY_SUFFIX}")
 }
 
+/// What a node name may be, for messages: [`is_valid_node_name`] in words.
+pub const NODE_NAME_RULE: &str =
+    "must be 1-63 characters of a-z 0-9 and '-', not starting or ending with '-' (one DNS label)";
+
+/// The one check of a node name, for every config, request and command
+/// that takes one: `Err` says what is wrong with it in words.
+pub fn check_node_name(name: &str) -> Result<(), String> {
+    if is_valid_node_name(name) {
+        Ok(())
+    } else {
+        Err(format!("node name {name:?} {NODE_NAME_RULE}"))
+    }
+}
+
 /// A node name is one DNS label: 1-63 of a-z 0-9 '-', not starting or
 /// ending with '-'. It becomes part of the node's identity.
 pub fn is_valid_node_name(name: &str) -> bool {

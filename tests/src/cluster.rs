@@ -38,6 +38,10 @@ pub enum Http01 {
     Standalone,
     /// Files in a webroot that a real nginx serves.
     WebrootNginx,
+    /// The same, with nginx redirecting every plain-HTTP request to HTTPS
+    /// on the cluster's `tls_port` (the usual nginx setup), where it serves
+    /// the webroot with a self-signed placeholder certificate.
+    WebrootNginxHttps,
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +59,8 @@ pub struct ClusterSpec {
     pub coordinator_extra: String,
     /// `enrollment.agent_cert_validity_secs`, when a test wants it short.
     pub agent_cert_validity_secs: Option<u64>,
+    /// `enrollment.coordinator_cert_validity_secs`, likewise.
+    pub coordinator_cert_validity_secs: Option<u64>,
     /// The `[[certificates]]` part of every agent's config; `{dir}` becomes
     /// the node's directory, `{ip}` its address and `{tls_port}` the port
     /// its TLS services use. Default: certbot's layout under `{dir}/live/cn`.
@@ -108,6 +114,7 @@ impl Default for ClusterSpec {
             shared_node: 1,
             coordinator_extra: String::new(),
             agent_cert_validity_secs: None,
+            coordinator_cert_validity_secs: None,
             agent_certificates: DEFAULT_AGENT_CERTIFICATES.to_owned(),
         }
     }
@@ -329,7 +336,11 @@ impl Cluster {
         let subnet = Subnet::new();
         let ips: Vec<IpAddr> = (0..spec.nodes).map(|i| subnet.node(i)).collect();
         let http_port = common_free_port(&ips);
-        let pebble = Pebble::start(&dir.path().join("pebble"), http_port, spec.pebble).await?;
+        // Also where Pebble follows an HTTP-to-HTTPS redirect, as Let's
+        // Encrypt does to 443.
+        let tls_port = common_free_port(&ips);
+        let pebble =
+            Pebble::start(&dir.path().join("pebble"), http_port, tls_port, spec.pebble).await?;
 
         let total = spec
             .sans
@@ -361,6 +372,8 @@ admin_socket = "{socket}"
 directory = "{directory}"
 contact = ["mailto:admins@{DOMAIN}"]
 validation_port = {http_port}
+validation_tls_port = {tls_port}
+agree_tos = true
 extra_roots = ["{ca}"]
 ca_timeout_secs = 60
 
@@ -378,6 +391,9 @@ listen = "{enrollment}"
         );
         if let Some(secs) = spec.agent_cert_validity_secs {
             config.push_str(&format!("agent_cert_validity_secs = {secs}\n"));
+        }
+        if let Some(secs) = spec.coordinator_cert_validity_secs {
+            config.push_str(&format!("coordinator_cert_validity_secs = {secs}\n"));
         }
         config.push_str(&format!(
             "\n[[certificates]]\nname = \"{CERT}\"\nsans = {}\n",
@@ -413,7 +429,7 @@ listen = "{enrollment}"
             config_path,
             sans,
             enrollment,
-            tls_port: common_free_port(&ips),
+            tls_port,
             spec: spec.clone(),
         };
         cluster.start_coordinator().await?;
@@ -582,6 +598,24 @@ listen = "{enrollment}"
         Ok(servers)
     }
 
+    /// A cluster for `spec` whose every node has version 1 installed and a
+    /// real nginx serving it over TLS (see [`Cluster::serve_tls`]); the
+    /// nginx servers stop when the returned list is dropped.
+    pub async fn serving_version_1(spec: ClusterSpec) -> anyhow::Result<(Self, Vec<nginx::Nginx>)> {
+        ensure_ssl_cert_group()?;
+        let cluster = Self::start(spec).await?;
+        let out = cluster.issue().await?;
+        if out.code != 0 {
+            bail!("certfleet issue: {}{}", out.stdout, out.stderr);
+        }
+        let out = cluster.ctl(&["distribute", CERT]).await?;
+        if out.code != 0 {
+            bail!("certfleet distribute: {}{}", out.stdout, out.stderr);
+        }
+        let nginx = cluster.serve_tls().await?;
+        Ok((cluster, nginx))
+    }
+
     /// `certfleet --json issue cn`.
     pub async fn issue(&self) -> anyhow::Result<CtlOutput> {
         self.ctl(&["--json", "issue", CERT]).await
@@ -675,14 +709,16 @@ async fn prepare_node(cluster: &Cluster, i: usize) -> anyhow::Result<Node> {
             None,
             None,
         ),
-        Http01::WebrootNginx => {
+        Http01::WebrootNginx | Http01::WebrootNginxHttps => {
             // As on Debian: the web server's user owns the webroot, and
             // it has no .well-known yet.
             let webroot = dir.join("webroot");
             std::fs::create_dir_all(&webroot)?;
             let www = web_user()?;
             std::os::unix::fs::chown(&webroot, Some(www.0), Some(www.1))?;
-            let nginx = nginx::serve_webroot(&dir.join("nginx"), ip, http_port, &webroot).await?;
+            let https = (mode == Http01::WebrootNginxHttps).then_some(tls_port);
+            let nginx =
+                nginx::serve_webroot(&dir.join("nginx"), ip, http_port, https, &webroot).await?;
             (
                 format!("mode = \"webroot\"\nwebroot = \"{}\"\n", webroot.display()),
                 Some(webroot),

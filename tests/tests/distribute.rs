@@ -141,12 +141,12 @@ async fn a_node_down_fails_the_distribution_by_name_and_the_rest_still_get_it() 
     let sha = live_sha(&cluster);
     assert_eq!(installed_pair(&cluster.nodes[0]), sha);
     assert_eq!(installed_pair(&cluster.nodes[2]), sha);
-    // An unknown version is a usage error naming it.
+    // An unknown version is a usage error naming it: exit 2.
     let out = cluster
         .ctl(&["distribute", CERT, "--version", "9"])
         .await
         .unwrap();
-    assert_eq!(out.code, 1);
+    assert_eq!(out.code, 2, "{}", out.stderr);
     assert!(out.stderr.contains("no version 9"), "{}", out.stderr);
 }
 

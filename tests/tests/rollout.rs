@@ -9,9 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use certfleet_proto::bundle::Bundle;
-use certfleet_tests::cluster::{
-    CERT, Cluster, ClusterSpec, NGINX_TARGETS, Node, ensure_ssl_cert_group,
-};
+use certfleet_tests::cluster::{CERT, Cluster, ClusterSpec, NGINX_TARGETS, Node};
 use certfleet_tests::nginx::Nginx;
 use certfleet_tests::verify::served_leaf_sha256;
 
@@ -54,19 +52,13 @@ fn config_path(node: &Node) -> PathBuf {
 
 /// A cluster whose nodes all serve version 1 over TLS.
 async fn fleet(nodes: usize) -> Fleet {
-    ensure_ssl_cert_group().unwrap();
-    let cluster = Cluster::start(ClusterSpec {
+    let (cluster, nginx) = Cluster::serving_version_1(ClusterSpec {
         nodes,
         agent_certificates: TARGETS.to_owned(),
         ..Default::default()
     })
     .await
     .unwrap();
-    let out = cluster.issue().await.unwrap();
-    assert_eq!(out.code, 0, "{}", out.stdout);
-    let out = cluster.ctl(&["distribute", CERT]).await.unwrap();
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let nginx = cluster.serve_tls().await.unwrap();
     let v1 = live_sha(&cluster);
     for i in 0..nodes {
         assert_eq!(served(&cluster, i).await, v1);

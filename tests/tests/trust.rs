@@ -62,6 +62,18 @@ fn unix_now() -> i64 {
 
 /// Waits (bounded) until the wall clock passes `unix` (a certificate's or
 /// token's expiry that the test needs behind it).
+/// Waits (bounded) until the file at `path` no longer holds `first`;
+/// returns what it holds then.
+async fn changed(what: &str, path: &Path, first: &str) -> String {
+    eventually(what, Duration::from_secs(30), || async move {
+        std::fs::read_to_string(path)
+            .ok()
+            .filter(|now| now != first)
+    })
+    .await
+    .unwrap()
+}
+
 async fn wait_past(what: &str, unix: i64, timeout: Duration) {
     eventually(what, timeout, || async move {
         (unix_now() > unix).then_some(())
@@ -457,21 +469,7 @@ async fn agents_renew_their_certificate_and_keep_serving() {
             .not_after
     };
     let first_not_after = not_after(&first);
-    let renewed = eventually(
-        "cn-ucsb-1's certificate renewal",
-        Duration::from_secs(30),
-        || {
-            let path = path.clone();
-            let first = first.clone();
-            async move {
-                std::fs::read_to_string(&path)
-                    .ok()
-                    .filter(|now| *now != first)
-            }
-        },
-    )
-    .await
-    .unwrap();
+    let renewed = changed("cn-ucsb-1's certificate renewal", &path, &first).await;
     assert!(not_after(&renewed) > first_not_after);
     // Past the first certificate's expiry, the coordinator still reaches the
     // agent: the renewed certificate is the one served.
@@ -697,9 +695,15 @@ async fn join_reads_the_token_from_standard_input_not_from_its_arguments() {
         .spawn()
         .unwrap();
     let pid = agent.id().unwrap();
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
-    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-    assert!(cmdline.contains("join --coordinator"), "{cmdline}");
+    // Right after spawn the child may not have exec'd yet: wait until its
+    // command line is the agent's.
+    let cmdline = eventually("the agent's exec", Duration::from_secs(10), || async move {
+        let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let text = String::from_utf8_lossy(&raw).replace('\0', " ");
+        text.contains("join --coordinator").then_some(text)
+    })
+    .await
+    .unwrap();
     assert!(
         !cmdline.contains(&secret),
         "the secret is in argv: {cmdline}"
@@ -898,4 +902,45 @@ async fn failed_joins_are_throttled_per_address_and_logged_as_a_summary() {
     assert!(warnings[1].contains("too many failed join attempts"));
     assert!(warnings[2].contains(&summary));
     assert!(!logged.contains(token.split_once('.').unwrap().1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_coordinator_renews_its_own_identity_without_a_restart() {
+    // The coordinator's certificate lives 15 s: renewed at two thirds, 10 s.
+    let mut cluster = Cluster::start(ClusterSpec {
+        nodes: 1,
+        coordinator_cert_validity_secs: Some(15),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let path = cluster.state_dir.join("identity/coordinator.pem");
+    let first = std::fs::read_to_string(&path).unwrap();
+    let first_not_after = certfleet_proto::bundle::Bundle::parse(&first, None, &[])
+        .unwrap()
+        .not_after;
+    changed("the coordinator's identity renewal", &path, &first).await;
+    wait_past(
+        "the first coordinator certificate's expiry",
+        first_not_after,
+        Duration::from_secs(30),
+    )
+    .await;
+    // A fresh connection (the agent restarted) must be made with the
+    // renewed identity: the agent refuses an expired one.
+    cluster.nodes[0].start_agent().await.unwrap();
+    let out = cluster.ctl(&["--json", "status", CERT]).await.unwrap();
+    let v = out.last_json();
+    assert!(
+        v["nodes"][0]["error"].is_null(),
+        "status could not reach the node: {v}\n{}",
+        cluster.logs()
+    );
+    assert!(
+        cluster
+            .coordinator_log()
+            .contains("renewed the coordinator's identity"),
+        "{}",
+        cluster.coordinator_log()
+    );
 }

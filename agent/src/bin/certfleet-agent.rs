@@ -10,12 +10,18 @@ use anyhow::{Context, bail};
 use certfleet_agent::config::{Config, Http01Mode};
 use certfleet_agent::identity::{Identity, IdentityError, join};
 use certfleet_agent::{Listeners, run};
+use certfleet_proto::cause_chain::Chain;
+use certfleet_proto::logging::{self, LogFormat};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{ArgGroup, Parser, Subcommand};
 use tokio::net::TcpListener;
 
 /// Most bytes read from a join token file or standard input. A token is one
 /// short line; anything longer is not one.
 const MAX_TOKEN_BYTES: u64 = 4096;
+
+/// How this program names itself in messages.
+const PROGRAM: &str = "certfleet-agent";
 
 /// certfleet's per-node agent.
 #[derive(Parser)]
@@ -24,6 +30,17 @@ struct Args {
     /// Path of the agent's config file.
     #[arg(long, global = true, default_value = "/etc/certfleet/agent.toml")]
     config: PathBuf,
+    /// How to write logs to stderr: text (coloured only on a terminal) or
+    /// json (one object per line).
+    #[arg(
+        long,
+        global = true,
+        value_name = "FORMAT",
+        default_value = "text",
+        value_parser = PossibleValuesParser::new(LogFormat::NAMES)
+            .map(|name| name.parse::<LogFormat>().expect("one of LogFormat::NAMES")),
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -54,11 +71,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    certfleet_proto::init_process();
+    certfleet_proto::restrict_umask();
+    logging::init(args.log_format);
     let config = match Config::load(&args.config) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("certfleet-agent: {e}");
+            logging::fatal(PROGRAM, &Chain(&e));
             return ExitCode::from(2);
         }
     };
@@ -87,18 +105,18 @@ fn main() -> ExitCode {
             let identity = match Identity::load(&config.state_dir, &config.node) {
                 Ok(identity) => Arc::new(identity),
                 Err(e @ IdentityError::NotJoined(_)) => {
-                    eprintln!("certfleet-agent: {e}");
+                    logging::fatal(PROGRAM, &Chain(&e));
                     return ExitCode::from(2);
                 }
                 Err(e) => {
-                    eprintln!("certfleet-agent: {e}");
+                    logging::fatal(PROGRAM, &Chain(&e));
                     return ExitCode::FAILURE;
                 }
             };
             match runtime.block_on(serve(config, identity)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("certfleet-agent: {e:#}");
+                    logging::fatal(PROGRAM, &Chain(&*e));
                     ExitCode::FAILURE
                 }
             }
@@ -113,15 +131,27 @@ async fn join_cluster(config: &Config, coordinator: &str, token: &str, ca_pin: &
                 "joined as node {}; identity in {} (certificate valid until {}, renewed automatically)",
                 joined.node,
                 joined.dir.display(),
-                joined.not_after
+                rfc3339(joined.not_after)
             );
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("certfleet-agent: join failed: {e}");
+            eprintln!("certfleet-agent: join failed: {}", Chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// `unix` (seconds) as an RFC 3339 UTC time, or the number itself if it is
+/// out of range.
+fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
 }
 
 /// The join token, from `--token` (with a warning) or `--token-file`.
@@ -239,6 +269,12 @@ mod tests {
         assert!(two.contains("more than one word"), "{two}");
         assert!(!two.contains("SECRET"), "an error shows the token: {two}");
         assert!(err(b"\xff\xfe").contains("not text"));
+    }
+
+    #[test]
+    fn join_shows_times_in_rfc_3339() {
+        assert_eq!(rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
+        assert_eq!(rfc3339(i64::MAX), i64::MAX.to_string());
     }
 
     #[test]

@@ -8,7 +8,13 @@ use std::process::ExitCode;
 use certfleet_coordinator::config::Config;
 use certfleet_coordinator::pki::{self, PkiError};
 use certfleet_coordinator::{Listeners, SetupError, admin, build, run};
+use certfleet_proto::cause_chain::Chain;
+use certfleet_proto::logging::{self, LogFormat};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
+
+/// How this program names itself in messages.
+const PROGRAM: &str = "certfleet-coordinator";
 
 /// certfleet's coordinator daemon.
 #[derive(Parser)]
@@ -17,6 +23,17 @@ struct Args {
     /// Path of the coordinator's config file.
     #[arg(long, global = true, default_value = "/etc/certfleet/coordinator.toml")]
     config: PathBuf,
+    /// How to write logs to stderr: text (coloured only on a terminal) or
+    /// json (one object per line).
+    #[arg(
+        long,
+        global = true,
+        value_name = "FORMAT",
+        default_value = "text",
+        value_parser = PossibleValuesParser::new(LogFormat::NAMES)
+            .map(|name| name.parse::<LogFormat>().expect("one of LogFormat::NAMES")),
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -30,21 +47,33 @@ enum Command {
         /// Replace an existing CA (every node must then join again).
         #[arg(long)]
         force: bool,
+        /// Accept the ACME CA's terms of service (read them first: the
+        /// URL is in the CA's directory); same as `acme.agree_tos = true`.
+        #[arg(long)]
+        agree_tos: bool,
     },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    certfleet_proto::init_process();
+    certfleet_proto::restrict_umask();
+    logging::init(args.log_format);
     let config = match Config::load(&args.config) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("certfleet-coordinator: {e}");
+            logging::fatal(PROGRAM, &Chain(&e));
             return ExitCode::from(2);
         }
     };
     match args.command.unwrap_or(Command::Run) {
-        Command::Init { force } => init(&config, force),
+        Command::Init { force, agree_tos } => {
+            if agree_tos && let Err(e) = certfleet_coordinator::acme::record_tos_agreement(&config)
+            {
+                eprintln!("certfleet-coordinator: {e}");
+                return ExitCode::FAILURE;
+            }
+            init(&config, force, agree_tos)
+        }
         Command::Run => {
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             runtime.block_on(serve(config))
@@ -52,7 +81,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn init(config: &Config, force: bool) -> ExitCode {
+fn init(config: &Config, force: bool, agree_tos: bool) -> ExitCode {
     match pki::init(&config.state_dir, force) {
         Ok(pin) => {
             println!(
@@ -62,6 +91,14 @@ fn init(config: &Config, force: bool) -> ExitCode {
             println!("CA pin: {pin}");
             println!(
                 "next: start the coordinator, then `certfleet node add <name> --agent <host:port>` for each node"
+            );
+            ExitCode::SUCCESS
+        }
+        // Run again only to accept the terms: the CA stays as it is.
+        Err(PkiError::Exists(_)) if agree_tos && !force => {
+            println!(
+                "recorded that you accept the terms of service of {}; the cluster CA already exists and is kept",
+                config.acme.directory
             );
             ExitCode::SUCCESS
         }
@@ -86,11 +123,11 @@ async fn serve(config: Config) -> ExitCode {
     let coordinator = match build(config) {
         Ok(c) => c,
         Err(e @ (SetupError::Acme(_) | SetupError::Pki(PkiError::Missing(_)))) => {
-            eprintln!("certfleet-coordinator: {e}");
+            logging::fatal(PROGRAM, &Chain(&e));
             return ExitCode::from(2);
         }
         Err(e) => {
-            eprintln!("certfleet-coordinator: {e}");
+            logging::fatal(PROGRAM, &Chain(&e));
             return ExitCode::FAILURE;
         }
     };
@@ -98,16 +135,19 @@ async fn serve(config: Config) -> ExitCode {
     let enrollment = match tokio::net::TcpListener::bind(enrollment_addr).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("certfleet-coordinator: binding enrollment.listen {enrollment_addr}: {e}");
+            logging::fatal(
+                PROGRAM,
+                &format_args!("binding enrollment.listen {enrollment_addr}: {e}"),
+            );
             return ExitCode::FAILURE;
         }
     };
     let admin = match admin::bind_socket(&socket) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!(
-                "certfleet-coordinator: binding admin socket {}: {e}",
-                socket.display()
+            logging::fatal(
+                PROGRAM,
+                &format_args!("binding admin socket {}: {e}", socket.display()),
             );
             return ExitCode::FAILURE;
         }
@@ -121,7 +161,7 @@ async fn serve(config: Config) -> ExitCode {
     {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("certfleet-coordinator: {e}");
+            logging::fatal(PROGRAM, &Chain(&e));
             ExitCode::FAILURE
         }
     }
