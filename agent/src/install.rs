@@ -574,6 +574,16 @@ mod tests {
             installer.install("nope", 1, &chain, &key, &names),
             Err(InstallError::Unknown(_))
         ));
+        // A version no coordinator would send ("next" would wrap).
+        for version in [0, MAX_VERSION + 1, u32::MAX] {
+            let err = installer
+                .install("web", version, &chain, &key, &names)
+                .unwrap_err();
+            assert!(
+                matches!(err, InstallError::Version(v) if v == version),
+                "{err}"
+            );
+        }
         assert_eq!(installer.status("web").unwrap().version, 1);
     }
 

@@ -695,6 +695,31 @@ sans = ["CN.example.org", "cn-ucsb-1.example.org"]
     }
 
     #[test]
+    fn a_node_listed_twice_or_misnamed_is_named() {
+        let e = err(&format!(
+            "{GOOD}nodes = [\"cn-ucsb-1\", \"cn-unm-1\", \"cn-ucsb-1\"]\n"
+        ));
+        assert!(
+            e.contains("certificates[0].nodes[2]") && e.contains("listed twice"),
+            "{e}"
+        );
+        let e = err(&format!("{GOOD}nodes = [\"CN_UCSB\"]\n"));
+        assert!(
+            e.contains("certificates[0].nodes[0]") && e.contains("DNS label"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_validation_ports_and_terms_default_safely() {
+        let c = Config::from_toml_str(GOOD, "c.toml").unwrap();
+        assert_eq!(c.acme.validation_tls_port, DEFAULT_VALIDATION_TLS_PORT);
+        assert!(!c.acme.agree_tos, "the terms are never accepted by default");
+        let e = err(&GOOD.replace("validation_port = 5002", "validation_tls_port = 0"));
+        assert!(e.contains("acme.validation_tls_port"), "{e}");
+    }
+
+    #[test]
     fn accepts_and_defaults() {
         let c = Config::from_toml_str(GOOD, "c.toml").unwrap();
         let cert = c.certificate("cn").unwrap();
