@@ -40,6 +40,8 @@ mod fsutil;
 pub mod issue;
 pub mod pki;
 pub mod progress;
+pub mod ratelimit;
+pub mod renewal;
 pub mod rollout;
 pub mod store;
 pub mod transport;
