@@ -35,8 +35,9 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
 use rustix::io::Errno;
 
 /// Prefix of every temporary file the agent creates beside a target or a
-/// token; recovery removes only names that start with it.
-pub const TEMP_PREFIX: &str = ".certfleet-";
+/// token (the same as its state files'); recovery removes only names that
+/// start with it.
+pub use certfleet_proto::fsio::TEMP_PREFIX;
 /// Mode of every directory the agent creates: services and web servers
 /// running as other users must traverse them; files carry their own modes.
 pub const DIR_MODE: u32 = 0o755;

@@ -16,15 +16,15 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use certfleet_proto::bundle::Bundle;
 use certfleet_proto::identity::{
     COORDINATOR_IDENTITY, ExpectIdentity, LiveIdentity, Peer, PinnedCoordinator, ca_pin,
-    client_config, node_identity, peer_of,
+    client_config, node_identity, peer_of, renewal_due_in,
 };
-use certfleet_proto::pb;
 use certfleet_proto::pb::enrollment_client::EnrollmentClient;
+use certfleet_proto::{cause_chain, fsio, pb, pem};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tracing::{info, warn};
@@ -160,12 +160,7 @@ impl Identity {
     /// Time until two thirds of the current certificate's life has passed.
     fn renewal_due_in(&self) -> Option<Duration> {
         let current = self.live.current();
-        let leaf = current.cert.first()?;
-        let pem = der_to_pem(leaf);
-        let b = Bundle::parse(&pem, None, &[]).ok()?;
-        let due = b.not_before + (b.not_after - b.not_before) * 2 / 3;
-        let now = unix_now();
-        Some(Duration::from_secs(due.saturating_sub(now).max(0) as u64))
+        renewal_due_in(&pem::certificate(current.cert.first()?))
     }
 
     async fn renew(&self) -> Result<i64, IdentityError> {
@@ -200,41 +195,12 @@ impl Identity {
     }
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-fn der_to_pem(der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<&str> = b64
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).expect("base64 is ASCII"))
-        .collect();
-    format!(
-        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-        lines.join("\n")
-    )
-}
-
 fn status_error(addr: &str, status: tonic::Status) -> IdentityError {
     match status.code() {
-        tonic::Code::Unavailable | tonic::Code::Unknown => {
-            let mut reason = status.message().to_owned();
-            let mut source = std::error::Error::source(&status);
-            while let Some(e) = source {
-                reason.push_str(&format!(": {e}"));
-                source = e.source();
-            }
-            IdentityError::Unreachable {
-                addr: addr.to_owned(),
-                reason,
-            }
-        }
+        tonic::Code::Unavailable | tonic::Code::Unknown => IdentityError::Unreachable {
+            addr: addr.to_owned(),
+            reason: cause_chain::status(&status),
+        },
         _ => IdentityError::Refused(status.message().to_owned()),
     }
 }
@@ -276,23 +242,9 @@ fn check_node_cert(pem: &str, node: &str) -> Result<i64, IdentityError> {
         .map_err(|e| IdentityError::Answer(e.to_string()))
 }
 
+/// Writes an identity file (0600) atomically.
 fn write_private(path: &Path, data: &str) -> Result<(), IdentityError> {
-    use std::io::Write;
-    use std::os::unix::fs::PermissionsExt;
-    let dir = path.parent().expect("identity files live in a directory");
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".certfleet-")
-        .tempfile_in(dir)
-        .map_err(file_err(path))?;
-    tmp.write_all(data.as_bytes()).map_err(file_err(path))?;
-    tmp.as_file()
-        .set_permissions(std::fs::Permissions::from_mode(0o600))
-        .map_err(file_err(path))?;
-    tmp.as_file().sync_all().map_err(file_err(path))?;
-    tmp.persist(path).map_err(|e| file_err(path)(e.error))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(file_err(dir))
+    fsio::write_atomic(path, data.as_bytes(), 0o600).map_err(file_err(path))
 }
 
 /// What `join` reports.

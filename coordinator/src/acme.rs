@@ -7,10 +7,11 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use certfleet_proto::cause_chain::{self, Chain};
+use certfleet_proto::fsio;
+use certfleet_proto::identity::provider;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -25,7 +26,6 @@ use tokio::sync::OnceCell;
 use tracing::info;
 
 use crate::config::AcmeConfig;
-use crate::fsutil;
 use crate::issue::nonce_retry;
 
 #[derive(Debug, thiserror::Error)]
@@ -64,9 +64,9 @@ pub fn record_tos_agreement(config: &crate::config::Config) -> Result<(), AcmeSe
         path: path.clone(),
         reason: e.to_string(),
     };
-    fsutil::create_private_dir(&dir).map_err(err)?;
+    fsio::create_private_dir(&dir).map_err(err)?;
     let note = format!("accepted for {}\n", config.acme.directory);
-    fsutil::write_atomic(&path, note.as_bytes(), 0o600).map_err(err)
+    fsio::write_atomic(&path, note.as_bytes(), 0o600).map_err(err)
 }
 
 /// instant-acme's HTTP client: hyper with rustls (aws-lc-rs).
@@ -140,13 +140,11 @@ fn http_client(config: &AcmeConfig) -> Result<AcmeHttp, AcmeSetupError> {
     if roots.is_empty() {
         return Err(AcmeSetupError::NoRoots);
     }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| AcmeSetupError::Tls(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| AcmeSetupError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     // Without TCP_NODELAY, Nagle's algorithm holds each small JWS POST for
     // the peer's delayed ACK, ~40 ms per request on Linux.
     let mut http = HttpConnector::new();
@@ -261,8 +259,8 @@ impl AcmeAccount {
                 )
                 .map_err(account_err)?;
                 let json = serde_json::to_vec(&creds).map_err(|e| cred_err(e.to_string()))?;
-                fsutil::create_private_dir(&self.dir).map_err(|e| cred_err(e.to_string()))?;
-                fsutil::write_atomic(&path, &json, 0o600).map_err(|e| cred_err(e.to_string()))?;
+                fsio::create_private_dir(&self.dir).map_err(|e| cred_err(e.to_string()))?;
+                fsio::write_atomic(&path, &json, 0o600).map_err(|e| cred_err(e.to_string()))?;
                 info!(id = account.id(), path = %path.display(), "created ACME account");
                 Ok(account)
             }

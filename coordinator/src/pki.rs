@@ -10,14 +10,16 @@ use std::time::{Duration, SystemTime};
 
 use std::sync::Arc;
 
-use certfleet_proto::identity::{COORDINATOR_IDENTITY, LiveIdentity, ca_pin, node_identity};
+use certfleet_proto::clock;
+use certfleet_proto::fsio::{create_private_dir, write_atomic};
+use certfleet_proto::identity::{
+    COORDINATOR_IDENTITY, LiveIdentity, ca_pin, node_identity, provider, renewal_due_in,
+};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
 };
 use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
-
-use crate::fsutil::{create_private_dir, write_atomic};
 
 /// How long the cluster CA is valid.
 pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -83,10 +85,10 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-/// Fills `out` from the system's secure random source (via aws-lc-rs, the
-/// one crypto provider certfleet uses).
+/// Fills `out` from the system's secure random source (via the one crypto
+/// provider certfleet uses).
 pub fn random(out: &mut [u8]) {
-    rustls::crypto::aws_lc_rs::default_provider()
+    provider()
         .secure_random
         .fill(out)
         .expect("system randomness");
@@ -210,7 +212,14 @@ impl ClusterCa {
             identity_pem: String::new(),
             identity_key_pem: String::new(),
         };
-        if identity_needs_renewal(&p.cert, identity_lifetime) {
+        // Key and certificate are two files: a crash between their writes
+        // leaves a pair that does not match, which is re-issued too.
+        let pair_matches = || {
+            let cert = std::fs::read_to_string(&p.cert).ok()?;
+            let key = std::fs::read_to_string(&p.key).ok()?;
+            certfleet_proto::bundle::Bundle::parse(&cert, Some(&key), &[]).ok()
+        };
+        if identity_needs_renewal(&p.cert, identity_lifetime) || pair_matches().is_none() {
             write_coordinator_identity(&p, &this.issuer, identity_lifetime)?;
         }
         this.identity_pem = format!("{}{}", read(&p.cert)?, this.ca_pem);
@@ -274,31 +283,14 @@ fn identity_needs_renewal(cert_path: &Path, lifetime: Duration) -> bool {
     let Ok(pem) = std::fs::read_to_string(cert_path) else {
         return true;
     };
-    match identity_due_in(&pem) {
+    match renewal_due_in(&pem) {
         None => true,
         Some(due) => {
             due.is_zero()
                 || certfleet_proto::bundle::Bundle::parse(&pem, None, &[])
-                    .is_ok_and(|b| b.not_after > unix_now() + lifetime.as_secs() as i64 + 60)
+                    .is_ok_and(|b| b.not_after > clock::now() + lifetime.as_secs() as i64 + 60)
         }
     }
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-/// Time until two thirds of the life of the leaf in `pem` has passed (zero
-/// when it has); `None` if it does not parse.
-fn identity_due_in(pem: &str) -> Option<Duration> {
-    let b = certfleet_proto::bundle::Bundle::parse(pem, None, &[]).ok()?;
-    let due = b.not_before + (b.not_after - b.not_before) * 2 / 3;
-    Some(Duration::from_secs(
-        due.saturating_sub(unix_now()).max(0) as u64
-    ))
 }
 
 /// Retry delays after a failed renewal of the coordinator's identity.
@@ -334,7 +326,7 @@ pub async fn renew_identity_until(
     let mut chain = ca.identity_pem.clone();
     let mut retry = *RENEW_RETRY.start();
     loop {
-        let wait = identity_due_in(&chain).unwrap_or(Duration::ZERO);
+        let wait = renewal_due_in(&chain).unwrap_or(Duration::ZERO);
         tokio::select! {
             () = &mut stop => return,
             () = tokio::time::sleep(wait) => {}
@@ -368,6 +360,22 @@ pub async fn renew_identity_until(
 mod tests {
     use super::*;
     use certfleet_proto::identity::{Peer, peer_of};
+
+    #[test]
+    fn a_key_and_certificate_that_do_not_match_are_reissued_at_load() {
+        let state = tempfile::tempdir().unwrap();
+        init(state.path(), false).unwrap();
+        // A crash between the two writes: a new key beside the old certificate.
+        let stray = KeyPair::generate().unwrap();
+        std::fs::write(
+            state.path().join("identity/coordinator.key"),
+            stray.serialize_pem(),
+        )
+        .unwrap();
+        let ca = ClusterCa::load(state.path(), COORDINATOR_VALIDITY).unwrap();
+        certfleet_proto::bundle::Bundle::parse(&ca.identity_pem, Some(&ca.identity_key_pem), &[])
+            .expect("a matching pair after load");
+    }
 
     #[test]
     fn init_refuses_to_overwrite_and_signs_nodes_on_their_own_key() {

@@ -15,6 +15,8 @@
 
 use std::collections::BTreeSet;
 
+use certfleet_proto::clock::rfc3339;
+
 /// Certificates for one exact set of names the CA issues per window.
 pub const DUPLICATE_LIMIT: usize = 5;
 /// Seconds of the duplicate-certificate window.
@@ -70,16 +72,6 @@ impl Limited {
             }
         }
     }
-}
-
-fn rfc3339(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| format!("Unix time {unix}"))
 }
 
 /// Whether an order for `names` at `now` stays within the CA's limits,

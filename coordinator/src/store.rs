@@ -15,9 +15,8 @@ use std::os::unix::fs::{DirBuilderExt, symlink};
 use std::path::{Path, PathBuf};
 
 use certfleet_proto::bundle::Bundle;
+use certfleet_proto::fsio::{create_private_dir, sync_dir, write_atomic};
 use nix::fcntl::{RenameFlags, renameat2};
-
-use crate::fsutil::{sync_dir, write_atomic};
 
 /// The files of one version, in the order they are written: `cert` last,
 /// so a version counts as present only once all its files are.
@@ -121,7 +120,7 @@ impl Store {
         };
         let dir = rescue_dir.join(name);
         let fullchain = format!("{}{}", bundle.leaf_pem, bundle.chain_pem);
-        let kept = crate::fsutil::create_private_dir(&dir)
+        let kept = create_private_dir(&dir)
             .and_then(|()| write_atomic(&dir.join("fullchain.pem"), fullchain.as_bytes(), 0o600))
             .and_then(|()| write_atomic(&dir.join("privkey.pem"), key_pem.as_bytes(), 0o600));
         let kept = match kept {

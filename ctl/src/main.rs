@@ -141,127 +141,194 @@ pub(crate) enum Outcome {
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    let socket = match admin_socket(&cli, &matches) {
+    match run(&cli, &matches) {
+        Outcome::Ok => ExitCode::SUCCESS,
+        Outcome::Failed => ExitCode::FAILURE,
+        Outcome::Usage => ExitCode::from(2),
+    }
+}
+
+/// Finds the admin socket, connects and runs the command.
+fn run(cli: &Cli, matches: &ArgMatches) -> Outcome {
+    let socket = match admin_socket(cli, matches) {
         Ok(socket) => socket,
         Err(e) => {
             errln!("certfleet: {e}");
-            return ExitCode::from(2);
+            return Outcome::Usage;
         }
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let outcome = runtime.block_on(async {
-        let client = match socket::connect(&socket).await {
-            Ok(c) => c,
+    runtime.block_on(async {
+        match socket::connect(&socket).await {
+            Ok(client) => dispatch(client, &cli.command, cli.json).await,
             Err(e) => {
                 errln!("certfleet: {e}");
-                return Outcome::Failed;
+                Outcome::Failed
             }
-        };
-        match &cli.command {
-            Command::Issue { certificate, wait } => {
-                let request = pb::IssueRequest {
-                    certificate: certificate.clone(),
-                    wait: wait.wait,
-                };
-                match client.clone().issue(request).await {
-                    Ok(r) => follow(r.into_inner(), cli.json).await,
-                    Err(status) => refused(&status),
-                }
-            }
-            Command::Restart { certificate, wait } | Command::Rollout { certificate, wait } => {
-                let request = pb::RestartRequest {
-                    certificate: certificate.clone(),
-                    wait: wait.wait,
-                };
-                let call = if matches!(cli.command, Command::Rollout { .. }) {
-                    client.clone().rollout(request).await
-                } else {
-                    client.clone().restart(request).await
-                };
-                match call {
-                    Ok(r) => follow(r.into_inner(), cli.json).await,
-                    Err(status) => refused(&status),
-                }
-            }
-            Command::Status { certificate } => {
-                let request = pb::StatusRequest {
-                    certificate: certificate.clone(),
-                };
-                match client.clone().status(request).await {
-                    Ok(r) => render::status(&r.into_inner(), cli.json),
-                    Err(status) => refused(&status),
-                }
-            }
-            Command::Distribute {
-                certificate,
-                version,
-                nodes,
-                wait,
-            } => {
-                let request = pb::DistributeRequest {
-                    certificate: certificate.clone(),
-                    version: version.unwrap_or(0),
-                    nodes: nodes.clone(),
-                    wait: wait.wait,
-                };
-                match client.clone().distribute(request).await {
-                    Ok(r) => follow(r.into_inner(), cli.json).await,
-                    Err(status) => refused(&status),
-                }
-            }
-            Command::Certificates => certificates(client, cli.json).await,
-            Command::Node(NodeCommand::Add {
-                name,
-                agent,
-                http01,
-                token_ttl,
-                agent_config,
-            }) => {
-                let request = pb::AddNodeRequest {
-                    name: name.clone(),
-                    agent: agent.clone(),
-                    http01: http01.clone(),
-                    token_ttl_seconds: *token_ttl,
-                    agent_config: agent_config.clone(),
-                };
-                match client.clone().add_node(request).await {
-                    Ok(r) => {
-                        render::node_added(name, &r.into_inner(), cli.json);
-                        Outcome::Ok
-                    }
-                    Err(status) => refused(&status),
-                }
-            }
-            Command::Node(NodeCommand::Remove { name }) => {
-                let request = pb::RemoveNodeRequest { name: name.clone() };
-                match client.clone().remove_node(request).await {
-                    Ok(_) => {
-                        if cli.json {
-                            outln!("{}", serde_json::json!({ "removed": name }));
-                        } else {
-                            outln!("removed node {name}: its certificate is refused from now on");
-                        }
-                        Outcome::Ok
-                    }
-                    Err(status) => refused(&status),
-                }
-            }
-            Command::Nodes => match client.clone().list_nodes(pb::ListNodesRequest {}).await {
-                Ok(r) => {
-                    render::nodes(&r.into_inner().nodes, cli.json);
-                    Outcome::Ok
-                }
-                Err(status) => refused(&status),
-            },
         }
-    });
-    match outcome {
-        Outcome::Ok => ExitCode::SUCCESS,
-        Outcome::Failed => ExitCode::FAILURE,
-        Outcome::Usage => ExitCode::from(2),
+    })
+}
+
+/// Runs one command against the coordinator.
+async fn dispatch(client: AdminClient<Channel>, command: &Command, json: bool) -> Outcome {
+    match command {
+        Command::Issue { certificate, wait } => issue(client, certificate, wait.wait, json).await,
+        Command::Certificates => certificates(client, json).await,
+        Command::Distribute {
+            certificate,
+            version,
+            nodes,
+            wait,
+        } => distribute(client, certificate, *version, nodes, wait.wait, json).await,
+        Command::Restart { certificate, wait } | Command::Rollout { certificate, wait } => {
+            let rollout = matches!(command, Command::Rollout { .. });
+            restart(client, certificate, wait.wait, rollout, json).await
+        }
+        Command::Status { certificate } => status(client, certificate, json).await,
+        Command::Node(NodeCommand::Add {
+            name,
+            agent,
+            http01,
+            token_ttl,
+            agent_config,
+        }) => {
+            let request = pb::AddNodeRequest {
+                name: name.clone(),
+                agent: agent.clone(),
+                http01: http01.clone(),
+                token_ttl_seconds: *token_ttl,
+                agent_config: agent_config.clone(),
+            };
+            node_add(client, request, json).await
+        }
+        Command::Node(NodeCommand::Remove { name }) => node_remove(client, name, json).await,
+        Command::Nodes => nodes(client, json).await,
+    }
+}
+
+/// `certfleet issue`.
+async fn issue(
+    mut client: AdminClient<Channel>,
+    certificate: &str,
+    wait: bool,
+    json: bool,
+) -> Outcome {
+    let request = pb::IssueRequest {
+        certificate: certificate.to_owned(),
+        wait,
+    };
+    operation(client.issue(request).await, json).await
+}
+
+/// `certfleet certificates`.
+async fn certificates(mut client: AdminClient<Channel>, json: bool) -> Outcome {
+    match client
+        .list_certificates(pb::ListCertificatesRequest {})
+        .await
+    {
+        Ok(r) => {
+            render::certificates(&r.into_inner().certificates, json);
+            Outcome::Ok
+        }
+        Err(status) => refused(&status),
+    }
+}
+
+/// `certfleet distribute`.
+async fn distribute(
+    mut client: AdminClient<Channel>,
+    certificate: &str,
+    version: Option<u32>,
+    nodes: &[String],
+    wait: bool,
+    json: bool,
+) -> Outcome {
+    let request = pb::DistributeRequest {
+        certificate: certificate.to_owned(),
+        version: version.unwrap_or(0),
+        nodes: nodes.to_vec(),
+        wait,
+    };
+    operation(client.distribute(request).await, json).await
+}
+
+/// `certfleet restart`, or `certfleet rollout` (distribute first) when
+/// `rollout`: both send the same request.
+async fn restart(
+    mut client: AdminClient<Channel>,
+    certificate: &str,
+    wait: bool,
+    rollout: bool,
+    json: bool,
+) -> Outcome {
+    let request = pb::RestartRequest {
+        certificate: certificate.to_owned(),
+        wait,
+    };
+    let started = if rollout {
+        client.rollout(request).await
+    } else {
+        client.restart(request).await
+    };
+    operation(started, json).await
+}
+
+/// `certfleet status`.
+async fn status(mut client: AdminClient<Channel>, certificate: &str, json: bool) -> Outcome {
+    let request = pb::StatusRequest {
+        certificate: certificate.to_owned(),
+    };
+    match client.status(request).await {
+        Ok(r) => render::status(&r.into_inner(), json),
+        Err(status) => refused(&status),
+    }
+}
+
+/// `certfleet node add`.
+async fn node_add(
+    mut client: AdminClient<Channel>,
+    request: pb::AddNodeRequest,
+    json: bool,
+) -> Outcome {
+    let name = request.name.clone();
+    match client.add_node(request).await {
+        Ok(r) => {
+            render::node_added(&name, &r.into_inner(), json);
+            Outcome::Ok
+        }
+        Err(status) => refused(&status),
+    }
+}
+
+/// `certfleet node remove`.
+async fn node_remove(mut client: AdminClient<Channel>, name: &str, json: bool) -> Outcome {
+    let request = pb::RemoveNodeRequest {
+        name: name.to_owned(),
+    };
+    match client.remove_node(request).await {
+        Ok(_) => {
+            if json {
+                outln!("{}", serde_json::json!({ "removed": name }));
+            } else {
+                outln!("removed node {name}: its certificate is refused from now on");
+            }
+            Outcome::Ok
+        }
+        Err(status) => refused(&status),
+    }
+}
+
+/// `certfleet nodes`.
+async fn nodes(mut client: AdminClient<Channel>, json: bool) -> Outcome {
+    match client.list_nodes(pb::ListNodesRequest {}).await {
+        Ok(r) => {
+            render::nodes(&r.into_inner().nodes, json);
+            Outcome::Ok
+        }
+        Err(status) => refused(&status),
     }
 }
 
@@ -302,6 +369,18 @@ fn refused(status: &tonic::Status) -> Outcome {
     }
 }
 
+/// Follows a started operation (issue, distribute, restart, rollout), or
+/// reports why the coordinator refused to start it.
+async fn operation(
+    started: Result<tonic::Response<tonic::Streaming<pb::IssueEvent>>, tonic::Status>,
+    json: bool,
+) -> Outcome {
+    match started {
+        Ok(r) => follow(r.into_inner(), json).await,
+        Err(status) => refused(&status),
+    }
+}
+
 /// Shows an operation's event stream until its DONE or FAILED event.
 async fn follow(mut stream: tonic::Streaming<pb::IssueEvent>, json: bool) -> Outcome {
     let mut view = render::IssueView::new(json);
@@ -338,18 +417,5 @@ fn failed(event: &pb::IssueEvent) -> Outcome {
     match &event.failure {
         Some(f) if f.kind == "config" => Outcome::Usage,
         _ => Outcome::Failed,
-    }
-}
-
-async fn certificates(mut client: AdminClient<Channel>, json: bool) -> Outcome {
-    match client
-        .list_certificates(pb::ListCertificatesRequest {})
-        .await
-    {
-        Ok(r) => {
-            render::certificates(&r.into_inner().certificates, json);
-            Outcome::Ok
-        }
-        Err(status) => refused(&status),
     }
 }

@@ -12,6 +12,8 @@ use sha2::{Digest, Sha256};
 use x509_parser::extensions::GeneralName;
 use x509_parser::pem::Pem;
 
+use crate::pem;
+
 /// Largest PEM chain accepted, in bytes. A 100-SAN leaf plus two
 /// intermediates is about 10 KiB; this leaves room without being unbounded.
 pub const MAX_CHAIN_PEM_BYTES: usize = 256 * 1024;
@@ -172,8 +174,11 @@ impl Bundle {
             not_before: leaf.validity().not_before.timestamp(),
             not_after: leaf.validity().not_after.timestamp(),
             leaf_sha256,
-            leaf_pem: to_pem(&blocks[0].contents),
-            chain_pem: blocks[1..].iter().map(|b| to_pem(&b.contents)).collect(),
+            leaf_pem: pem::certificate(&blocks[0].contents),
+            chain_pem: blocks[1..]
+                .iter()
+                .map(|b| pem::certificate(&b.contents))
+                .collect(),
         })
     }
 
@@ -192,19 +197,6 @@ pub fn hex(bytes: &[u8]) -> String {
             let _ = write!(s, "{b:02x}");
             s
         })
-}
-
-fn to_pem(der: &[u8]) -> String {
-    use base64::Engine;
-    const LINE: usize = 64;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for chunk in b64.as_bytes().chunks(LINE) {
-        out.push_str(std::str::from_utf8(chunk).expect("base64 is ASCII"));
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
 }
 
 #[cfg(test)]

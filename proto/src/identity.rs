@@ -18,6 +18,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -31,7 +32,8 @@ use rustls::{
 use sha2::{Digest, Sha256};
 use x509_parser::extensions::GeneralName;
 
-use crate::bundle::hex;
+use crate::bundle::{Bundle, hex};
+use crate::clock;
 
 /// The coordinator's identity in its certificate.
 pub const COORDINATOR_IDENTITY: &str = "coordinator.certfleet.internal";
@@ -45,30 +47,9 @@ pub fn node_identity(node: &str) -> String {
     format!("{node}{NODE_IDENTITY_SUFFIX}")
 }
 
-/// What a node name may be, for messages: [`is_valid_node_name`] in words.
-pub const NODE_NAME_RULE: &str =
-    "must be 1-63 characters of a-z 0-9 and '-', not starting or ending with '-' (one DNS label)";
-
-/// The one check of a node name, for every config, request and command
-/// that takes one: `Err` says what is wrong with it in words.
-pub fn check_node_name(name: &str) -> Result<(), String> {
-    if is_valid_node_name(name) {
-        Ok(())
-    } else {
-        Err(format!("node name {name:?} {NODE_NAME_RULE}"))
-    }
-}
-
-/// A node name is one DNS label: 1-63 of a-z 0-9 '-', not starting or
-/// ending with '-'. It becomes part of the node's identity.
-pub fn is_valid_node_name(name: &str) -> bool {
-    (1..=63).contains(&name.len())
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
+// Kept here for the callers that predate `crate::names`, the one home of
+// name rules.
+use crate::names::is_valid_node_name;
 
 /// Who a certificate says its holder is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +101,17 @@ pub fn ca_pin(ca_der: &[u8]) -> Option<String> {
         "sha256:{}",
         hex(&Sha256::digest(cert.tbs_certificate.subject_pki.raw))
     ))
+}
+
+/// Time until two thirds of the life of the certificate in `pem` (the
+/// first, if there are several) has passed: zero once it has, `None` if it
+/// does not parse. Both daemons renew their own identity then, which leaves
+/// a third of its life for retries.
+pub fn renewal_due_in(pem: &str) -> Option<Duration> {
+    let b = Bundle::parse(pem, None, &[]).ok()?;
+    let due = b.not_before + (b.not_after - b.not_before) * 2 / 3;
+    let left = due.saturating_sub(clock::now());
+    Some(Duration::from_secs(u64::try_from(left).unwrap_or(0)))
 }
 
 /// The one crypto provider certfleet uses everywhere.
@@ -446,11 +438,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn node_names_are_dns_labels() {
-        assert!(is_valid_node_name("cn-ucsb-1"));
-        for bad in ["", "-a", "a-", "A", "a.b", "a_b", &"a".repeat(64)] {
-            assert!(!is_valid_node_name(bad), "{bad:?}");
-        }
+    fn renewal_is_due_after_two_thirds_of_the_life() {
+        let leaf = |from: i64, until: i64| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(vec![node_identity("n1")]).unwrap();
+            let at = |t| time::OffsetDateTime::from_unix_timestamp(clock::now() + t).unwrap();
+            params.not_before = at(from);
+            params.not_after = at(until);
+            params.self_signed(&key).unwrap().pem()
+        };
+        let due = renewal_due_in(&leaf(-10, 290)).unwrap().as_secs();
+        assert!((185..=190).contains(&due), "{due}");
+        assert_eq!(renewal_due_in(&leaf(-250, 50)), Some(Duration::ZERO));
+        assert_eq!(renewal_due_in("not a certificate"), None);
     }
 
     #[test]

@@ -1,18 +1,27 @@
-//! certfleet's contract between its processes.
+//! What every certfleet process shares: the contract between them and the
+//! helpers each would otherwise write again.
 //!
+//! The contract:
 //! - [`pb`] is the generated `certfleet.v1` gRPC code: the agent's service
-//!   (`Agent`) and the coordinator's admin service (`Admin`).
+//!   (`Agent`), the coordinator's admin service (`Admin`) and enrollment.
 //! - [`challenge`] holds the HTTP-01 domain types (token, key authorization)
 //!   and their checks. Both sides use them: the coordinator before it sends,
 //!   the agent on everything it receives, because gRPC input is untrusted.
 //! - [`bundle`] validates a PEM certificate chain and key: the coordinator
-//!   checks what the CA returned, and agents will check what they install.
+//!   checks what the CA returned, and agents check what they install.
+//! - [`names`] holds the rules for node and certificate names.
+//! - [`identity`] and [`tls`]: who is who in the cluster, and the TLS
+//!   between the daemons that enforces it, with the one crypto provider
+//!   ([`identity::provider`]).
+//!
+//! The helpers, one home each, so a rule is never kept in two places:
+//! - [`fsio`]: atomic writes of a daemon's own state files.
+//! - [`clock`]: the time as certfleet stores it (Unix seconds) and shows it.
+//! - [`pem`]: DER certificates back to PEM.
 //! - [`cause_chain`] shows an error with every cause below it, the way the
 //!   CLI, the coordinator's node errors and the logs print them.
 //! - [`logging`] sets up both daemons' logs (text or JSON, colour only on a
-//!   terminal). It and [`restrict_umask`] are process setup rather than
-//!   contract; they sit here because every certfleet binary already
-//!   depends on this crate.
+//!   terminal), and [`restrict_umask`] their umask.
 //!
 //! Wire types stay here. Conversions to domain types are `TryFrom` impls with
 //! typed errors, so prost's `Option`s and unchecked strings never reach the
@@ -22,8 +31,12 @@
 pub mod bundle;
 pub mod cause_chain;
 pub mod challenge;
+pub mod clock;
+pub mod fsio;
 pub mod identity;
 pub mod logging;
+pub mod names;
+pub mod pem;
 pub mod tls;
 
 /// Generated `certfleet.v1` messages, clients and servers.

@@ -127,12 +127,10 @@ pub async fn https_get(url: &str, root_pem: &[u8]) -> anyhow::Result<String> {
     for cert in CertificateDer::pem_slice_iter(root_pem) {
         roots.add(cert?)?;
     }
-    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let tls = rustls::ClientConfig::builder_with_provider(certfleet_proto::identity::provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()

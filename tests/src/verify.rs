@@ -16,7 +16,7 @@ pub fn chain_verifies(fullchain_pem: &str, root_pem: &str, names: &[String]) -> 
     for root in CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
         roots.add(root?)?;
     }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = certfleet_proto::identity::provider();
     let verifier =
         WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider).build()?;
     let chain: Vec<CertificateDer<'static>> =

@@ -11,6 +11,7 @@ use certfleet_agent::config::{Config, Http01Mode};
 use certfleet_agent::identity::{Identity, IdentityError, join};
 use certfleet_agent::{Listeners, run};
 use certfleet_proto::cause_chain::Chain;
+use certfleet_proto::clock;
 use certfleet_proto::logging::{self, LogFormat};
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{ArgGroup, Parser, Subcommand};
@@ -131,7 +132,7 @@ async fn join_cluster(config: &Config, coordinator: &str, token: &str, ca_pin: &
                 "joined as node {}; identity in {} (certificate valid until {}, renewed automatically)",
                 joined.node,
                 joined.dir.display(),
-                rfc3339(joined.not_after)
+                clock::rfc3339(joined.not_after)
             );
             ExitCode::SUCCESS
         }
@@ -140,18 +141,6 @@ async fn join_cluster(config: &Config, coordinator: &str, token: &str, ca_pin: &
             ExitCode::FAILURE
         }
     }
-}
-
-/// `unix` (seconds) as an RFC 3339 UTC time, or the number itself if it is
-/// out of range.
-fn rfc3339(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| unix.to_string())
 }
 
 /// The join token, from `--token` (with a warning) or `--token-file`.
@@ -269,12 +258,6 @@ mod tests {
         assert!(two.contains("more than one word"), "{two}");
         assert!(!two.contains("SECRET"), "an error shows the token: {two}");
         assert!(err(b"\xff\xfe").contains("not text"));
-    }
-
-    #[test]
-    fn join_shows_times_in_rfc_3339() {
-        assert_eq!(rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
-        assert_eq!(rfc3339(i64::MAX), i64::MAX.to_string());
     }
 
     #[test]
