@@ -345,7 +345,7 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
     };
     // The same rule the coordinator applies at `node add` and join, so a
     // mistake shows here rather than at join.
-    certfleet_proto::identity::check_node_name(&raw.node).map_err(|e| invalid("node", e))?;
+    certfleet_proto::names::check_node_name(&raw.node).map_err(|e| invalid("node", e))?;
     let state_dir = raw
         .state_dir
         .unwrap_or_else(|| PathBuf::from("/var/lib/certfleet-agent"));
@@ -378,56 +378,7 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         ));
     }
     let limits = validate_limits(&raw.http01, &invalid)?;
-    let mode = match raw.http01.mode.as_str() {
-        "standalone" => {
-            if raw.http01.webroot.is_some() {
-                return Err(invalid(
-                    "http01.webroot",
-                    "only applies when http01.mode = \"webroot\"".into(),
-                ));
-            }
-            let listen = raw.http01.listen.ok_or_else(|| {
-                invalid(
-                    "http01.listen",
-                    "is required when http01.mode = \"standalone\"".into(),
-                )
-            })?;
-            let listen = listen.parse().map_err(|e| {
-                invalid(
-                    "http01.listen",
-                    format!("{listen:?} is not an address like 127.0.0.2:80: {e}"),
-                )
-            })?;
-            Http01Mode::Standalone { listen }
-        }
-        "webroot" => {
-            if raw.http01.listen.is_some() {
-                return Err(invalid(
-                    "http01.listen",
-                    "only applies when http01.mode = \"standalone\"".into(),
-                ));
-            }
-            let webroot = raw.http01.webroot.ok_or_else(|| {
-                invalid(
-                    "http01.webroot",
-                    "is required when http01.mode = \"webroot\"".into(),
-                )
-            })?;
-            if !webroot.is_absolute() {
-                return Err(invalid(
-                    "http01.webroot",
-                    format!("{} must be an absolute path", webroot.display()),
-                ));
-            }
-            Http01Mode::Webroot { webroot }
-        }
-        other => {
-            return Err(invalid(
-                "http01.mode",
-                format!("{other:?} is not one of \"standalone\", \"webroot\""),
-            ));
-        }
-    };
+    let mode = validate_mode(raw.http01, &invalid)?;
     let certificates = validate_certificates(raw.certificates, origin)?;
     Ok(Config {
         certificates,
@@ -440,6 +391,62 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             limits,
         },
     })
+}
+
+/// `http01.mode`, with the `listen` or `webroot` that mode needs (and not
+/// the other).
+fn validate_mode(
+    raw: RawHttp01,
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Http01Mode, ConfigError> {
+    match raw.mode.as_str() {
+        "standalone" => {
+            if raw.webroot.is_some() {
+                return Err(invalid(
+                    "http01.webroot",
+                    "only applies when http01.mode = \"webroot\"".into(),
+                ));
+            }
+            let listen = raw.listen.ok_or_else(|| {
+                invalid(
+                    "http01.listen",
+                    "is required when http01.mode = \"standalone\"".into(),
+                )
+            })?;
+            let listen = listen.parse().map_err(|e| {
+                invalid(
+                    "http01.listen",
+                    format!("{listen:?} is not an address like 127.0.0.2:80: {e}"),
+                )
+            })?;
+            Ok(Http01Mode::Standalone { listen })
+        }
+        "webroot" => {
+            if raw.listen.is_some() {
+                return Err(invalid(
+                    "http01.listen",
+                    "only applies when http01.mode = \"standalone\"".into(),
+                ));
+            }
+            let webroot = raw.webroot.ok_or_else(|| {
+                invalid(
+                    "http01.webroot",
+                    "is required when http01.mode = \"webroot\"".into(),
+                )
+            })?;
+            if !webroot.is_absolute() {
+                return Err(invalid(
+                    "http01.webroot",
+                    format!("{} must be an absolute path", webroot.display()),
+                ));
+            }
+            Ok(Http01Mode::Webroot { webroot })
+        }
+        other => Err(invalid(
+            "http01.mode",
+            format!("{other:?} is not one of \"standalone\", \"webroot\""),
+        )),
+    }
 }
 
 /// `http01.max_connections`, `header_timeout_secs`, `idle_timeout_secs`.
@@ -475,6 +482,11 @@ fn validate_limits(
     })
 }
 
+/// Builds a [`ConfigError::Invalid`] for a key, naming the file.
+type Invalid<'a> = &'a dyn Fn(String, String) -> ConfigError;
+
+/// `[[certificates]]`: each one's name, files and services, no name
+/// twice, and no path the target of two files.
 fn validate_certificates(
     raw: Vec<RawCertificate>,
     origin: &str,
@@ -487,148 +499,23 @@ fn validate_certificates(
     let mut out: Vec<CertificateTargets> = Vec::with_capacity(raw.len());
     let mut all_paths: Vec<PathBuf> = Vec::new();
     for (i, c) in raw.into_iter().enumerate() {
-        let name_ok = !c.name.is_empty()
-            && c.name.len() <= 64
-            && !c.name.starts_with('.')
-            && c.name
-                .chars()
-                .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_' || ch == '.');
-        if !name_ok {
+        let RawCertificate {
+            name,
+            live_dir,
+            files,
+            services,
+        } = c;
+        certfleet_proto::names::check_certificate_name(&name)
+            .map_err(|e| invalid(format!("certificates[{i}].name"), e))?;
+        if out.iter().any(|t| t.name == name) {
             return Err(invalid(
                 format!("certificates[{i}].name"),
-                format!("{:?} must be 1-64 characters of A-Z a-z 0-9 - _ .", c.name),
+                format!("{name:?} is listed twice"),
             ));
         }
-        if out.iter().any(|t| t.name == c.name) {
-            return Err(invalid(
-                format!("certificates[{i}].name"),
-                format!("{:?} is listed twice", c.name),
-            ));
-        }
-        let raw_files = if c.files.is_empty() {
-            let dir = c
-                .live_dir
-                .clone()
-                .unwrap_or_else(|| Path::new(DEFAULT_LIVE_ROOT).join(&c.name));
-            ["cert", "chain", "fullchain", "privkey"]
-                .into_iter()
-                .map(|content| RawFile {
-                    content: content.to_owned(),
-                    path: dir.join(format!("{content}.pem")),
-                    owner: None,
-                    group: None,
-                    mode: None,
-                    dir_owner: None,
-                })
-                .collect()
-        } else if c.live_dir.is_some() {
-            return Err(invalid(
-                format!("certificates[{i}].live_dir"),
-                "only applies when no [[certificates.files]] are listed".into(),
-            ));
-        } else {
-            c.files
-        };
-        let mut files = Vec::with_capacity(raw_files.len());
-        for (j, f) in raw_files.into_iter().enumerate() {
-            let key = |field: &str| format!("certificates[{i}].files[{j}].{field}");
-            let content = match f.content.as_str() {
-                "cert" => Content::Cert,
-                "chain" => Content::Chain,
-                "fullchain" => Content::Fullchain,
-                "privkey" => Content::Privkey,
-                "key+fullchain" => Content::KeyFullchain,
-                other => {
-                    return Err(invalid(
-                        key("content"),
-                        format!(
-                            "{other:?} is not one of \"cert\", \"chain\", \"fullchain\", \"privkey\", \"key+fullchain\""
-                        ),
-                    ));
-                }
-            };
-            if !f.path.is_absolute()
-                || f.path
-                    .components()
-                    .any(|c| matches!(c, std::path::Component::ParentDir))
-                || f.path.file_name().is_none()
-            {
-                return Err(invalid(
-                    key("path"),
-                    format!(
-                        "{} must be an absolute file path without ..",
-                        f.path.display()
-                    ),
-                ));
-            }
-            if all_paths.contains(&f.path) {
-                return Err(invalid(
-                    key("path"),
-                    format!("{} is the target of two files", f.path.display()),
-                ));
-            }
-            all_paths.push(f.path.clone());
-            let owner = f.owner.unwrap_or_else(|| "root".into());
-            let uid = user_uid(&owner).ok_or_else(|| {
-                invalid(
-                    key("owner"),
-                    format!("no user named {owner:?} on this node"),
-                )
-            })?;
-            let dir_owner = match f.dir_owner {
-                None => None,
-                Some(name) => {
-                    let uid = user_uid(&name).ok_or_else(|| {
-                        invalid(
-                            key("dir_owner"),
-                            format!("no user named {name:?} on this node"),
-                        )
-                    })?;
-                    Some((name, uid))
-                }
-            };
-            let group = f.group.unwrap_or_else(|| "root".into());
-            let gid = nix::unistd::Group::from_name(&group)
-                .ok()
-                .flatten()
-                .map(|g| g.gid.as_raw())
-                .ok_or_else(|| {
-                    invalid(
-                        key("group"),
-                        format!("no group named {group:?} on this node"),
-                    )
-                })?;
-            let default_mode = if content.has_key() { "0600" } else { "0644" };
-            let mode_text = f.mode.unwrap_or_else(|| default_mode.into());
-            let mode = u32::from_str_radix(mode_text.trim_start_matches("0o"), 8)
-                .ok()
-                .filter(|m| *m <= 0o777)
-                .ok_or_else(|| {
-                    invalid(
-                        key("mode"),
-                        format!("{mode_text:?} is not an octal mode like \"0640\""),
-                    )
-                })?;
-            if content.has_key() && mode & 0o007 != 0 {
-                return Err(invalid(
-                    key("mode"),
-                    format!(
-                        "{mode_text} would let every user read or change the private key; use 0600 or 0640"
-                    ),
-                ));
-            }
-            files.push(TargetFile {
-                content,
-                path: f.path,
-                owner,
-                uid,
-                group,
-                gid,
-                mode,
-                dir_owner,
-            });
-        }
-        let services = validate_services(c.services, i, &invalid)?;
+        let raw_files = raw_files(i, &name, live_dir, files, &invalid)?;
+        let files = validate_files(i, raw_files, &mut all_paths, &invalid)?;
+        let services = validate_services(services, i, &invalid)?;
         if !files.iter().any(|f| f.content.has_key()) {
             return Err(invalid(
                 format!("certificates[{i}].files"),
@@ -636,12 +523,176 @@ fn validate_certificates(
             ));
         }
         out.push(CertificateTargets {
-            name: c.name,
+            name,
             files,
             services,
         });
     }
     Ok(out)
+}
+
+/// The files `certificates[i]` lists, or else certbot's four under its
+/// `live_dir` (default: [`DEFAULT_LIVE_ROOT`]`/<name>`).
+fn raw_files(
+    i: usize,
+    name: &str,
+    live_dir: Option<PathBuf>,
+    files: Vec<RawFile>,
+    invalid: Invalid<'_>,
+) -> Result<Vec<RawFile>, ConfigError> {
+    if !files.is_empty() {
+        if live_dir.is_some() {
+            return Err(invalid(
+                format!("certificates[{i}].live_dir"),
+                "only applies when no [[certificates.files]] are listed".into(),
+            ));
+        }
+        return Ok(files);
+    }
+    let dir = live_dir.unwrap_or_else(|| Path::new(DEFAULT_LIVE_ROOT).join(name));
+    Ok(["cert", "chain", "fullchain", "privkey"]
+        .into_iter()
+        .map(|content| RawFile {
+            content: content.to_owned(),
+            path: dir.join(format!("{content}.pem")),
+            owner: None,
+            group: None,
+            mode: None,
+            dir_owner: None,
+        })
+        .collect())
+}
+
+/// `certificates[i].files`. No path may be the target of two files of any
+/// certificate: `all_paths` holds those seen so far.
+fn validate_files(
+    i: usize,
+    raw: Vec<RawFile>,
+    all_paths: &mut Vec<PathBuf>,
+    invalid: Invalid<'_>,
+) -> Result<Vec<TargetFile>, ConfigError> {
+    let mut files = Vec::with_capacity(raw.len());
+    for (j, f) in raw.into_iter().enumerate() {
+        let key = |field: &str| format!("certificates[{i}].files[{j}].{field}");
+        files.push(validate_file(f, &key, all_paths, invalid)?);
+    }
+    Ok(files)
+}
+
+/// One target file; `key` names its fields.
+fn validate_file(
+    f: RawFile,
+    key: &dyn Fn(&str) -> String,
+    all_paths: &mut Vec<PathBuf>,
+    invalid: Invalid<'_>,
+) -> Result<TargetFile, ConfigError> {
+    let content = match f.content.as_str() {
+        "cert" => Content::Cert,
+        "chain" => Content::Chain,
+        "fullchain" => Content::Fullchain,
+        "privkey" => Content::Privkey,
+        "key+fullchain" => Content::KeyFullchain,
+        other => {
+            return Err(invalid(
+                key("content"),
+                format!(
+                    "{other:?} is not one of \"cert\", \"chain\", \"fullchain\", \"privkey\", \"key+fullchain\""
+                ),
+            ));
+        }
+    };
+    if !f.path.is_absolute()
+        || f.path
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+        || f.path.file_name().is_none()
+    {
+        return Err(invalid(
+            key("path"),
+            format!(
+                "{} must be an absolute file path without ..",
+                f.path.display()
+            ),
+        ));
+    }
+    if all_paths.contains(&f.path) {
+        return Err(invalid(
+            key("path"),
+            format!("{} is the target of two files", f.path.display()),
+        ));
+    }
+    all_paths.push(f.path.clone());
+    let (owner, uid) = user(
+        f.owner.unwrap_or_else(|| "root".into()),
+        &key("owner"),
+        invalid,
+    )?;
+    let dir_owner = match f.dir_owner {
+        None => None,
+        Some(name) => Some(user(name, &key("dir_owner"), invalid)?),
+    };
+    let group = f.group.unwrap_or_else(|| "root".into());
+    let gid = nix::unistd::Group::from_name(&group)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw())
+        .ok_or_else(|| {
+            invalid(
+                key("group"),
+                format!("no group named {group:?} on this node"),
+            )
+        })?;
+    Ok(TargetFile {
+        mode: file_mode(content, f.mode, &key("mode"), invalid)?,
+        content,
+        path: f.path,
+        owner,
+        uid,
+        group,
+        gid,
+        dir_owner,
+    })
+}
+
+/// The user `name` and its uid; `key` is the config key that names it.
+fn user(name: String, key: &str, invalid: Invalid<'_>) -> Result<(String, u32), ConfigError> {
+    match user_uid(&name) {
+        Some(uid) => Ok((name, uid)),
+        None => Err(invalid(
+            key.to_owned(),
+            format!("no user named {name:?} on this node"),
+        )),
+    }
+}
+
+/// A file's mode (default: 0600 for a key, else 0644). A key is never
+/// readable or writable by every user.
+fn file_mode(
+    content: Content,
+    mode: Option<String>,
+    key: &str,
+    invalid: Invalid<'_>,
+) -> Result<u32, ConfigError> {
+    let default_mode = if content.has_key() { "0600" } else { "0644" };
+    let mode_text = mode.unwrap_or_else(|| default_mode.into());
+    let mode = u32::from_str_radix(mode_text.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| {
+            invalid(
+                key.to_owned(),
+                format!("{mode_text:?} is not an octal mode like \"0640\""),
+            )
+        })?;
+    if content.has_key() && mode & 0o007 != 0 {
+        return Err(invalid(
+            key.to_owned(),
+            format!(
+                "{mode_text} would let every user read or change the private key; use 0600 or 0640"
+            ),
+        ));
+    }
+    Ok(mode)
 }
 
 fn user_uid(name: &str) -> Option<u32> {
@@ -651,10 +702,12 @@ fn user_uid(name: &str) -> Option<u32> {
         .map(|u| u.uid.as_raw())
 }
 
+/// `certificates[i].services`: each name once, argv commands, and the
+/// endpoints that must serve the new certificate.
 fn validate_services(
     raw: Vec<RawService>,
     i: usize,
-    invalid: &dyn Fn(String, String) -> ConfigError,
+    invalid: Invalid<'_>,
 ) -> Result<Vec<Service>, ConfigError> {
     let mut services: Vec<Service> = Vec::with_capacity(raw.len());
     for (j, s) in raw.into_iter().enumerate() {
@@ -695,36 +748,7 @@ fn validate_services(
         let mut verify = Vec::with_capacity(s.verify.len());
         for (k, e) in s.verify.into_iter().enumerate() {
             let key = |field: &str| format!("certificates[{i}].services[{j}].verify[{k}].{field}");
-            let Some((host, port)) = e.address.rsplit_once(':') else {
-                return Err(invalid(
-                    key("address"),
-                    format!("{:?} must be host:port", e.address),
-                ));
-            };
-            if host.is_empty() || port.parse::<u16>().is_err() {
-                return Err(invalid(
-                    key("address"),
-                    format!("{:?} must be host:port", e.address),
-                ));
-            }
-            let protocol = match e.protocol.as_deref().unwrap_or("tls") {
-                "tls" => Protocol::Tls,
-                "postgres" => Protocol::Postgres,
-                other => {
-                    return Err(invalid(
-                        key("protocol"),
-                        format!("{other:?} is not one of \"tls\", \"postgres\""),
-                    ));
-                }
-            };
-            let sni = e
-                .sni
-                .unwrap_or_else(|| host.trim_matches(['[', ']']).to_owned());
-            verify.push(Endpoint {
-                address: e.address,
-                sni,
-                protocol,
-            });
+            verify.push(validate_endpoint(e, &key, invalid)?);
         }
         services.push(Service {
             name: s.name,
@@ -735,6 +759,42 @@ fn validate_services(
         });
     }
     Ok(services)
+}
+
+/// One verify endpoint; `key` names its fields. The SNI defaults to the
+/// address's host.
+fn validate_endpoint(
+    e: RawEndpoint,
+    key: &dyn Fn(&str) -> String,
+    invalid: Invalid<'_>,
+) -> Result<Endpoint, ConfigError> {
+    let host = match e.address.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => host,
+        _ => {
+            return Err(invalid(
+                key("address"),
+                format!("{:?} must be host:port", e.address),
+            ));
+        }
+    };
+    let protocol = match e.protocol.as_deref().unwrap_or("tls") {
+        "tls" => Protocol::Tls,
+        "postgres" => Protocol::Postgres,
+        other => {
+            return Err(invalid(
+                key("protocol"),
+                format!("{other:?} is not one of \"tls\", \"postgres\""),
+            ));
+        }
+    };
+    let sni = e
+        .sni
+        .unwrap_or_else(|| host.trim_matches(['[', ']']).to_owned());
+    Ok(Endpoint {
+        address: e.address,
+        sni,
+        protocol,
+    })
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::config::Node;
+use crate::error::ErrorKind;
 use crate::progress::{Progress, Stage};
 use crate::transport::{Transport, TransportError};
 
@@ -75,6 +76,15 @@ pub enum NodeError {
 }
 
 impl NodeError {
+    /// A node that could not take its tokens failed as a node; one that
+    /// took them but did not serve them failed the self-check.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Place { .. } => ErrorKind::Node,
+            Self::SelfCheck { .. } | Self::SelfCheckTimeout { .. } => ErrorKind::SelfCheck,
+        }
+    }
+
     pub fn node(&self) -> &str {
         match self {
             Self::Place { node, .. }

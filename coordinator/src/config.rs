@@ -69,6 +69,12 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Config
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -324,14 +330,6 @@ impl Config {
     }
 }
 
-fn is_simple_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && !s.starts_with('.')
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-}
-
 /// A DNS name as an ACME identifier: LDH labels, no wildcard (HTTP-01
 /// cannot validate wildcards, RFC 8555 §8.3), at most 253 characters.
 fn check_dns_name(name: &str) -> Result<(), String> {
@@ -354,40 +352,59 @@ fn check_dns_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Builds a [`ConfigError::Invalid`] for `key`, naming the file.
+type Invalid<'a> = &'a dyn Fn(String, String) -> ConfigError;
+
 fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
     let invalid = |key: String, reason: String| ConfigError::Invalid {
         origin: origin.to_owned(),
         key,
         reason,
     };
+    let state_dir = absolute(raw.state_dir, "/var/lib/certfleet", "state_dir", &invalid)?;
+    let admin_socket = absolute(
+        raw.admin_socket,
+        "/run/certfleet/admin.sock",
+        "admin_socket",
+        &invalid,
+    )?;
+    Ok(Config {
+        state_dir,
+        admin_socket,
+        acme: validate_acme(raw.acme, &invalid)?,
+        placement: validate_placement(raw.placement, &invalid)?,
+        enrollment: validate_enrollment(raw.enrollment, &invalid)?,
+        certificates: validate_certificates(raw.certificates, &invalid)?,
+    })
+}
 
-    let state_dir = raw
-        .state_dir
-        .unwrap_or_else(|| PathBuf::from("/var/lib/certfleet"));
-    if !state_dir.is_absolute() {
+/// `value`, or `default`; either way an absolute path.
+fn absolute(
+    value: Option<PathBuf>,
+    default: &str,
+    key: &str,
+    invalid: Invalid<'_>,
+) -> Result<PathBuf, ConfigError> {
+    let path = value.unwrap_or_else(|| PathBuf::from(default));
+    if !path.is_absolute() {
         return Err(invalid(
-            "state_dir".into(),
-            format!("{} must be an absolute path", state_dir.display()),
+            key.into(),
+            format!("{} must be an absolute path", path.display()),
         ));
     }
-    let admin_socket = raw
-        .admin_socket
-        .unwrap_or_else(|| PathBuf::from("/run/certfleet/admin.sock"));
-    if !admin_socket.is_absolute() {
-        return Err(invalid(
-            "admin_socket".into(),
-            format!("{} must be an absolute path", admin_socket.display()),
-        ));
-    }
+    Ok(path)
+}
 
-    let directory = raw.acme.directory;
+/// `[acme]`.
+fn validate_acme(raw: RawAcme, invalid: Invalid<'_>) -> Result<AcmeConfig, ConfigError> {
+    let directory = raw.directory;
     if !directory.starts_with("https://") {
         return Err(invalid(
             "acme.directory".into(),
             format!("{directory:?} must be an https:// URL"),
         ));
     }
-    for (i, c) in raw.acme.contact.iter().enumerate() {
+    for (i, c) in raw.contact.iter().enumerate() {
         if !c.starts_with("mailto:") || c.len() <= "mailto:".len() {
             return Err(invalid(
                 format!("acme.contact[{i}]"),
@@ -395,24 +412,21 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             ));
         }
     }
-    let validation_port = raw.acme.validation_port.unwrap_or(DEFAULT_VALIDATION_PORT);
-    if validation_port == 0 {
-        return Err(invalid(
-            "acme.validation_port".into(),
-            "0 is not a port".into(),
-        ));
-    }
-    let validation_tls_port = raw
-        .acme
-        .validation_tls_port
-        .unwrap_or(DEFAULT_VALIDATION_TLS_PORT);
-    if validation_tls_port == 0 {
-        return Err(invalid(
-            "acme.validation_tls_port".into(),
-            "0 is not a port".into(),
-        ));
-    }
-    for (i, root) in raw.acme.extra_roots.iter().enumerate() {
+    let port = |value: Option<u16>, default: u16, key: &str| match value.unwrap_or(default) {
+        0 => Err(invalid(key.into(), "0 is not a port".into())),
+        port => Ok(port),
+    };
+    let validation_port = port(
+        raw.validation_port,
+        DEFAULT_VALIDATION_PORT,
+        "acme.validation_port",
+    )?;
+    let validation_tls_port = port(
+        raw.validation_tls_port,
+        DEFAULT_VALIDATION_TLS_PORT,
+        "acme.validation_tls_port",
+    )?;
+    for (i, root) in raw.extra_roots.iter().enumerate() {
         if !root.is_absolute() {
             return Err(invalid(
                 format!("acme.extra_roots[{i}]"),
@@ -420,67 +434,93 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             ));
         }
     }
-    let external_account = match raw.acme.external_account {
+    let external_account = match raw.external_account {
         None => None,
-        Some(eab) => {
-            use base64::Engine;
-            if eab.key_id.is_empty() {
-                return Err(invalid(
-                    "acme.external_account.key_id".into(),
-                    "must not be empty".into(),
-                ));
-            }
-            let hmac_key = base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(eab.hmac_key.trim_end_matches('='))
-                .ok()
-                .filter(|k| !k.is_empty())
-                .ok_or_else(|| {
-                    invalid(
-                        "acme.external_account.hmac_key".into(),
-                        "must be the base64url MAC key the CA gave (the value is not shown)".into(),
-                    )
-                })?;
-            Some(ExternalAccount {
-                key_id: eab.key_id,
-                hmac_key,
-            })
-        }
+        Some(eab) => Some(validate_external_account(eab, invalid)?),
     };
-    let ca_timeout = secs(
-        raw.acme.ca_timeout_secs,
-        DEFAULT_CA_TIMEOUT,
-        1..=3600,
-        "acme.ca_timeout_secs",
-        &invalid,
-    )?;
+    Ok(AcmeConfig {
+        directory,
+        contact: raw.contact,
+        validation_port,
+        validation_tls_port,
+        agree_tos: raw.agree_tos,
+        extra_roots: raw.extra_roots,
+        ca_timeout: secs(
+            raw.ca_timeout_secs,
+            DEFAULT_CA_TIMEOUT,
+            1..=3600,
+            "acme.ca_timeout_secs",
+            invalid,
+        )?,
+        external_account,
+    })
+}
 
-    let concurrency = raw.placement.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
+/// `[acme.external_account]`. The MAC key is a secret: no message shows it.
+fn validate_external_account(
+    raw: RawExternalAccount,
+    invalid: Invalid<'_>,
+) -> Result<ExternalAccount, ConfigError> {
+    use base64::Engine;
+    if raw.key_id.is_empty() {
+        return Err(invalid(
+            "acme.external_account.key_id".into(),
+            "must not be empty".into(),
+        ));
+    }
+    let hmac_key = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(raw.hmac_key.trim_end_matches('='))
+        .ok()
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| {
+            invalid(
+                "acme.external_account.hmac_key".into(),
+                "must be the base64url MAC key the CA gave (the value is not shown)".into(),
+            )
+        })?;
+    Ok(ExternalAccount {
+        key_id: raw.key_id,
+        hmac_key,
+    })
+}
+
+/// `[placement]`.
+fn validate_placement(
+    raw: RawPlacement,
+    invalid: Invalid<'_>,
+) -> Result<PlacementConfig, ConfigError> {
+    let concurrency = raw.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
     if !(1..=MAX_NODES).contains(&concurrency) {
         return Err(invalid(
             "placement.concurrency".into(),
             format!("{concurrency} must be between 1 and {MAX_NODES}"),
         ));
     }
-    let placement = PlacementConfig {
+    Ok(PlacementConfig {
         concurrency,
         node_timeout: secs(
-            raw.placement.node_timeout_secs,
+            raw.node_timeout_secs,
             DEFAULT_NODE_TIMEOUT,
             1..=300,
             "placement.node_timeout_secs",
-            &invalid,
+            invalid,
         )?,
         token_ttl: secs(
-            raw.placement.token_ttl_secs,
+            raw.token_ttl_secs,
             DEFAULT_TOKEN_TTL,
             60..=86_400,
             "placement.token_ttl_secs",
-            &invalid,
+            invalid,
         )?,
-    };
+    })
+}
 
+/// `[enrollment]` and `[enrollment.failed_joins]`.
+fn validate_enrollment(
+    raw: RawEnrollment,
+    invalid: Invalid<'_>,
+) -> Result<EnrollmentConfig, ConfigError> {
     let listen_text = raw
-        .enrollment
         .listen
         .unwrap_or_else(|| format!("0.0.0.0:{DEFAULT_ENROLLMENT_PORT}"));
     let listen: SocketAddr = listen_text.parse().map_err(|e| {
@@ -491,10 +531,7 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             ),
         )
     })?;
-    let advertise = raw
-        .enrollment
-        .advertise
-        .unwrap_or_else(|| listen.to_string());
+    let advertise = raw.advertise.unwrap_or_else(|| listen.to_string());
     if advertise
         .rsplit_once(':')
         .and_then(|(_, p)| p.parse::<u16>().ok())
@@ -505,154 +542,173 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             format!("{advertise:?} must be host:port, the address agents dial"),
         ));
     }
-    let enrollment = EnrollmentConfig {
+    Ok(EnrollmentConfig {
         listen,
         advertise,
         agent_cert_validity: secs(
-            raw.enrollment.agent_cert_validity_secs,
+            raw.agent_cert_validity_secs,
             DEFAULT_AGENT_CERT_VALIDITY,
             10..=90 * 24 * 3600,
             "enrollment.agent_cert_validity_secs",
-            &invalid,
+            invalid,
         )?,
         coordinator_cert_validity: secs(
-            raw.enrollment.coordinator_cert_validity_secs,
+            raw.coordinator_cert_validity_secs,
             crate::pki::COORDINATOR_VALIDITY,
             10..=5 * 365 * 24 * 3600,
             "enrollment.coordinator_cert_validity_secs",
-            &invalid,
+            invalid,
         )?,
         join_token_ttl: secs(
-            raw.enrollment.join_token_ttl_secs,
+            raw.join_token_ttl_secs,
             DEFAULT_JOIN_TOKEN_TTL,
             1..=7 * 24 * 3600,
             "enrollment.join_token_ttl_secs",
-            &invalid,
+            invalid,
         )?,
-        failed_joins: FailedJoinsConfig {
-            limit: match raw.enrollment.failed_joins.limit {
-                None => DEFAULT_FAILED_JOIN_LIMIT,
-                Some(limit) if (1..=MAX_FAILED_JOIN_LIMIT).contains(&limit) => limit,
-                Some(limit) => {
-                    return Err(invalid(
-                        "enrollment.failed_joins.limit".into(),
-                        format!("{limit} must be between 1 and {MAX_FAILED_JOIN_LIMIT}"),
-                    ));
-                }
-            },
-            window: secs(
-                raw.enrollment.failed_joins.window_secs,
-                DEFAULT_FAILED_JOIN_WINDOW,
-                1..=24 * 3600,
-                "enrollment.failed_joins.window_secs",
-                &invalid,
-            )?,
-        },
-    };
+        failed_joins: validate_failed_joins(raw.failed_joins, invalid)?,
+    })
+}
 
-    let mut certificates = Vec::with_capacity(raw.certificates.len());
-    let mut seen = HashSet::new();
-    for (i, c) in raw.certificates.into_iter().enumerate() {
-        if !is_simple_name(&c.name) {
+/// `[enrollment.failed_joins]`.
+fn validate_failed_joins(
+    raw: RawFailedJoins,
+    invalid: Invalid<'_>,
+) -> Result<FailedJoinsConfig, ConfigError> {
+    let limit = match raw.limit {
+        None => DEFAULT_FAILED_JOIN_LIMIT,
+        Some(limit) if (1..=MAX_FAILED_JOIN_LIMIT).contains(&limit) => limit,
+        Some(limit) => {
             return Err(invalid(
-                format!("certificates[{i}].name"),
-                format!("{:?} must be 1-64 characters of A-Z a-z 0-9 - _ .", c.name),
+                "enrollment.failed_joins.limit".into(),
+                format!("{limit} must be between 1 and {MAX_FAILED_JOIN_LIMIT}"),
             ));
         }
+    };
+    Ok(FailedJoinsConfig {
+        limit,
+        window: secs(
+            raw.window_secs,
+            DEFAULT_FAILED_JOIN_WINDOW,
+            1..=24 * 3600,
+            "enrollment.failed_joins.window_secs",
+            invalid,
+        )?,
+    })
+}
+
+/// `[[certificates]]`: each one's own checks, and no name twice.
+fn validate_certificates(
+    raw: Vec<RawCertificate>,
+    invalid: Invalid<'_>,
+) -> Result<Vec<CertificateSpec>, ConfigError> {
+    let mut certificates = Vec::with_capacity(raw.len());
+    let mut seen = HashSet::new();
+    for (i, c) in raw.into_iter().enumerate() {
+        certfleet_proto::names::check_certificate_name(&c.name)
+            .map_err(|e| invalid(format!("certificates[{i}].name"), e))?;
         if !seen.insert(c.name.clone()) {
             return Err(invalid(
                 format!("certificates[{i}].name"),
                 format!("{:?} is defined twice", c.name),
             ));
         }
-        if c.sans.is_empty() || c.sans.len() > MAX_SANS {
-            return Err(invalid(
-                format!("certificates[{i}].sans"),
-                format!("has {} names; it must have 1 to {MAX_SANS}", c.sans.len()),
-            ));
-        }
-        let mut sans = Vec::with_capacity(c.sans.len());
-        for (j, san) in c.sans.iter().enumerate() {
-            let san = san.to_ascii_lowercase();
-            check_dns_name(&san).map_err(|reason| {
-                invalid(
-                    format!("certificates[{i}].sans[{j}]"),
-                    format!("{san:?}: {reason}"),
-                )
-            })?;
-            if sans.contains(&san) {
-                return Err(invalid(
-                    format!("certificates[{i}].sans[{j}]"),
-                    format!("{san:?} is listed twice"),
-                ));
-            }
-            sans.push(san);
-        }
-        if let Some(list) = &c.nodes {
-            if list.is_empty() {
-                return Err(invalid(
-                    format!("certificates[{i}].nodes"),
-                    "is empty; leave it out to mean every active node".into(),
-                ));
-            }
-            for (j, n) in list.iter().enumerate() {
-                certfleet_proto::identity::check_node_name(n)
-                    .map_err(|e| invalid(format!("certificates[{i}].nodes[{j}]"), e))?;
-                if list[..j].contains(n) {
-                    return Err(invalid(
-                        format!("certificates[{i}].nodes[{j}]"),
-                        format!("{n:?} is listed twice"),
-                    ));
-                }
-            }
-        }
-        let key = match c.key.as_deref().unwrap_or("ecdsa-p256") {
-            "ecdsa-p256" => KeyType::EcdsaP256,
-            "rsa-2048" => KeyType::Rsa2048,
-            "rsa-3072" => KeyType::Rsa3072,
-            "rsa-4096" => KeyType::Rsa4096,
-            other => {
-                return Err(invalid(
-                    format!("certificates[{i}].key"),
-                    format!(
-                        "{other:?} is not one of \"ecdsa-p256\", \"rsa-2048\", \"rsa-3072\", \"rsa-4096\""
-                    ),
-                ));
-            }
-        };
-        let restart_batch = c.restart_batch.unwrap_or(1);
-        if !(1..=MAX_NODES).contains(&restart_batch) {
-            return Err(invalid(
-                format!("certificates[{i}].restart_batch"),
-                format!("{restart_batch} must be between 1 and {MAX_NODES}"),
-            ));
-        }
-        certificates.push(CertificateSpec {
-            name: c.name,
-            sans,
-            nodes: c.nodes,
-            key,
-            restart_batch,
-        });
+        certificates.push(validate_certificate(i, c, invalid)?);
     }
+    Ok(certificates)
+}
 
-    Ok(Config {
-        state_dir,
-        admin_socket,
-        acme: AcmeConfig {
-            directory,
-            contact: raw.acme.contact,
-            validation_port,
-            validation_tls_port,
-            agree_tos: raw.acme.agree_tos,
-            extra_roots: raw.acme.extra_roots,
-            ca_timeout,
-            external_account,
-        },
-        placement,
-        enrollment,
-        certificates,
+/// `certificates[i]`, whose name is checked.
+fn validate_certificate(
+    i: usize,
+    c: RawCertificate,
+    invalid: Invalid<'_>,
+) -> Result<CertificateSpec, ConfigError> {
+    let sans = validate_sans(i, &c.sans, invalid)?;
+    if let Some(list) = &c.nodes {
+        validate_nodes(i, list, invalid)?;
+    }
+    let key = match c.key.as_deref().unwrap_or("ecdsa-p256") {
+        "ecdsa-p256" => KeyType::EcdsaP256,
+        "rsa-2048" => KeyType::Rsa2048,
+        "rsa-3072" => KeyType::Rsa3072,
+        "rsa-4096" => KeyType::Rsa4096,
+        other => {
+            return Err(invalid(
+                format!("certificates[{i}].key"),
+                format!(
+                    "{other:?} is not one of \"ecdsa-p256\", \"rsa-2048\", \"rsa-3072\", \"rsa-4096\""
+                ),
+            ));
+        }
+    };
+    let restart_batch = c.restart_batch.unwrap_or(1);
+    if !(1..=MAX_NODES).contains(&restart_batch) {
+        return Err(invalid(
+            format!("certificates[{i}].restart_batch"),
+            format!("{restart_batch} must be between 1 and {MAX_NODES}"),
+        ));
+    }
+    Ok(CertificateSpec {
+        name: c.name,
+        sans,
+        nodes: c.nodes,
+        key,
+        restart_batch,
     })
+}
+
+/// `certificates[i].sans`, lower-cased: DNS names, each once.
+fn validate_sans(
+    i: usize,
+    raw: &[String],
+    invalid: Invalid<'_>,
+) -> Result<Vec<String>, ConfigError> {
+    if raw.is_empty() || raw.len() > MAX_SANS {
+        return Err(invalid(
+            format!("certificates[{i}].sans"),
+            format!("has {} names; it must have 1 to {MAX_SANS}", raw.len()),
+        ));
+    }
+    let mut sans = Vec::with_capacity(raw.len());
+    for (j, san) in raw.iter().enumerate() {
+        let san = san.to_ascii_lowercase();
+        check_dns_name(&san).map_err(|reason| {
+            invalid(
+                format!("certificates[{i}].sans[{j}]"),
+                format!("{san:?}: {reason}"),
+            )
+        })?;
+        if sans.contains(&san) {
+            return Err(invalid(
+                format!("certificates[{i}].sans[{j}]"),
+                format!("{san:?} is listed twice"),
+            ));
+        }
+        sans.push(san);
+    }
+    Ok(sans)
+}
+
+/// `certificates[i].nodes`: node names, each once, and at least one.
+fn validate_nodes(i: usize, list: &[String], invalid: Invalid<'_>) -> Result<(), ConfigError> {
+    if list.is_empty() {
+        return Err(invalid(
+            format!("certificates[{i}].nodes"),
+            "is empty; leave it out to mean every active node".into(),
+        ));
+    }
+    for (j, n) in list.iter().enumerate() {
+        certfleet_proto::names::check_node_name(n)
+            .map_err(|e| invalid(format!("certificates[{i}].nodes[{j}]"), e))?;
+        if list[..j].contains(n) {
+            return Err(invalid(
+                format!("certificates[{i}].nodes[{j}]"),
+                format!("{n:?} is listed twice"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn secs(
@@ -660,7 +716,7 @@ fn secs(
     default: Duration,
     range: std::ops::RangeInclusive<u64>,
     key: &str,
-    invalid: &dyn Fn(String, String) -> ConfigError,
+    invalid: Invalid<'_>,
 ) -> Result<Duration, ConfigError> {
     match value {
         None => Ok(default),

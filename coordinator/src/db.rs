@@ -8,9 +8,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
+use rusqlite::{Connection, OptionalExtension, ToSql, Transaction, params};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+
+use crate::error::ErrorKind;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS nodes (
@@ -83,6 +86,71 @@ pub enum DbError {
     UnknownNode(String),
 }
 
+impl DbError {
+    /// A node that is not in the state a request needs is the admin's to
+    /// fix; anything else is the database failing.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Sqlite { .. } | Self::Mode { .. } => ErrorKind::Store,
+            Self::Active(_) | Self::UnknownNode(_) => ErrorKind::Config,
+        }
+    }
+}
+
+/// Where a registered node is in its life. Stored as its [`name`]
+/// (`nodes.state`), and shown by `certfleet nodes` the same way.
+///
+/// [`name`]: NodeState::name
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeState {
+    /// Registered with a join token; it has not joined yet.
+    Pending,
+    /// Joined: it holds a node certificate, and operations reach it.
+    Active,
+    /// Removed: its certificate is refused, and nothing contacts it.
+    Removed,
+}
+
+impl NodeState {
+    const ALL: [Self; 3] = [Self::Pending, Self::Active, Self::Removed];
+
+    /// The state's name, as the registry stores it and the CLI shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Active => "active",
+            Self::Removed => "removed",
+        }
+    }
+
+    /// The state named `name`, if there is one.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
+impl std::fmt::Display for NodeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl ToSql for NodeState {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.name()))
+    }
+}
+
+/// The schema's CHECK constraint keeps other values out; one that got in
+/// anyway is an error, not a guess.
+impl FromSql for NodeState {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        let name = value.as_str()?;
+        Self::from_name(name)
+            .ok_or_else(|| FromSqlError::Other(format!("unknown node state {name:?}").into()))
+    }
+}
+
 /// Why a join token was refused. The secret is never part of it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JoinRefusal {
@@ -100,7 +168,7 @@ pub enum JoinRefusal {
     NodeState {
         id: String,
         node: String,
-        state: String,
+        state: NodeState,
     },
 }
 
@@ -110,7 +178,7 @@ pub enum RenewRefusal {
     #[error("node {0} is not registered")]
     Unknown(String),
     #[error("node {node} is {state}; its certificate is no longer accepted")]
-    NotActive { node: String, state: String },
+    NotActive { node: String, state: NodeState },
     #[error("node {0} has no certificate on record; join it again")]
     NoCertificate(String),
     #[error(
@@ -129,7 +197,7 @@ pub struct NodeRecord {
     pub name: String,
     pub agent: String,
     pub http01: String,
-    pub state: String,
+    pub state: NodeState,
     pub cert_not_after: i64,
     pub last_contact: i64,
 }
@@ -147,6 +215,8 @@ pub enum RolloutOutcome {
 }
 
 impl RolloutOutcome {
+    const ALL: [Self; 3] = [Self::Ok, Self::Halted, Self::Failed];
+
     /// As stored in `rollouts.outcome` and shown by `certfleet status`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -155,6 +225,43 @@ impl RolloutOutcome {
             Self::Failed => "failed",
         }
     }
+}
+
+impl FromSql for RolloutOutcome {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        let name = value.as_str()?;
+        Self::ALL
+            .into_iter()
+            .find(|o| o.as_str() == name)
+            .ok_or_else(|| FromSqlError::Other(format!("unknown rollout outcome {name:?}").into()))
+    }
+}
+
+/// The latest rollout of a certificate, without its steps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutSummary {
+    pub id: i64,
+    /// The version it restarted the services onto.
+    pub version: u32,
+    /// `None` while it runs.
+    pub outcome: Option<RolloutOutcome>,
+}
+
+impl RolloutSummary {
+    /// The outcome's name, or "running".
+    pub fn state(&self) -> &'static str {
+        self.outcome.map_or("running", RolloutOutcome::as_str)
+    }
+}
+
+/// What a node last reported installed for a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    pub node: String,
+    pub version: u32,
+    pub leaf_sha256: String,
+    /// When it was recorded, seconds since the Unix epoch.
+    pub at: i64,
 }
 
 /// One recorded step of a rollout.
@@ -258,17 +365,17 @@ impl Db {
         now: i64,
     ) -> Result<(), DbError> {
         let existing = self.node(&node.name)?;
-        if existing.as_ref().is_some_and(|n| n.state == "active") {
+        if existing.is_some_and(|n| n.state == NodeState::Active) {
             return Err(DbError::Active(node.name.clone()));
         }
         let hash = Sha256::digest(secret.as_bytes()).to_vec();
         self.with(|c| {
             let tx = c.transaction()?;
             tx.execute(
-                "INSERT INTO nodes (name, agent, http01, state, created) VALUES (?1, ?2, ?3, 'pending', ?4)
-                 ON CONFLICT(name) DO UPDATE SET agent = ?2, http01 = ?3, state = 'pending',
+                "INSERT INTO nodes (name, agent, http01, state, created) VALUES (?1, ?2, ?3, ?5, ?4)
+                 ON CONFLICT(name) DO UPDATE SET agent = ?2, http01 = ?3, state = ?5,
                      cert_serial = NULL, cert_not_after = 0",
-                params![node.name, node.agent, node.http01, now],
+                params![node.name, node.agent, node.http01, now, NodeState::Pending],
             )?;
             // Earlier unused tokens for the node stop working.
             tx.execute(
@@ -306,7 +413,7 @@ impl Db {
                             r.get::<_, Vec<u8>>(1)?,
                             r.get::<_, i64>(2)?,
                             r.get::<_, Option<i64>>(3)?,
-                            r.get::<_, String>(4)?,
+                            r.get::<_, NodeState>(4)?,
                         ))
                     },
                 )
@@ -324,7 +431,7 @@ impl Db {
             if now >= expires {
                 return Ok(Err(JoinRefusal::Expired(id)));
             }
-            if state != "pending" {
+            if state != NodeState::Pending {
                 return Ok(Err(JoinRefusal::NodeState { id, node, state }));
             }
             tx.execute(
@@ -346,9 +453,9 @@ impl Db {
     ) -> Result<(), DbError> {
         self.with(|c| {
             c.execute(
-                "UPDATE nodes SET state = 'active', cert_serial = ?2, cert_not_after = ?3, last_contact = ?4
+                "UPDATE nodes SET state = ?5, cert_serial = ?2, cert_not_after = ?3, last_contact = ?4
                  WHERE name = ?1",
-                params![node, serial, not_after, now],
+                params![node, serial, not_after, now, NodeState::Active],
             )
         })?;
         Ok(())
@@ -395,8 +502,8 @@ impl Db {
         let changed = self.with(|c| {
             let tx = c.transaction()?;
             let n = tx.execute(
-                "UPDATE nodes SET state = 'removed' WHERE name = ?1",
-                params![node],
+                "UPDATE nodes SET state = ?2 WHERE name = ?1",
+                params![node, NodeState::Removed],
             )?;
             tx.execute(
                 "DELETE FROM join_tokens WHERE node = ?1 AND used IS NULL",
@@ -411,20 +518,6 @@ impl Db {
         Ok(())
     }
 
-    /// Records a successful exchange with each of `nodes`, in one transaction.
-    pub fn touch(&self, nodes: &[&str], now: i64) -> Result<(), DbError> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            {
-                let mut stmt = tx.prepare("UPDATE nodes SET last_contact = ?2 WHERE name = ?1")?;
-                for node in nodes {
-                    stmt.execute(params![node, now])?;
-                }
-            }
-            tx.commit()
-        })
-    }
-
     pub fn node(&self, name: &str) -> Result<Option<NodeRecord>, DbError> {
         self.with(|c| {
             c.query_row(
@@ -437,7 +530,7 @@ impl Db {
     }
 
     /// Records what each node reported installed for `certificate`:
-    /// (node, version, leaf SHA-256).
+    /// (node, version, leaf SHA-256), and that each node answered.
     pub fn record_installs(
         &self,
         certificate: &str,
@@ -456,23 +549,25 @@ impl Db {
                 }
                 stmt.finalize()?;
             }
-            let names: Vec<&str> = installs.iter().map(|(n, _, _)| n.as_str()).collect();
-            let mut touch = tx.prepare("UPDATE nodes SET last_contact = ?2 WHERE name = ?1")?;
-            for node in names {
-                touch.execute(params![node, now])?;
-            }
-            drop(touch);
+            touch(&tx, installs.iter().map(|(n, _, _)| n.as_str()), now)?;
             tx.commit()
         })
     }
 
-    /// What each node last reported installed for `certificate`.
-    pub fn installs(&self, certificate: &str) -> Result<Vec<(String, u32, String)>, DbError> {
+    /// What each node last reported installed for `certificate`, by node.
+    pub fn installs(&self, certificate: &str) -> Result<Vec<Installed>, DbError> {
         self.with(|c| {
             let mut stmt = c.prepare(
-                "SELECT node, version, leaf_sha256 FROM installed WHERE certificate = ?1 ORDER BY node",
+                "SELECT node, version, leaf_sha256, at FROM installed WHERE certificate = ?1 ORDER BY node",
             )?;
-            let rows = stmt.query_map(params![certificate], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            let rows = stmt.query_map(params![certificate], |r| {
+                Ok(Installed {
+                    node: r.get(0)?,
+                    version: r.get(1)?,
+                    leaf_sha256: r.get(2)?,
+                    at: r.get(3)?,
+                })
+            })?;
             rows.collect()
         })
     }
@@ -521,27 +616,27 @@ impl Db {
         Ok(())
     }
 
-    /// The outcome of the latest rollout of `certificate` ("ok",
-    /// "halted", "failed", or "running" while it runs), if there was one.
+    /// The state of the latest rollout of `certificate` ("ok", "halted",
+    /// "failed", or "running" while it runs), if there was one.
     pub fn last_rollout(&self, certificate: &str) -> Result<Option<String>, DbError> {
-        self.with(|c| {
-            c.query_row(
-                "SELECT coalesce(outcome, 'running') FROM rollouts WHERE certificate = ?1 ORDER BY id DESC LIMIT 1",
-                params![certificate],
-                |r| r.get(0),
-            )
-            .optional()
-        })
+        Ok(self
+            .latest_rollout(certificate)?
+            .map(|r| r.state().to_owned()))
     }
 
-    /// The id of the latest rollout of `certificate`.
-    #[cfg(test)]
-    pub(crate) fn last_rollout_id(&self, certificate: &str) -> Result<Option<i64>, DbError> {
+    /// The latest rollout of `certificate`, if there was one.
+    pub fn latest_rollout(&self, certificate: &str) -> Result<Option<RolloutSummary>, DbError> {
         self.with(|c| {
             c.query_row(
-                "SELECT id FROM rollouts WHERE certificate = ?1 ORDER BY id DESC LIMIT 1",
+                "SELECT id, version, outcome FROM rollouts WHERE certificate = ?1 ORDER BY id DESC LIMIT 1",
                 params![certificate],
-                |r| r.get(0),
+                |r| {
+                    Ok(RolloutSummary {
+                        id: r.get(0)?,
+                        version: r.get(1)?,
+                        outcome: r.get(2)?,
+                    })
+                },
             )
             .optional()
         })
@@ -610,6 +705,19 @@ impl Db {
     }
 }
 
+/// Records a successful exchange with each of `nodes`.
+fn touch<'a>(
+    tx: &Transaction<'_>,
+    nodes: impl IntoIterator<Item = &'a str>,
+    now: i64,
+) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare("UPDATE nodes SET last_contact = ?2 WHERE name = ?1")?;
+    for node in nodes {
+        stmt.execute(params![node, now])?;
+    }
+    Ok(())
+}
+
 fn row_to_node(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRecord> {
     Ok(NodeRecord {
         name: r.get(0)?,
@@ -632,13 +740,15 @@ fn renewal_refusal(
         .query_row(
             "SELECT state, cert_serial FROM nodes WHERE name = ?1",
             params![node],
-            |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)),
+            |r| Ok((r.get::<_, NodeState>(0)?, r.get::<_, Option<String>>(1)?)),
         )
         .optional()?;
     let node = node.to_owned();
     Ok(match row {
         None => Some(RenewRefusal::Unknown(node)),
-        Some((state, _)) if state != "active" => Some(RenewRefusal::NotActive { node, state }),
+        Some((state, _)) if state != NodeState::Active => {
+            Some(RenewRefusal::NotActive { node, state })
+        }
         Some((_, None)) => Some(RenewRefusal::NoCertificate(node)),
         Some((_, Some(current))) if serial_digits(&current) != serial_digits(presented) => {
             Some(RenewRefusal::Superseded {
@@ -662,14 +772,6 @@ fn serial_digits(hex: &str) -> String {
     digits
 }
 
-/// Seconds since the Unix epoch.
-pub fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -679,7 +781,7 @@ mod tests {
             name: name.into(),
             agent: "127.0.0.2:7443".into(),
             http01: "127.0.0.2".into(),
-            state: "pending".into(),
+            state: NodeState::Pending,
             cert_not_after: 0,
             last_contact: 0,
         }
@@ -717,7 +819,7 @@ mod tests {
             Err(DbError::Active(_))
         ));
         db.remove("a").unwrap();
-        assert_eq!(db.node("a").unwrap().unwrap().state, "removed");
+        assert_eq!(db.node("a").unwrap().unwrap().state, NodeState::Removed);
         assert!(matches!(db.remove("zz"), Err(DbError::UnknownNode(_))));
         // The secret is stored only as a hash, in the database and its WAL.
         drop(db);
@@ -738,7 +840,7 @@ mod tests {
         db.add_node(&node("a"), "id1", "s1", 100, 0).unwrap();
         assert!(matches!(
             db.check_renewal("a", "01").unwrap(),
-            Err(RenewRefusal::NotActive { state, .. }) if state == "pending"
+            Err(RenewRefusal::NotActive { state, .. }) if state == NodeState::Pending
         ));
         db.activate("a", "00c1a2", 1000, 1).unwrap();
         // DER's sign byte is not part of the serial.
@@ -787,5 +889,62 @@ mod tests {
                 assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{file}");
             }
         }
+    }
+
+    #[test]
+    fn a_node_state_is_stored_by_its_name_and_read_back_typed() {
+        for state in NodeState::ALL {
+            assert_eq!(NodeState::from_name(state.name()), Some(state));
+            assert_eq!(state.to_string(), state.name());
+        }
+        assert_eq!(NodeState::from_name("Active"), None);
+        let db = Db::in_memory().unwrap();
+        db.add_node(&node("a"), "id1", "s", 100, 0).unwrap();
+        let state = |db: &Db| db.node("a").unwrap().unwrap().state;
+        assert_eq!(state(&db), NodeState::Pending);
+        db.activate("a", "01", 1000, 1).unwrap();
+        assert_eq!(state(&db), NodeState::Active);
+        db.remove("a").unwrap();
+        assert_eq!(state(&db), NodeState::Removed);
+        // A state the code does not know is an error, never a guess.
+        db.with(|c| {
+            c.execute_batch("PRAGMA ignore_check_constraints = ON; UPDATE nodes SET state = 'gone'")
+        })
+        .unwrap();
+        let err = db.node("a").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Store);
+        assert!(
+            err.to_string().contains("unknown node state \"gone\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_latest_rollout_is_running_until_it_has_an_outcome() {
+        let db = Db::in_memory().unwrap();
+        assert_eq!(db.latest_rollout("cn").unwrap(), None);
+        let first = db.start_rollout("cn", 1, 0).unwrap();
+        db.finish_rollout(first, RolloutOutcome::Ok, 1).unwrap();
+        let id = db.start_rollout("cn", 2, 2).unwrap();
+        db.rollout_step(id, "n0", "web:check", false, "web.conf:1", 3)
+            .unwrap();
+        let latest = db.latest_rollout("cn").unwrap().unwrap();
+        assert_eq!(
+            (latest.id, latest.version, latest.state()),
+            (id, 2, "running")
+        );
+        assert_eq!(db.last_rollout("cn").unwrap().as_deref(), Some("running"));
+        db.finish_rollout(id, RolloutOutcome::Halted, 4).unwrap();
+        let latest = db.latest_rollout("cn").unwrap().unwrap();
+        assert_eq!(latest.outcome, Some(RolloutOutcome::Halted));
+        assert_eq!(
+            db.rollout_steps(latest.id).unwrap(),
+            [RolloutStep {
+                node: "n0".into(),
+                step: "web:check".into(),
+                ok: false,
+                detail: "web.conf:1".into(),
+            }]
+        );
     }
 }

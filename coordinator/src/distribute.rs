@@ -8,11 +8,12 @@
 
 use std::time::Instant;
 
+use certfleet_proto::clock::now;
 use tracing::{info, warn};
 
 use crate::challenge::{FanOut, FleetNode};
 use crate::config::CertificateSpec;
-use crate::db::now;
+use crate::error::ErrorKind;
 use crate::fleet::{Fleet, FleetError, OperationGuard};
 use crate::progress::{Progress, Stage};
 use crate::store::StoreError;
@@ -25,8 +26,6 @@ pub enum DistributeError {
     Fleet(#[from] FleetError),
     #[error("certificate {name} has no version {version} in the store")]
     NoVersion { name: String, version: u32 },
-    #[error("certificate {0} has not been issued yet: run `certfleet issue {0}`")]
-    NotIssued(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("node {0} is not among the nodes serving this certificate")]
@@ -36,6 +35,26 @@ pub enum DistributeError {
         failed: Vec<(String, String)>,
         succeeded: usize,
     },
+}
+
+impl DistributeError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Fleet(e) => e.kind(),
+            Self::NoVersion { .. } | Self::NotServing(_) => ErrorKind::Config,
+            Self::Store(_) => ErrorKind::Store,
+            Self::Nodes { .. } => ErrorKind::Node,
+        }
+    }
+
+    /// The nodes at fault, when there are any.
+    pub fn nodes(&self) -> Vec<&str> {
+        match self {
+            Self::Nodes { failed, .. } => failed.iter().map(|(n, _)| n.as_str()).collect(),
+            Self::NotServing(node) => vec![node.as_str()],
+            Self::Fleet(_) | Self::NoVersion { .. } | Self::Store(_) => Vec::new(),
+        }
+    }
 }
 
 /// Per-node outcomes of a successful distribution.
@@ -98,11 +117,7 @@ fn read_bundle(
     let name = &spec.name;
     let version = match version {
         Some(v) => v,
-        None => fleet
-            .store()
-            .live(name)?
-            .map(|s| s.version)
-            .ok_or_else(|| DistributeError::NotIssued(name.to_owned()))?,
+        None => fleet.issued(name)?.version,
     };
     let (fullchain_pem, key_pem) =
         fleet
@@ -215,7 +230,7 @@ mod tests {
         assert!(
             recorded
                 .iter()
-                .all(|(_, v, sha)| (*v, sha) == (1, &bench.v1.1))
+                .all(|i| (i.version, &i.leaf_sha256) == (1, &bench.v1.1))
         );
         // Sending what a node has is a no-op.
         let again = run(&fleet, Some(1), &[]).await.unwrap();

@@ -12,6 +12,9 @@
 //! Failed join attempts are counted per source address ([`throttle`]): a
 //! source that fails too often is refused for a while, and its attempts
 //! are logged as a summary rather than one line each.
+//!
+//! A join token is minted here too ([`register`]), when `certfleet node
+//! add` registers the node.
 
 pub mod throttle;
 
@@ -20,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use certfleet_proto::bundle::hex;
+use certfleet_proto::clock::now;
 use certfleet_proto::identity::{OnlyIdentity, Peer, peer_of, server_config};
 use certfleet_proto::pb;
 use certfleet_proto::pb::enrollment_server::{Enrollment, EnrollmentServer};
@@ -29,7 +33,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::config::EnrollmentConfig;
-use crate::db::{Db, DbError, JoinRefusal, RenewRefusal, now};
+use crate::db::{Db, DbError, JoinRefusal, NodeRecord, RenewRefusal};
 use crate::pki::{ClusterCa, NodeCertificate, PkiError};
 use crate::transport::ClusterTrust;
 use throttle::{JoinThrottle, Source, Summary};
@@ -40,6 +44,57 @@ pub const MAX_JOIN_TOKEN_LEN: usize = 128;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest enrollment message (a CSR), in bytes.
 pub const MAX_ENROLLMENT_MESSAGE: usize = 64 * 1024;
+/// Random bytes in a join token's id.
+const TOKEN_ID_BYTES: usize = 8;
+/// Random bytes in a join token's secret: 192 bits.
+const TOKEN_SECRET_BYTES: usize = 24;
+
+/// A one-time join token, `<id>.<secret>`, as `node add` hands it out. The
+/// registry keeps only a hash of the secret.
+pub struct JoinToken {
+    pub id: String,
+    secret: String,
+    /// When it stops working, seconds since the Unix epoch.
+    pub expires: i64,
+}
+
+impl JoinToken {
+    /// The whole token, for the admin to pass to the node's agent.
+    pub fn reveal(&self) -> String {
+        format!("{}.{}", self.id, self.secret)
+    }
+}
+
+impl std::fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinToken")
+            .field("id", &self.id)
+            .field("secret", &"<redacted>")
+            .field("expires", &self.expires)
+            .finish()
+    }
+}
+
+/// Registers `node` (or registers a pending or removed one again) and mints
+/// the one-time token it joins with, valid for `ttl`. Earlier unused tokens
+/// for the node stop working.
+pub fn register(db: &Db, node: &NodeRecord, ttl: Duration) -> Result<JoinToken, DbError> {
+    let token = JoinToken {
+        id: random_b64(TOKEN_ID_BYTES),
+        secret: random_b64(TOKEN_SECRET_BYTES),
+        expires: now() + ttl.as_secs() as i64,
+    };
+    db.add_node(node, &token.id, &token.secret, token.expires, now())?;
+    Ok(token)
+}
+
+/// `bytes` random bytes, base64url: only characters a token may hold.
+fn random_b64(bytes: usize) -> String {
+    use base64::Engine;
+    let mut buf = vec![0u8; bytes];
+    crate::pki::random(&mut buf);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buf)
+}
 
 pub struct EnrollmentService {
     db: Arc<Db>,
@@ -260,7 +315,7 @@ async fn summarise_ended_windows(throttle: Arc<Mutex<JoinThrottle>>) {
 mod tests {
     use super::*;
     use crate::config::FailedJoinsConfig;
-    use crate::db::NodeRecord;
+    use crate::db::NodeState;
 
     fn service(state: &std::path::Path, limit: u32) -> EnrollmentService {
         crate::pki::init(state, false).unwrap();
@@ -300,7 +355,7 @@ mod tests {
             name: "cn-unm-1".into(),
             agent: "127.0.0.3:7443".into(),
             http01: "127.0.0.3".into(),
-            state: "pending".into(),
+            state: NodeState::Pending,
             cert_not_after: 0,
             last_contact: 0,
         };
@@ -352,5 +407,35 @@ mod tests {
         // A malformed token is refused the same way: nothing is looked at.
         let err = attempt("not a token").await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    }
+
+    #[test]
+    fn a_minted_token_joins_once_and_never_shows_its_secret() {
+        let db = Db::in_memory().unwrap();
+        let node = NodeRecord {
+            name: "cn-unm-1".into(),
+            agent: "127.0.0.3:7443".into(),
+            http01: "127.0.0.3".into(),
+            state: NodeState::Pending,
+            cert_not_after: 0,
+            last_contact: 0,
+        };
+        let token = register(&db, &node, Duration::from_secs(60)).unwrap();
+        let whole = token.reveal();
+        let (id, secret) = whole.split_once('.').unwrap();
+        assert_eq!((id, id.len(), secret.len()), (token.id.as_str(), 11, 32));
+        assert!(whole.len() <= MAX_JOIN_TOKEN_LEN);
+        assert!(!format!("{token:?}").contains(secret));
+        assert!((token.expires - now()).abs() <= 61);
+        // A second token voids the first.
+        let second = register(&db, &node, Duration::from_secs(60)).unwrap();
+        assert_eq!(
+            db.consume_token(&whole, now()).unwrap(),
+            Err(JoinRefusal::Unknown(token.id.clone()))
+        );
+        assert_eq!(
+            db.consume_token(&second.reveal(), now()).unwrap(),
+            Ok("cn-unm-1".into())
+        );
     }
 }

@@ -17,19 +17,25 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use certfleet_proto::clock;
 use tokio::sync::Notify;
 
 use crate::challenge::{FanOut, FleetNode};
 use crate::config::{CertificateSpec, Config, Node};
-use crate::db::{Db, DbError};
-use crate::store::Store;
+use crate::db::{Db, DbError, NodeState};
+use crate::error::ErrorKind;
+use crate::store::{Store, StoreError, Stored};
 use crate::transport::{Connect, ConnectError};
 
-/// Why the nodes of a certificate cannot be worked on.
+/// Why a certificate or the nodes that serve it cannot be worked on.
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
     #[error("no certificate named {0:?} in the config")]
     UnknownCertificate(String),
+    #[error("certificate {0} has not been issued yet: run `certfleet issue {0}`")]
+    NotIssued(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error(transparent)]
     Registry(#[from] DbError),
     #[error(
@@ -40,7 +46,7 @@ pub enum FleetError {
     NodeNotActive {
         cert: String,
         node: String,
-        state: String,
+        state: NodeState,
     },
     #[error("no active node serves certificate {0}: register nodes with `certfleet node add`")]
     NoNodes(String),
@@ -55,16 +61,16 @@ pub enum FleetError {
 }
 
 impl FleetError {
-    /// The failure kind the admin API reports.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::Registry(_) => "store",
-            Self::Connect { .. } => "internal",
+            Self::Store(_) | Self::Registry(_) => ErrorKind::Store,
+            Self::Connect { .. } => ErrorKind::Internal,
             Self::UnknownCertificate(_)
+            | Self::NotIssued(_)
             | Self::UnknownNode { .. }
             | Self::NodeNotActive { .. }
             | Self::NoNodes(_)
-            | Self::NodeAddress { .. } => "config",
+            | Self::NodeAddress { .. } => ErrorKind::Config,
         }
     }
 }
@@ -135,6 +141,18 @@ impl Fleet {
             .ok_or_else(|| FleetError::UnknownCertificate(name.to_owned()))
     }
 
+    /// The version of certificate `name` that `live/` points at, if one
+    /// was issued.
+    pub fn live(&self, name: &str) -> Result<Option<Stored>, FleetError> {
+        Ok(self.store.live(name)?)
+    }
+
+    /// The live version of certificate `name`, which must have been issued.
+    pub fn issued(&self, name: &str) -> Result<Stored, FleetError> {
+        self.live(name)?
+            .ok_or_else(|| FleetError::NotIssued(name.to_owned()))
+    }
+
     /// Stops using `node`'s transport (the node was removed or re-added).
     pub fn forget_node(&self, node: &str) {
         self.transports
@@ -152,7 +170,7 @@ impl Fleet {
             Some(list) => list.iter().map(String::as_str).collect(),
             None => records
                 .iter()
-                .filter(|r| r.state == "active")
+                .filter(|r| r.state == NodeState::Active)
                 .map(|r| r.name.as_str())
                 .collect(),
         };
@@ -170,11 +188,11 @@ impl Fleet {
                         cert: spec.name.clone(),
                         node: name.to_owned(),
                     })?;
-            if record.state != "active" {
+            if record.state != NodeState::Active {
                 return Err(FleetError::NodeNotActive {
                     cert: spec.name.clone(),
                     node: name.to_owned(),
-                    state: record.state.clone(),
+                    state: record.state,
                 });
             }
             let address = |reason: String| FleetError::NodeAddress {
@@ -251,7 +269,7 @@ impl Holder {
         Self {
             operation,
             certificate: certificate.to_owned(),
-            started: crate::db::now(),
+            started: clock::now(),
             uid,
         }
     }
@@ -276,6 +294,12 @@ impl std::fmt::Display for Holder {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("busy: {0} is running")]
 pub struct Busy(pub Holder);
+
+impl Busy {
+    pub fn kind(&self) -> ErrorKind {
+        ErrorKind::Busy
+    }
+}
 
 /// One lock per certificate, shared by every operation on it.
 #[derive(Clone, Default)]
@@ -322,7 +346,7 @@ impl OperationLocks {
         let mut last: Option<Holder> = None;
         loop {
             if last.is_some() {
-                holder.started = crate::db::now();
+                holder.started = clock::now();
             }
             // Made before the attempt, so a release between the attempt
             // and the wait still wakes it.
@@ -382,7 +406,7 @@ pub(crate) mod testing {
 
     use super::{Fleet, Holder, Operation, OperationGuard};
     use crate::config::Config;
-    use crate::db::{Db, NodeRecord};
+    use crate::db::{Db, NodeRecord, NodeState};
     use crate::store::Store;
     use crate::transport::fake::FakeNodes;
 
@@ -440,7 +464,7 @@ pub(crate) mod testing {
                     name: node_name(i),
                     agent: format!("127.0.0.{}:7443", i + 2),
                     http01: format!("127.0.0.{}", i + 2),
-                    state: "pending".into(),
+                    state: NodeState::Pending,
                     cert_not_after: 0,
                     last_contact: 0,
                 };

@@ -20,9 +20,13 @@
 //!   targets its own agent config declares.
 //! - [`rollout`]: restart node by node, verify what each serves, roll a
 //!   failed node back and halt.
+//! - [`status`]: what every node has and serves, and what the last
+//!   rollout recorded (read-only).
 //! - [`store`]: certbot's `archive/` + `live/` layout, swapped atomically.
 //! - [`admin`]: the admin API on a Unix socket, with a progress stream.
 //! - [`progress`]: the events an operation reports.
+//! - [`error`]: the one family of failure kinds every error maps to, which
+//!   the admin API puts on the wire and the CLI turns into exit codes.
 //!
 //! The daemon (`certfleet-coordinator`) only wires these together; tests
 //! and the demo drive the same functions.
@@ -35,14 +39,15 @@ pub mod config;
 pub mod db;
 pub mod distribute;
 pub mod enrollment;
+pub mod error;
 pub mod fleet;
-mod fsutil;
 pub mod issue;
 pub mod pki;
 pub mod progress;
 pub mod ratelimit;
 pub mod renewal;
 pub mod rollout;
+pub mod status;
 pub mod store;
 pub mod transport;
 
@@ -57,6 +62,7 @@ use crate::acme::{AcmeAccount, AcmeSetupError};
 use crate::config::Config;
 use crate::db::{Db, DbError};
 use crate::enrollment::EnrollmentService;
+use crate::error::ErrorKind;
 use crate::fleet::Fleet;
 use crate::issue::Issuer;
 use crate::pki::{ClusterCa, PkiError};
@@ -76,6 +82,18 @@ pub enum SetupError {
     Db(#[from] DbError),
     #[error("coordinator identity: {0}")]
     Identity(String),
+}
+
+impl SetupError {
+    /// An ACME setup the config gets wrong (no roots, terms not accepted)
+    /// and a missing cluster CA are the admin's to fix.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Acme(_) | Self::Pki(PkiError::Missing(_)) => ErrorKind::Config,
+            Self::Store(_) | Self::Db(_) => ErrorKind::Store,
+            Self::Pki(_) | Self::Identity(_) => ErrorKind::Internal,
+        }
+    }
 }
 
 /// Everything the coordinator serves, built from a validated config.

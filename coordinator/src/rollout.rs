@@ -1,15 +1,15 @@
-//! `certfleet restart`, `rollout` and `status`: getting the new certificate
-//! into the services that use it, one batch of nodes at a time, proving
-//! each node serves it before touching the next batch.
+//! `certfleet restart` and `rollout`: getting the new certificate into the
+//! services that use it, one batch of nodes at a time, proving each node
+//! serves it before touching the next batch.
 //!
 //! Per batch of nodes (the certificate's `restart_batch`, 1 by default),
 //! each node's agent checks, restarts and verifies its services in its own
 //! configured order. A node that fails is rolled back to the previous
 //! version, its services restarted again and verified to serve that
 //! version, and the rollout halts: later batches are never touched. Every
-//! step is recorded, so `status` and later mail can say what happened. The
+//! step is recorded, so `status` (and later mail) can say what happened. The
 //! rollout's row in the database always gets an outcome, even when the
-//! rollout panics ([`Record`]).
+//! rollout panics (`Record`).
 
 use std::time::Duration;
 
@@ -17,27 +17,25 @@ use futures::future::join_all;
 use tracing::{info, warn};
 
 use crate::challenge::FleetNode;
-use crate::db::{Db, DbError, RolloutOutcome, now};
+use crate::db::{Db, DbError, RolloutOutcome};
 use crate::distribute::{DistributeError, distribute};
+use crate::error::ErrorKind;
 use crate::fleet::{Fleet, FleetError, OperationGuard};
 use crate::progress::{Progress, Stage};
-use crate::store::StoreError;
-use crate::transport::{NodeCertificate, RestartReport, TransportError};
+use crate::transport::{NodeInstall, RestartReport, TransportError};
+use certfleet_proto::clock::now;
 
 /// Longest a node's whole restart (every service's check, restart and
 /// verify) may take before the coordinator counts it as failed.
 pub const NODE_RESTART_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
+/// Why a restart or rollout could not start, or where it halted.
 #[derive(Debug, thiserror::Error)]
 pub enum RolloutError {
     #[error(transparent)]
     Fleet(#[from] FleetError),
     #[error(transparent)]
     Registry(#[from] DbError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("certificate {0} has not been issued yet: run `certfleet issue {0}`")]
-    NotIssued(String),
     #[error(transparent)]
     Distribute(#[from] DistributeError),
     #[error(
@@ -49,9 +47,98 @@ pub enum RolloutError {
         service: String,
         step: String,
         detail: String,
-        rollback: String,
+        rollback: Rollback,
         untouched: Vec<String>,
     },
+}
+
+impl RolloutError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Fleet(e) => e.kind(),
+            Self::Registry(e) => e.kind(),
+            Self::Distribute(e) => e.kind(),
+            Self::Halted { .. } => ErrorKind::Rollout,
+        }
+    }
+
+    /// The nodes at fault, when there are any.
+    pub fn nodes(&self) -> Vec<&str> {
+        match self {
+            Self::Halted { node, .. } => vec![node.as_str()],
+            Self::Distribute(e) => e.nodes(),
+            Self::Fleet(_) | Self::Registry(_) => Vec::new(),
+        }
+    }
+}
+
+/// What rolling a failed node back achieved.
+#[derive(Debug)]
+pub enum Rollback {
+    /// The node failed before anything on it was restarted (its precheck):
+    /// there was nothing to roll back.
+    NotNeeded,
+    /// Every endpoint of the node serves the previous version again.
+    Restored {
+        node: String,
+        version: u32,
+        endpoints: usize,
+    },
+    /// The previous version could not be reinstalled.
+    ReinstallFailed(TransportError),
+    /// The previous version was reinstalled, but the services could not be
+    /// restarted on it.
+    RestartFailed { version: u32, error: TransportError },
+    /// The services were restarted, but not every endpoint serves the
+    /// previous version: `seen` says what each one does.
+    NotServed {
+        node: String,
+        version: u32,
+        leaf_sha256: String,
+        seen: Vec<String>,
+    },
+}
+
+impl Rollback {
+    /// Whether the node is back where it was before the rollout.
+    pub fn ok(&self) -> bool {
+        matches!(self, Self::NotNeeded | Self::Restored { .. })
+    }
+}
+
+impl std::fmt::Display for Rollback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotNeeded => f.write_str("not needed: nothing on the node was restarted"),
+            Self::Restored {
+                node,
+                version,
+                endpoints,
+            } => write!(
+                f,
+                "node {node} serves version {version} again ({endpoints} endpoint(s) verified)"
+            ),
+            Self::ReinstallFailed(e) => {
+                write!(f, "FAILED to reinstall the previous version: {e}")
+            }
+            Self::RestartFailed { version, error } => {
+                write!(
+                    f,
+                    "FAILED to restart services on version {version}: {error}"
+                )
+            }
+            Self::NotServed {
+                node,
+                version,
+                leaf_sha256,
+                seen,
+            } => write!(
+                f,
+                "FAILED: node {node} does not serve version {version} ({leaf_sha256}): {}",
+                seen.join("; ")
+            ),
+        }
+    }
 }
 
 /// A completed restart.
@@ -69,6 +156,9 @@ struct NodeFailure {
     /// False when the node failed before anything on it was restarted
     /// (the precheck): there is nothing to roll back.
     restarted: bool,
+    /// True when the failed step is already among the recorded steps (a
+    /// service's step from the node's report).
+    recorded: bool,
 }
 
 impl NodeFailure {
@@ -79,12 +169,14 @@ impl NodeFailure {
                 step: s.step.clone(),
                 detail: s.detail.clone(),
                 restarted: true,
+                recorded: true,
             },
             None => Self {
                 service: "-".into(),
                 step: "restart".into(),
                 detail: "the node reported failure without a failing service".into(),
                 restarted: true,
+                recorded: false,
             },
         }
     }
@@ -95,6 +187,7 @@ impl NodeFailure {
             step: step.into(),
             detail: e.to_string(),
             restarted,
+            recorded: false,
         }
     }
 }
@@ -103,7 +196,7 @@ impl NodeFailure {
 struct Halt {
     node: String,
     failure: NodeFailure,
-    rollback: String,
+    rollback: Rollback,
 }
 
 /// A rollout's row in the database. One dropped without an outcome (the
@@ -180,7 +273,9 @@ impl Run<'_> {
                 Err(f) => {
                     let line = format!("service {}, step {}: {}", f.service, f.step, f.detail);
                     self.progress.node(Stage::Restart, name, false, line);
-                    self.record.step(name, &f.step, false, &f.detail);
+                    if !f.recorded {
+                        self.record.step(name, &f.step, false, &f.detail);
+                    }
                     failed.push((n, f));
                 }
             }
@@ -190,7 +285,7 @@ impl Run<'_> {
             let rollback = if failure.restarted {
                 self.roll_back(n).await
             } else {
-                "not needed: nothing on the node was restarted".to_owned()
+                Rollback::NotNeeded
             };
             halt.get_or_insert(Halt {
                 node: n.node.name.clone(),
@@ -260,14 +355,15 @@ impl Run<'_> {
                 self.name
             ),
             restarted: false,
+            recorded: false,
         })
     }
 
     /// Puts a failed node back on its previous version and proves it
-    /// serves it; returns a sentence for the report.
-    async fn roll_back(&self, n: &FleetNode) -> String {
+    /// serves it.
+    async fn roll_back(&self, n: &FleetNode) -> Rollback {
         let name = &n.node.name;
-        let (ok, line) = match n.transport.rollback_certificate(self.name).await {
+        let rollback = match n.transport.rollback_certificate(self.name).await {
             Ok(previous) => {
                 self.progress.node(
                     Stage::Rollback,
@@ -280,61 +376,50 @@ impl Run<'_> {
                     .restart_services(self.name, &previous.leaf_sha256, true)
                     .await;
                 match restarted {
-                    Ok(report) => serves_previous(name, &previous, &report),
-                    Err(e) => (
-                        false,
-                        format!(
-                            "FAILED to restart services on version {}: {e}",
-                            previous.version
-                        ),
-                    ),
+                    Ok(report) => serves_previous(name, previous, &report),
+                    Err(error) => Rollback::RestartFailed {
+                        version: previous.version,
+                        error,
+                    },
                 }
             }
-            Err(e) => (
-                false,
-                format!("FAILED to reinstall the previous version: {e}"),
-            ),
+            Err(e) => Rollback::ReinstallFailed(e),
         };
-        self.progress.node(Stage::Rollback, name, ok, line.clone());
-        self.record.step(name, "rollback", ok, &line);
-        line
+        let line = rollback.to_string();
+        self.progress
+            .node(Stage::Rollback, name, rollback.ok(), &line);
+        self.record.step(name, "rollback", rollback.ok(), &line);
+        rollback
     }
 }
 
 /// Whether every endpoint of `node` serves `previous` again after the
-/// rollback's restart, and a sentence saying so.
-fn serves_previous(
-    node: &str,
-    previous: &crate::transport::NodeInstall,
-    report: &RestartReport,
-) -> (bool, String) {
+/// rollback's restart.
+fn serves_previous(node: &str, previous: NodeInstall, report: &RestartReport) -> Rollback {
     let served: Vec<_> = report.services.iter().flat_map(|s| &s.served).collect();
     let all = !served.is_empty()
         && served
             .iter()
             .all(|s| s.result.as_deref() == Ok(previous.leaf_sha256.as_str()));
     if all {
-        let line = format!(
-            "node {node} serves version {} again ({} endpoint(s) verified)",
-            previous.version,
-            served.len()
-        );
-        return (true, line);
+        return Rollback::Restored {
+            node: node.to_owned(),
+            version: previous.version,
+            endpoints: served.len(),
+        };
     }
-    let seen: Vec<String> = served
-        .iter()
-        .map(|s| match &s.result {
-            Ok(sha) => format!("{} serves {sha}", s.address),
-            Err(e) => format!("{}: {e}", s.address),
-        })
-        .collect();
-    let line = format!(
-        "FAILED: node {node} does not serve version {} ({}): {}",
-        previous.version,
-        previous.leaf_sha256,
-        seen.join("; ")
-    );
-    (false, line)
+    Rollback::NotServed {
+        node: node.to_owned(),
+        version: previous.version,
+        leaf_sha256: previous.leaf_sha256,
+        seen: served
+            .iter()
+            .map(|s| match &s.result {
+                Ok(sha) => format!("{} serves {sha}", s.address),
+                Err(e) => format!("{}: {e}", s.address),
+            })
+            .collect(),
+    }
 }
 
 /// Restarts the certificate's services batch by batch onto the live
@@ -346,10 +431,7 @@ pub async fn restart(
 ) -> Result<Restarted, RolloutError> {
     let name = op.certificate();
     let spec = fleet.spec(name)?;
-    let live = fleet
-        .store()
-        .live(name)?
-        .ok_or_else(|| RolloutError::NotIssued(name.to_owned()))?;
+    let live = fleet.issued(name)?;
     let nodes = fleet.nodes(spec)?;
     let record = Record::start(fleet.db(), name, live.version)?;
     let run = Run {
@@ -402,45 +484,6 @@ pub async fn rollout(
     restart(fleet, op, progress).await
 }
 
-/// One node's view, for `certfleet status`.
-#[derive(Debug)]
-pub struct NodeStatus {
-    pub node: String,
-    pub result: Result<NodeCertificate, String>,
-}
-
-/// Asks every node serving `name` what it has and serves. Read-only: it
-/// takes no lock.
-pub async fn status(
-    fleet: &Fleet,
-    name: &str,
-) -> Result<(Option<(u32, String)>, Vec<NodeStatus>), RolloutError> {
-    let spec = fleet.spec(name)?;
-    let live = fleet
-        .store()
-        .live(name)?
-        .map(|s| (s.version, s.bundle.leaf_sha256_hex()));
-    let nodes = fleet.nodes(spec)?;
-    let results = fleet
-        .fan_out()
-        .run(&nodes, |n| n.transport.certificate_status(name, true))
-        .await;
-    let mut out: Vec<NodeStatus> = results
-        .into_iter()
-        .map(|(n, r)| NodeStatus {
-            node: n.node.name.clone(),
-            result: match r {
-                Some(Ok(s)) => Ok(s),
-                Some(Err(e)) => Err(format!("({}): {e}", n.node.agent)),
-                None => Err(format!("({}): no answer in time", n.node.agent)),
-            },
-        })
-        .collect();
-    let order = |name: &str| nodes.iter().position(|n| n.node.name == name);
-    out.sort_by_key(|s| order(&s.node));
-    Ok((live, out))
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -475,7 +518,7 @@ mod tests {
 
     /// The steps recorded for `node` in the latest rollout: (step, ok).
     fn steps(bench: &Bench, node: &str) -> Vec<(String, bool)> {
-        let id = bench.db.last_rollout_id("cn").unwrap().unwrap();
+        let id = bench.db.latest_rollout("cn").unwrap().unwrap().id;
         let steps = bench.db.rollout_steps(id).unwrap();
         steps
             .into_iter()
@@ -517,7 +560,11 @@ mod tests {
                         }) => {
                             assert_eq!(node, names[failing], "{case}");
                             assert_eq!(step, "check", "{case}");
-                            assert!(rollback.contains("serves version 1 again"), "{case}");
+                            assert!(
+                                rollback.to_string().contains("serves version 1 again"),
+                                "{case}"
+                            );
+                            assert!(matches!(rollback, Rollback::Restored { .. }), "{case}");
                             assert_eq!(untouched, names[end..], "{case}");
                         }
                         other => panic!("{case}: {other:?}"),
@@ -611,10 +658,29 @@ mod tests {
             detail.contains("run `certfleet distribute cn` first"),
             "{detail}"
         );
-        assert!(rollback.starts_with("not needed"), "{rollback}");
+        assert!(rollback.to_string().starts_with("not needed"), "{rollback}");
+        assert!(matches!(rollback, Rollback::NotNeeded));
         assert_eq!(untouched, ["n2"]);
         assert_eq!(bench.fakes.calls("n1"), [Call::Status { probe: false }]);
         assert_eq!(bench.fakes.installed("n1"), bench.v2);
+    }
+
+    #[tokio::test]
+    async fn each_step_is_recorded_once() {
+        let bench = Bench::new();
+        let fleet = bench.fleet(3, 1);
+        bench.fakes.fail("n0", Fail::Stale);
+        run_restart(&fleet).await.unwrap_err();
+        assert_eq!(steps(&bench, "n0"), [("precheck".into(), false)]);
+        let fleet = bench.fleet(3, 1);
+        bench.fakes.fail("n1", Fail::Restart);
+        run_restart(&fleet).await.unwrap_err();
+        assert_eq!(steps(&bench, "n0"), [("web:verify".into(), true)]);
+        assert_eq!(
+            steps(&bench, "n1"),
+            [("web:check".into(), false), ("rollback".into(), true)]
+        );
+        assert_eq!(steps(&bench, "n2"), []);
     }
 
     #[tokio::test]
@@ -628,9 +694,12 @@ mod tests {
             panic!("{err:?}");
         };
         assert!(
-            rollback.starts_with("FAILED to reinstall the previous version: refused"),
+            rollback
+                .to_string()
+                .starts_with("FAILED to reinstall the previous version: refused"),
             "{rollback}"
         );
+        assert!(!rollback.ok());
         assert!(steps(&bench, "n1").contains(&("rollback".into(), false)));
         assert_eq!(last_outcome(&bench), "halted");
     }

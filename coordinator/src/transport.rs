@@ -20,6 +20,7 @@ use rustls::pki_types::CertificateDer;
 use tonic::transport::Channel;
 
 use crate::config::Node;
+use crate::error::ErrorKind;
 use crate::rollout::NODE_RESTART_TIMEOUT;
 
 /// Deadline of every call but a restart: the agent answers these from its
@@ -95,6 +96,13 @@ pub enum TransportError {
     Refused { code: tonic::Code, message: String },
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+}
+
+impl TransportError {
+    /// Whatever went wrong on the way, it is the node that failed.
+    pub fn kind(&self) -> ErrorKind {
+        ErrorKind::Node
+    }
 }
 
 /// A status's message with the chain of errors behind it, in words: for a

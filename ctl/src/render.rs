@@ -55,12 +55,7 @@ fn certificate_json(c: &pb::Certificate) -> serde_json::Value {
 }
 
 fn date(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .map(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default()
-        })
-        .unwrap_or_else(|_| unix.to_string())
+    certfleet_proto::clock::rfc3339(unix)
 }
 
 /// Shows an `issue` stream as it arrives.
@@ -85,56 +80,15 @@ impl IssueView {
     pub(crate) fn event(&mut self, e: &pb::IssueEvent) {
         let stage = e.stage();
         if self.json {
-            let mut v = json!({
-                "stage": stage_name(stage),
-                "ok": e.ok,
-                "message": e.message,
-            });
-            if !e.node.is_empty() {
-                v["node"] = json!(e.node);
-            }
-            if let Some(c) = &e.issued {
-                v["certificate"] = certificate_json(c);
-            }
-            if let Some(f) = &e.failure {
-                v["error"] = json!({
-                    "kind": f.kind,
-                    "message": f.message,
-                    "node": f.node,
-                    "acme_type": f.acme_type,
-                    "acme_detail": f.acme_detail,
-                    "order_url": f.order_url,
-                });
-            }
-            outln!("{v}");
+            outln!("{}", event_json(e));
             return;
         }
         match stage {
             pb::Stage::Done => {
                 self.finish();
-                if e.issued.is_none() {
-                    outln!("{}", e.message);
-                }
-                if let Some(c) = &e.issued {
-                    outln!("issued {} version {}", c.name, c.version);
-                    outln!("  live:     {}", c.live_dir);
-                    outln!("  names:    {}", c.sans.join(", "));
-                    outln!("  serial:   {}", c.serial);
-                    outln!(
-                        "  expires:  {} ({} days)",
-                        date(c.not_after_unix),
-                        c.days_left
-                    );
-                    outln!("  sha256:   {}", c.sha256);
-                    if let Some(t) = &c.timings {
-                        outln!(
-                            "  took:     {} ms (CA {} ms, placement+self-check {} ms, cleanup {} ms)",
-                            t.total_ms,
-                            t.ca_ms,
-                            t.placement_ms,
-                            t.cleanup_ms
-                        );
-                    }
+                match &e.issued {
+                    Some(c) => issued_text(c),
+                    None => outln!("{}", e.message),
                 }
             }
             pb::Stage::Failed => {
@@ -172,6 +126,55 @@ impl IssueView {
         if let Some(pb) = self.spinner.take() {
             pb.finish_and_clear();
         }
+    }
+}
+
+/// One event of a stream, for `--json`.
+fn event_json(e: &pb::IssueEvent) -> serde_json::Value {
+    let mut v = json!({
+        "stage": stage_name(e.stage()),
+        "ok": e.ok,
+        "message": e.message,
+    });
+    if !e.node.is_empty() {
+        v["node"] = json!(e.node);
+    }
+    if let Some(c) = &e.issued {
+        v["certificate"] = certificate_json(c);
+    }
+    if let Some(f) = &e.failure {
+        v["error"] = json!({
+            "kind": f.kind,
+            "message": f.message,
+            "node": f.node,
+            "acme_type": f.acme_type,
+            "acme_detail": f.acme_detail,
+            "order_url": f.order_url,
+        });
+    }
+    v
+}
+
+/// The certificate an order issued.
+fn issued_text(c: &pb::Certificate) {
+    outln!("issued {} version {}", c.name, c.version);
+    outln!("  live:     {}", c.live_dir);
+    outln!("  names:    {}", c.sans.join(", "));
+    outln!("  serial:   {}", c.serial);
+    outln!(
+        "  expires:  {} ({} days)",
+        date(c.not_after_unix),
+        c.days_left
+    );
+    outln!("  sha256:   {}", c.sha256);
+    if let Some(t) = &c.timings {
+        outln!(
+            "  took:     {} ms (CA {} ms, placement+self-check {} ms, cleanup {} ms)",
+            t.total_ms,
+            t.ca_ms,
+            t.placement_ms,
+            t.cleanup_ms
+        );
     }
 }
 
@@ -279,99 +282,11 @@ pub(crate) fn nodes(nodes: &[pb::NodeInfo], json: bool) {
 
 /// `certfleet status`: exit 1 when any node is not serving the live version.
 pub(crate) fn status(s: &pb::StatusResponse, json: bool) -> crate::Outcome {
-    let served_ok = |n: &pb::NodeCertificateStatus| {
-        n.error.is_empty()
-            && n.version == s.live_version
-            && n.intact
-            && n.served.iter().all(|e| e.leaf_sha256 == s.live_sha256)
-    };
-    let all_ok = !s.nodes.is_empty() && s.nodes.iter().all(served_ok);
+    let all_ok = !s.nodes.is_empty() && s.nodes.iter().all(|n| serving_live(s, n));
     if json {
-        let nodes: Vec<_> = s
-            .nodes
-            .iter()
-            .map(|n| {
-                json!({
-                    "node": n.node,
-                    "version": n.version,
-                    "sha256": n.leaf_sha256,
-                    "intact": n.intact,
-                    "days_left": n.days_left,
-                    "serving_live": served_ok(n),
-                    "error": (!n.error.is_empty()).then_some(&n.error),
-                    "problem": (!n.problem.is_empty()).then_some(&n.problem),
-                    "served": n.served.iter().map(|e| json!({
-                        "service": e.service,
-                        "address": e.address,
-                        "sha256": e.leaf_sha256,
-                        "error": (!e.error.is_empty()).then_some(&e.error),
-                    })).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        outln!(
-            "{}",
-            json!({
-                "live_version": s.live_version,
-                "live_sha256": s.live_sha256,
-                "last_rollout": s.last_rollout,
-                "all_serving_live": all_ok,
-                "nodes": nodes,
-            })
-        );
+        outln!("{}", status_json(s, all_ok));
     } else {
-        outln!(
-            "live version {} (sha256 {}); last rollout: {}",
-            s.live_version,
-            short(&s.live_sha256),
-            if s.last_rollout.is_empty() {
-                "none"
-            } else {
-                &s.last_rollout
-            }
-        );
-        outln!(
-            "{:<20} {:>7} {:<16} {:<7} {:>9}  SERVED",
-            "NODE",
-            "VERSION",
-            "ON DISK",
-            "INTACT",
-            "DAYS LEFT"
-        );
-        for n in &s.nodes {
-            if !n.error.is_empty() {
-                // The coordinator's error names the agent's address and
-                // says what happened ("unreachable", "refused", ...).
-                outln!("{:<20} {}", n.node, n.error);
-                continue;
-            }
-            let served: Vec<String> = n
-                .served
-                .iter()
-                .map(|e| {
-                    let what = if !e.error.is_empty() {
-                        format!("error: {}", e.error)
-                    } else if e.leaf_sha256 == s.live_sha256 {
-                        format!("{} (live)", short(&e.leaf_sha256))
-                    } else {
-                        format!("{} (NOT live)", short(&e.leaf_sha256))
-                    };
-                    format!("{} {} {what}", e.service, e.address)
-                })
-                .collect();
-            outln!(
-                "{:<20} {:>7} {:<16} {:<7} {:>9}  {}",
-                n.node,
-                n.version,
-                short(&n.leaf_sha256),
-                if n.intact { "yes" } else { "NO" },
-                n.days_left,
-                served.join("; ")
-            );
-            if !n.problem.is_empty() {
-                outln!("{:<20} files: {}", "", n.problem);
-            }
-        }
+        status_text(s);
     }
     if all_ok {
         crate::Outcome::Ok
@@ -380,6 +295,190 @@ pub(crate) fn status(s: &pb::StatusResponse, json: bool) -> crate::Outcome {
     }
 }
 
+/// Whether `n` answered, holds the live version intact, and serves it on
+/// every endpoint.
+fn serving_live(s: &pb::StatusResponse, n: &pb::NodeCertificateStatus) -> bool {
+    n.error.is_empty()
+        && n.version == s.live_version
+        && n.intact
+        && n.served.iter().all(|e| e.leaf_sha256 == s.live_sha256)
+}
+
+fn status_json(s: &pb::StatusResponse, all_ok: bool) -> serde_json::Value {
+    let nodes: Vec<_> = s.nodes.iter().map(|n| node_status_json(s, n)).collect();
+    let steps: Vec<_> = s
+        .last_rollout_steps
+        .iter()
+        .map(|step| {
+            json!({
+                "node": step.node,
+                "step": step.step,
+                "ok": step.ok,
+                "detail": step.detail,
+            })
+        })
+        .collect();
+    json!({
+        "live_version": s.live_version,
+        "live_sha256": s.live_sha256,
+        "last_rollout": s.last_rollout,
+        "last_rollout_version": s.last_rollout_version,
+        "last_rollout_steps": steps,
+        "all_serving_live": all_ok,
+        "nodes": nodes,
+    })
+}
+
+fn node_status_json(s: &pb::StatusResponse, n: &pb::NodeCertificateStatus) -> serde_json::Value {
+    json!({
+        "node": n.node,
+        "version": n.version,
+        "sha256": n.leaf_sha256,
+        "intact": n.intact,
+        "days_left": n.days_left,
+        "serving_live": serving_live(s, n),
+        "error": (!n.error.is_empty()).then_some(&n.error),
+        "problem": (!n.problem.is_empty()).then_some(&n.problem),
+        "served": n.served.iter().map(|e| json!({
+            "service": e.service,
+            "address": e.address,
+            "sha256": e.leaf_sha256,
+            "error": (!e.error.is_empty()).then_some(&e.error),
+        })).collect::<Vec<_>>(),
+        "recorded": (n.recorded_version != 0).then(|| json!({
+            "version": n.recorded_version,
+            "at": date(n.recorded_unix),
+        })),
+    })
+}
+
+fn status_text(s: &pb::StatusResponse) {
+    outln!(
+        "live version {} (sha256 {}); last rollout: {}",
+        s.live_version,
+        short(&s.live_sha256),
+        if s.last_rollout.is_empty() {
+            "none"
+        } else {
+            &s.last_rollout
+        }
+    );
+    outln!(
+        "{:<20} {:>7} {:<16} {:<7} {:>9}  SERVED",
+        "NODE",
+        "VERSION",
+        "ON DISK",
+        "INTACT",
+        "DAYS LEFT"
+    );
+    for n in &s.nodes {
+        node_status_text(s, n);
+    }
+    rollout_steps_text(s);
+}
+
+/// One node's row, and the lines under it.
+fn node_status_text(s: &pb::StatusResponse, n: &pb::NodeCertificateStatus) {
+    if !n.error.is_empty() {
+        // The coordinator's error names the agent's address and says what
+        // happened ("unreachable", "refused", ...).
+        outln!("{:<20} {}", n.node, n.error);
+        if n.recorded_version != 0 {
+            outln!(
+                "{:<20} last recorded: version {} installed {}",
+                "",
+                n.recorded_version,
+                date(n.recorded_unix)
+            );
+        }
+        return;
+    }
+    let served: Vec<String> = n
+        .served
+        .iter()
+        .map(|e| {
+            let what = if !e.error.is_empty() {
+                format!("error: {}", e.error)
+            } else if e.leaf_sha256 == s.live_sha256 {
+                format!("{} (live)", short(&e.leaf_sha256))
+            } else {
+                format!("{} (NOT live)", short(&e.leaf_sha256))
+            };
+            format!("{} {} {what}", e.service, e.address)
+        })
+        .collect();
+    outln!(
+        "{:<20} {:>7} {:<16} {:<7} {:>9}  {}",
+        n.node,
+        n.version,
+        short(&n.leaf_sha256),
+        if n.intact { "yes" } else { "NO" },
+        n.days_left,
+        served.join("; ")
+    );
+    if !n.problem.is_empty() {
+        outln!("{:<20} files: {}", "", n.problem);
+    }
+}
+
+/// The most characters of a failed step's detail `status` shows on a
+/// terminal; `--json` has all of it.
+const MAX_STEP_DETAIL: usize = 300;
+
+/// The last rollout's steps, one line per node (per run of steps on one
+/// node, when a batch's nodes took turns): each step and whether it
+/// worked, with what went wrong where it did not.
+fn rollout_steps_text(s: &pb::StatusResponse) {
+    if s.last_rollout_steps.is_empty() {
+        return;
+    }
+    outln!(
+        "last rollout, of version {} ({}), step by step:",
+        s.last_rollout_version,
+        s.last_rollout
+    );
+    for run in s.last_rollout_steps.chunk_by(|a, b| a.node == b.node) {
+        let steps: Vec<String> = run
+            .iter()
+            .map(|step| {
+                if step.ok {
+                    format!("{} ok", step.step)
+                } else {
+                    format!("{} FAILED ({})", step.step, one_line(&step.detail))
+                }
+            })
+            .collect();
+        outln!("{:<20} {}", run[0].node, steps.join(", "));
+    }
+}
+
+/// `text` on one line, whitespace collapsed, cut at [`MAX_STEP_DETAIL`]
+/// characters.
+fn one_line(text: &str) -> String {
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match line.char_indices().nth(MAX_STEP_DETAIL) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line,
+    }
+}
+
 fn short(sha: &str) -> &str {
     &sha[..sha.len().min(16)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_detail_is_one_line_cut_at_a_character() {
+        assert_eq!(
+            one_line("nginx: [emerg] unknown directive\n  in web.conf:1\n"),
+            "nginx: [emerg] unknown directive in web.conf:1"
+        );
+        let long = "é".repeat(MAX_STEP_DETAIL + 1);
+        let cut = one_line(&long);
+        assert_eq!(cut.chars().count(), MAX_STEP_DETAIL + 1);
+        assert!(cut.ends_with("é…"), "{cut}");
+    }
 }

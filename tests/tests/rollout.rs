@@ -166,6 +166,56 @@ async fn a_failing_check_on_node_3_rolls_it_back_and_halts() {
     );
     let status: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(status["last_rollout"], "halted");
+    // status shows what the rollout recorded on each node: nodes 1-2
+    // verified, node 3's failed check in nginx's words and its rollback,
+    // nothing on node 4.
+    assert_eq!(status["last_rollout_version"], 2, "{status}");
+    let steps = status["last_rollout_steps"].as_array().unwrap();
+    let on = |node: &str| -> Vec<(&str, bool)> {
+        steps
+            .iter()
+            .filter(|s| s["node"] == node)
+            .map(|s| (s["step"].as_str().unwrap(), s["ok"].as_bool().unwrap()))
+            .collect()
+    };
+    assert_eq!(on("cn-ucsb-1"), [("nginx:verify", true)], "{status}");
+    assert_eq!(on("cn-unm-1"), [("nginx:verify", true)], "{status}");
+    assert_eq!(
+        on("cn-orc-1"),
+        [("nginx:check", false), ("rollback", true)],
+        "{status}"
+    );
+    assert!(on("cn-ornl-1").is_empty(), "{status}");
+    let check = steps.iter().find(|s| s["step"] == "nginx:check").unwrap();
+    assert!(
+        check["detail"]
+            .as_str()
+            .unwrap()
+            .contains("bogus_directive"),
+        "{check}"
+    );
+    // The same, one line per node, for a terminal.
+    let out = c.ctl(&["status", CERT]).await.unwrap();
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    let after = out
+        .stdout
+        .split_once("last rollout, of version 2 (halted), step by step:\n")
+        .unwrap_or_else(|| panic!("no rollout steps: {}", out.stdout))
+        .1;
+    let lines: Vec<&str> = after.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", out.stdout);
+    assert!(
+        lines[0].starts_with("cn-ucsb-1 ") && lines[0].ends_with(" nginx:verify ok"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        lines[2].starts_with("cn-orc-1 ")
+            && lines[2].contains(" nginx:check FAILED (")
+            && lines[2].ends_with("), rollback ok"),
+        "{}",
+        out.stdout
+    );
     drop(f.nginx);
 }
 
