@@ -62,6 +62,8 @@ pub struct AdminService {
     issuer: Arc<Issuer>,
     /// The cluster CA's pin, printed with join tokens.
     ca_pin: String,
+    /// When each certificate renews next; `None` with renewal off.
+    renewals: Option<Arc<crate::renewal::FleetScheduler>>,
 }
 
 /// The agent's config path the join command names unless told otherwise.
@@ -120,7 +122,14 @@ impl AdminService {
             fleet,
             issuer,
             ca_pin,
+            renewals: None,
         }
+    }
+
+    /// Shows `scheduler`'s plans in `certfleet certificates`.
+    pub fn with_renewals(mut self, scheduler: Option<Arc<crate::renewal::FleetScheduler>>) -> Self {
+        self.renewals = scheduler;
+        self
     }
 
     /// Refuses an unknown certificate before any work, as a usage error.
@@ -241,6 +250,7 @@ impl Admin for AdminService {
         self.audit(uid, "issue", &format!("certificate {:?}", r.certificate));
         self.known(&r.certificate)?;
         let issuer = Arc::clone(&self.issuer);
+        let renewals = self.renewals.clone();
         let holder = Holder::new(Operation::Issue, &r.certificate, uid);
         Ok(Response::new(stream_operation(
             self.fleet.locks().clone(),
@@ -248,7 +258,13 @@ impl Admin for AdminService {
             r.wait,
             move |op, progress| async move {
                 match issuer.issue(&op, &progress).await {
-                    Ok(issued) => convert::issued_to_pb(&issued),
+                    Ok(issued) => {
+                        // The new version sets the next renewal.
+                        if let Some(s) = renewals {
+                            s.wake();
+                        }
+                        convert::issued_to_pb(&issued)
+                    }
                     Err(failed) => convert::issue_failed_to_pb(&failed),
                 }
             },
@@ -264,9 +280,22 @@ impl Admin for AdminService {
             .store()
             .list()
             .map_err(|e| refusal(e.kind(), e))?;
-        Ok(Response::new(pb::ListCertificatesResponse {
-            certificates: stored.iter().map(convert::stored_to_pb).collect(),
-        }))
+        let entries = self
+            .renewals
+            .as_ref()
+            .map(|s| s.entries())
+            .unwrap_or_default();
+        let certificates = stored
+            .iter()
+            .map(|s| {
+                let mut c = convert::stored_to_pb(s);
+                if let Some(e) = entries.iter().find(|e| e.name == s.name) {
+                    convert::renewal_to_pb(&mut c, e);
+                }
+                c
+            })
+            .collect();
+        Ok(Response::new(pb::ListCertificatesResponse { certificates }))
     }
 
     async fn add_node(

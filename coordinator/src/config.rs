@@ -86,7 +86,17 @@ struct RawConfig {
     #[serde(default)]
     enrollment: RawEnrollment,
     #[serde(default)]
+    renewal: RawRenewal,
+    #[serde(default)]
     certificates: Vec<RawCertificate>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRenewal {
+    enabled: Option<bool>,
+    share_left: Option<f64>,
+    max_jitter_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,6 +157,7 @@ struct RawCertificate {
     nodes: Option<Vec<String>>,
     key: Option<String>,
     restart_batch: Option<usize>,
+    after_issue: Option<String>,
 }
 
 /// The validated config.
@@ -159,6 +170,7 @@ pub struct Config {
     pub acme: AcmeConfig,
     pub placement: PlacementConfig,
     pub enrollment: EnrollmentConfig,
+    pub renewal: RenewalConfig,
     pub certificates: Vec<CertificateSpec>,
 }
 
@@ -258,6 +270,27 @@ pub enum KeyType {
     Rsa4096,
 }
 
+/// `[renewal]`: the coordinator renews certificates by itself.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RenewalConfig {
+    /// Off only for a coordinator driven by hand (or by another scheduler).
+    pub enabled: bool,
+    /// When to renew, see [`crate::renewal::Policy`].
+    pub policy: crate::renewal::Policy,
+}
+
+/// What a renewal does after the new version is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AfterIssue {
+    /// Nothing: an admin distributes and restarts.
+    None,
+    /// Put it on every node; services keep the old one until restarted.
+    Distribute,
+    /// Distribute, then restart node by node, proving each serves it.
+    #[default]
+    Rollout,
+}
+
 /// One certificate the cluster serves.
 #[derive(Debug, Clone)]
 pub struct CertificateSpec {
@@ -271,6 +304,8 @@ pub struct CertificateSpec {
     pub key: KeyType,
     /// Nodes restarted at once during a rollout (1: strictly one by one).
     pub restart_batch: usize,
+    /// What an automatic renewal does once the new version is stored.
+    pub after_issue: AfterIssue,
 }
 
 impl Config {
@@ -374,7 +409,39 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         acme: validate_acme(raw.acme, &invalid)?,
         placement: validate_placement(raw.placement, &invalid)?,
         enrollment: validate_enrollment(raw.enrollment, &invalid)?,
+        renewal: validate_renewal(raw.renewal, &invalid)?,
         certificates: validate_certificates(raw.certificates, &invalid)?,
+    })
+}
+
+/// `[renewal]`.
+fn validate_renewal(raw: RawRenewal, invalid: Invalid<'_>) -> Result<RenewalConfig, ConfigError> {
+    let share_left = raw.share_left.unwrap_or(crate::renewal::DEFAULT_SHARE_LEFT);
+    if !(share_left > 0.0 && share_left < 1.0) {
+        return Err(invalid(
+            "renewal.share_left".into(),
+            format!("{share_left} must be between 0 and 1 (a third, 0.333, by default)"),
+        ));
+    }
+    let max_jitter = match raw.max_jitter_secs {
+        None => crate::renewal::MAX_JITTER,
+        Some(s) if s <= crate::renewal::MAX_JITTER.as_secs() => Duration::from_secs(s),
+        Some(s) => {
+            return Err(invalid(
+                "renewal.max_jitter_secs".into(),
+                format!(
+                    "{s} must be at most {}",
+                    crate::renewal::MAX_JITTER.as_secs()
+                ),
+            ));
+        }
+    };
+    Ok(RenewalConfig {
+        enabled: raw.enabled.unwrap_or(true),
+        policy: crate::renewal::Policy {
+            share_left,
+            max_jitter,
+        },
     })
 }
 
@@ -649,12 +716,24 @@ fn validate_certificate(
             format!("{restart_batch} must be between 1 and {MAX_NODES}"),
         ));
     }
+    let after_issue = match c.after_issue.as_deref().unwrap_or("rollout") {
+        "none" => AfterIssue::None,
+        "distribute" => AfterIssue::Distribute,
+        "rollout" => AfterIssue::Rollout,
+        other => {
+            return Err(invalid(
+                format!("certificates[{i}].after_issue"),
+                format!("{other:?} is not one of \"none\", \"distribute\", \"rollout\""),
+            ));
+        }
+    };
     Ok(CertificateSpec {
         name: c.name,
         sans,
         nodes: c.nodes,
         key,
         restart_batch,
+        after_issue,
     })
 }
 

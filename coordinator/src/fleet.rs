@@ -235,6 +235,9 @@ impl Fleet {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation {
     Issue,
+    /// The coordinator's own renewal: an issue, then the certificate's
+    /// `after_issue`.
+    Renew,
     Distribute,
     Restart,
     Rollout,
@@ -244,6 +247,7 @@ impl std::fmt::Display for Operation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Issue => "issue",
+            Self::Renew => "renewal",
             Self::Distribute => "distribute",
             Self::Restart => "restart",
             Self::Rollout => "rollout",

@@ -179,15 +179,33 @@ pub async fn run(
         coordinator.identity_lifetime,
         stop.clone().cancelled_owned(),
     ));
+    // Certificates renew themselves unless the config says otherwise.
+    let renewal_config = coordinator.fleet.config().renewal;
+    let scheduler = renewal_config.enabled.then(|| {
+        renewal::fleet_scheduler(
+            renewal::FleetRenewer {
+                fleet: Arc::clone(&coordinator.fleet),
+                issuer: Arc::clone(&coordinator.issuer),
+            },
+            renewal_config.policy,
+        )
+    });
+    let renewals = scheduler
+        .as_ref()
+        .map(|s| tokio::spawn(Arc::clone(s).run(stop.clone().cancelled_owned())));
     let admin = tokio::spawn(admin::serve(
         listeners.admin,
-        admin::AdminService::new(coordinator.fleet, coordinator.issuer, coordinator.ca_pin),
+        admin::AdminService::new(coordinator.fleet, coordinator.issuer, coordinator.ca_pin)
+            .with_renewals(scheduler),
         stop.clone().cancelled_owned(),
     ));
     shutdown.await;
     info!("shutting down");
     stop.cancel();
     let _ = renewal.await;
+    if let Some(renewals) = renewals {
+        let _ = renewals.await;
+    }
     admin.await.expect("admin task")?;
     enrollment.await.expect("enrollment task")
 }

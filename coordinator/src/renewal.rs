@@ -67,12 +67,15 @@ pub struct Window {
 pub struct Policy {
     /// Renew when this share of the lifetime is left (0 < share < 1).
     pub share_left: f64,
+    /// Most a due time is moved earlier ([`MAX_JITTER`] by default).
+    pub max_jitter: Duration,
 }
 
 impl Default for Policy {
     fn default() -> Self {
         Self {
             share_left: DEFAULT_SHARE_LEFT,
+            max_jitter: MAX_JITTER,
         }
     }
 }
@@ -87,7 +90,7 @@ impl Policy {
         }
         let lifetime = (validity.not_after - validity.not_before).max(0);
         let base = validity.not_after - (lifetime as f64 * self.share_left) as i64;
-        let span = (lifetime as f64 * JITTER_SHARE).min(MAX_JITTER.as_secs_f64());
+        let span = (lifetime as f64 * JITTER_SHARE).min(self.max_jitter.as_secs_f64());
         base - (span * jitter) as i64
     }
 }
@@ -118,6 +121,8 @@ pub struct Entry {
     pub last: Option<(i64, Outcome)>,
     /// An attempt is under way.
     pub running: bool,
+    /// The live certificate's validity, as last seen.
+    pub validity: Option<Validity>,
 }
 
 /// A boxed future, for [`Renew`]'s object-safe methods.
@@ -128,6 +133,18 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait Renew: Send + Sync + 'static {
     /// Renews `name`; the new certificate's validity, or why it failed.
     fn renew<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Validity, String>>;
+
+    /// The validity of `name`'s live certificate, if it has one (an admin
+    /// may have issued a new one by hand since the scheduler looked).
+    fn current(&self, _name: &str) -> Option<Validity> {
+        None
+    }
+
+    /// Every certificate there is to renew (tracked once it has a live
+    /// version).
+    fn names(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// The wall clock, seconds since the Unix epoch.
@@ -186,11 +203,52 @@ impl<R: Renew, C: Clock> Scheduler<R, C> {
             failures: 0,
             last: None,
             running: false,
+            validity,
         });
         if !entry.running {
             entry.next = next;
         }
         drop(entries);
+        self.changed.notify_one();
+    }
+
+    /// Re-reads each tracked certificate's live validity and moves its due
+    /// time if a version was issued by hand in the meantime.
+    fn refresh(&self) {
+        for name in self.renewer.names() {
+            let tracked = self
+                .entries
+                .lock()
+                .expect("renewal entries poisoned")
+                .contains_key(&name);
+            if !tracked && let Some(v) = self.renewer.current(&name) {
+                self.track(&name, Some(v), None);
+            }
+        }
+        let names: Vec<(String, bool)> = {
+            let entries = self.entries.lock().expect("renewal entries poisoned");
+            entries
+                .values()
+                .map(|e| (e.name.clone(), e.running || e.failures > 0))
+                .collect()
+        };
+        for (name, busy) in names {
+            let Some(v) = self.renewer.current(&name) else {
+                continue;
+            };
+            let mut entries = self.entries.lock().expect("renewal entries poisoned");
+            let Some(e) = entries.get_mut(&name) else {
+                continue;
+            };
+            if e.validity != Some(v) && !busy {
+                e.next = self.policy.due_at(v, None, (self.jitter)());
+            }
+            e.validity = Some(v);
+        }
+    }
+
+    /// Looks at the store again now (an admin issued a version by hand).
+    pub fn wake(&self) {
         self.changed.notify_one();
     }
 
@@ -235,6 +293,7 @@ impl<R: Renew, C: Clock> Scheduler<R, C> {
         match result {
             Ok(validity) => {
                 entry.failures = 0;
+                entry.validity = Some(validity);
                 entry.next = self.policy.due_at(validity, None, (self.jitter)());
                 entry.last = Some((started, Outcome::Renewed));
                 tracing::info!(certificate = name, next = entry.next, "renewed");
@@ -269,6 +328,7 @@ impl<R: Renew, C: Clock> Scheduler<R, C> {
     pub async fn run(self: Arc<Self>, stop: impl Future<Output = ()>) {
         tokio::pin!(stop);
         loop {
+            self.refresh();
             self.start_due();
             let wait = self.sleep_for();
             tokio::select! {
@@ -278,6 +338,105 @@ impl<R: Renew, C: Clock> Scheduler<R, C> {
             }
         }
     }
+}
+
+/// The coordinator's renewals: an order exactly as `certfleet issue`
+/// runs it, then what the certificate's `after_issue` says, all under the
+/// certificate's operation lock (a renewal finding an admin's operation
+/// under way fails and is retried on the usual schedule).
+pub struct FleetRenewer {
+    pub fleet: Arc<crate::fleet::Fleet>,
+    pub issuer: Arc<crate::issue::Issuer>,
+}
+
+impl FleetRenewer {
+    async fn renew_now(&self, name: &str) -> Result<Validity, String> {
+        use crate::config::AfterIssue;
+        use crate::fleet::{Holder, Operation};
+        let progress = crate::progress::Progress::discard();
+        let op = self
+            .fleet
+            .locks()
+            .try_acquire(Holder::new(Operation::Renew, name, None))
+            .map_err(|busy| busy.to_string())?;
+        let issued = self
+            .issuer
+            .issue(&op, &progress)
+            .await
+            .map_err(|failed| failed.error.to_string())?;
+        let bundle = &issued.stored.bundle;
+        let validity = Validity {
+            not_before: bundle.not_before,
+            not_after: bundle.not_after,
+        };
+        let after = self
+            .fleet
+            .spec(name)
+            .map(|s| s.after_issue)
+            .unwrap_or_default();
+        let done = match after {
+            AfterIssue::None => Ok(()),
+            AfterIssue::Distribute => {
+                crate::distribute::distribute(&self.fleet, &op, None, &[], &progress)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }
+            AfterIssue::Rollout => crate::rollout::rollout(&self.fleet, &op, &progress)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+        };
+        // The new version is stored either way: the next attempt is due by
+        // its lifetime, and the failure is reported, not retried as an order.
+        if let Err(e) = done {
+            tracing::warn!(certificate = name, version = issued.stored.version, error = %e, "renewed, but the after_issue step failed");
+        }
+        Ok(validity)
+    }
+}
+
+impl Renew for FleetRenewer {
+    fn renew<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Validity, String>> {
+        Box::pin(self.renew_now(name))
+    }
+
+    fn names(&self) -> Vec<String> {
+        let certificates = &self.fleet.config().certificates;
+        certificates.iter().map(|c| c.name.clone()).collect()
+    }
+
+    fn current(&self, name: &str) -> Option<Validity> {
+        let live = self.fleet.live(name).ok()??;
+        Some(Validity {
+            not_before: live.bundle.not_before,
+            not_after: live.bundle.not_after,
+        })
+    }
+}
+
+/// The scheduler the daemon runs.
+pub type FleetScheduler = Scheduler<FleetRenewer, SystemClock>;
+
+/// A scheduler tracking every configured certificate that has a live
+/// version (a certificate never issued waits for an admin's first
+/// `certfleet issue`).
+pub fn fleet_scheduler(renewer: FleetRenewer, policy: Policy) -> Arc<FleetScheduler> {
+    let scheduler = Arc::new(Scheduler::new(
+        Arc::new(renewer),
+        SystemClock,
+        policy,
+        jitter,
+    ));
+    scheduler.refresh();
+    scheduler
+}
+
+/// A random number in `[0, 1)` from the system's randomness.
+fn jitter() -> f64 {
+    let mut b = [0u8; 8];
+    crate::pki::random(&mut b);
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]

@@ -43,6 +43,14 @@ fn certificate_json(c: &pb::Certificate) -> serde_json::Value {
     if !c.order_url.is_empty() {
         v["order_url"] = json!(c.order_url);
     }
+    if c.next_renewal_unix != 0 || c.renewal_running {
+        v["next_renewal"] = json!(next_renewal(c));
+        v["next_renewal_unix"] = json!(c.next_renewal_unix);
+    }
+    if !c.last_renewal_outcome.is_empty() {
+        v["last_renewal"] = json!(date(c.last_renewal_unix));
+        v["last_renewal_outcome"] = json!(c.last_renewal_outcome);
+    }
     if let Some(t) = &c.timings {
         v["timings_ms"] = json!({
             "total": t.total_ms,
@@ -189,23 +197,44 @@ pub(crate) fn certificates(certs: &[pb::Certificate], json: bool) {
         return;
     }
     outln!(
-        "{:<20} {:>7} {:<40} {:<25} {:>9}  NAMES",
+        "{:<20} {:>7} {:<40} {:<25} {:>9}  {:<25} NAMES",
         "NAME",
         "VERSION",
         "SERIAL",
         "NOT AFTER",
-        "DAYS LEFT"
+        "DAYS LEFT",
+        "NEXT RENEWAL"
     );
     for c in certs {
         outln!(
-            "{:<20} {:>7} {:<40} {:<25} {:>9}  {}",
+            "{:<20} {:>7} {:<40} {:<25} {:>9}  {:<25} {}",
             c.name,
             c.version,
             c.serial,
             date(c.not_after_unix),
             c.days_left,
+            next_renewal(c),
             c.sans.join(",")
         );
+        if !c.last_renewal_outcome.is_empty() {
+            outln!(
+                "{:<20} last renewal {}: {}",
+                "",
+                date(c.last_renewal_unix),
+                c.last_renewal_outcome
+            );
+        }
+    }
+}
+
+/// When `c` renews next, in words.
+fn next_renewal(c: &pb::Certificate) -> String {
+    if c.renewal_running {
+        "renewing now".into()
+    } else if c.next_renewal_unix == 0 {
+        "-".into()
+    } else {
+        date(c.next_renewal_unix)
     }
 }
 

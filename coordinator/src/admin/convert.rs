@@ -119,6 +119,7 @@ pub(super) fn stored_to_pb(stored: &Stored) -> pb::Certificate {
         live_dir: stored.live_dir.display().to_string(),
         order_url: String::new(),
         timings: None,
+        ..Default::default()
     }
 }
 
@@ -276,6 +277,20 @@ pub(super) fn node_to_pb(n: NodeRecord) -> pb::NodeInfo {
         cert_not_after_unix: n.cert_not_after,
         last_contact_unix: n.last_contact,
         http01: n.http01,
+    }
+}
+
+/// What the renewal scheduler plans for a certificate, into its listing.
+pub(super) fn renewal_to_pb(c: &mut pb::Certificate, e: &crate::renewal::Entry) {
+    use crate::renewal::Outcome;
+    c.next_renewal_unix = if e.running { 0 } else { e.next };
+    c.renewal_running = e.running;
+    if let Some((at, outcome)) = &e.last {
+        c.last_renewal_unix = *at;
+        c.last_renewal_outcome = match outcome {
+            Outcome::Renewed => "renewed".into(),
+            Outcome::Failed(why) => format!("failed: {why}"),
+        };
     }
 }
 
