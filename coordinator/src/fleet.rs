@@ -287,9 +287,10 @@ impl std::fmt::Display for Holder {
             Ok(t) => write!(f, "{:02}:{:02}:{:02} UTC", t.hour(), t.minute(), t.second())?,
             Err(_) => write!(f, "at {}", self.started)?,
         }
-        match self.uid {
-            Some(uid) => write!(f, " by uid {uid})"),
-            None => f.write_str(" by an unknown user)"),
+        match (self.uid, self.operation) {
+            (Some(uid), _) => write!(f, " by uid {uid})"),
+            (None, Operation::Renew) => f.write_str(" by the renewal schedule)"),
+            (None, _) => f.write_str(" by an unknown user)"),
         }
     }
 }

@@ -11,7 +11,8 @@
 //!   [`FAILED_VALIDATION_WINDOW`] (1 hour).
 //!
 //! An order that would pass one is refused with the time it becomes
-//! possible; `--force` skips the guard.
+//! possible, and `--force` is meant to skip the guard. Not wired yet: the
+//! coordinator does not record its orders' history for [`check`] so far.
 
 use std::collections::BTreeSet;
 

@@ -2,9 +2,10 @@
 //! loop that renews it then.
 //!
 //! - A certificate is due when [`Policy::share_left`] of its lifetime is
-//!   left (a third by default, as Let's Encrypt advises), or at a random
-//!   point of the CA's ARI window when the CA offers one (RFC 9773: the
-//!   client picks a time in the window at random).
+//!   left (a third by default, as Let's Encrypt advises). [`Policy::due_at`]
+//!   also takes the CA's ARI window (RFC 9773: a random time in it), but the
+//!   daemon does not fetch one yet (the CA it is tested against, Pebble 2.4,
+//!   offers none).
 //! - Due times are moved earlier by a random share of [`MAX_JITTER`] (at most
 //!   [`JITTER_SHARE`] of the lifetime), so a fleet of certificates issued
 //!   together does not renew in one burst.
@@ -105,7 +106,18 @@ pub fn retry_delay(failures: u32) -> Duration {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Renewed,
+    /// A new version was stored, but what followed (distribute, rollout)
+    /// failed: not retried as an order, shown to the admins.
+    RenewedButNotRolledOut(String),
     Failed(String),
+}
+
+/// A renewal that stored a new version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Renewed {
+    pub validity: Validity,
+    /// Why its `after_issue` step failed, if it did.
+    pub problem: Option<String>,
 }
 
 /// What the scheduler knows of one certificate, as `certfleet
@@ -131,8 +143,8 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// What a renewal does; the coordinator's implementation runs the order and
 /// the certificate's `after_issue` policy.
 pub trait Renew: Send + Sync + 'static {
-    /// Renews `name`; the new certificate's validity, or why it failed.
-    fn renew<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Validity, String>>;
+    /// Renews `name`; what was stored, or why no new version was.
+    fn renew<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Renewed, String>>;
 
     /// The validity of `name`'s live certificate, if it has one (an admin
     /// may have issued a new one by hand since the scheduler looked).
@@ -225,14 +237,11 @@ impl<R: Renew, C: Clock> Scheduler<R, C> {
                 self.track(&name, Some(v), None);
             }
         }
-        let names: Vec<(String, bool)> = {
+        let names: Vec<String> = {
             let entries = self.entries.lock().expect("renewal entries poisoned");
-            entries
-                .values()
-                .map(|e| (e.name.clone(), e.running || e.failures > 0))
-                .collect()
+            entries.keys().cloned().collect()
         };
-        for (name, busy) in names {
+        for name in names {
             let Some(v) = self.renewer.current(&name) else {
                 continue;
             };
@@ -240,8 +249,11 @@ impl<R: Renew, C: Clock> Scheduler<R, C> {
             let Some(e) = entries.get_mut(&name) else {
                 continue;
             };
-            if e.validity != Some(v) && !busy {
+            // A version issued by hand since: due by its lifetime, and a
+            // pending retry of a failed renewal is no longer needed.
+            if e.validity != Some(v) && !e.running {
                 e.next = self.policy.due_at(v, None, (self.jitter)());
+                e.failures = 0;
             }
             e.validity = Some(v);
         }
@@ -291,11 +303,15 @@ impl<R: Renew, C: Clock> Scheduler<R, C> {
         };
         entry.running = false;
         match result {
-            Ok(validity) => {
+            Ok(renewed) => {
                 entry.failures = 0;
-                entry.validity = Some(validity);
-                entry.next = self.policy.due_at(validity, None, (self.jitter)());
-                entry.last = Some((started, Outcome::Renewed));
+                entry.validity = Some(renewed.validity);
+                entry.next = self.policy.due_at(renewed.validity, None, (self.jitter)());
+                let outcome = match renewed.problem {
+                    None => Outcome::Renewed,
+                    Some(p) => Outcome::RenewedButNotRolledOut(p),
+                };
+                entry.last = Some((started, outcome));
                 tracing::info!(certificate = name, next = entry.next, "renewed");
             }
             Err(reason) => {
@@ -350,7 +366,7 @@ pub struct FleetRenewer {
 }
 
 impl FleetRenewer {
-    async fn renew_now(&self, name: &str) -> Result<Validity, String> {
+    async fn renew_now(&self, name: &str) -> Result<Renewed, String> {
         use crate::config::AfterIssue;
         use crate::fleet::{Holder, Operation};
         let progress = crate::progress::Progress::discard();
@@ -389,15 +405,23 @@ impl FleetRenewer {
         };
         // The new version is stored either way: the next attempt is due by
         // its lifetime, and the failure is reported, not retried as an order.
-        if let Err(e) = done {
+        if let Err(e) = &done {
             tracing::warn!(certificate = name, version = issued.stored.version, error = %e, "renewed, but the after_issue step failed");
         }
-        Ok(validity)
+        Ok(Renewed {
+            validity,
+            problem: done.err().map(|e| {
+                format!(
+                    "version {} stored, {after:?} failed: {e}",
+                    issued.stored.version
+                )
+            }),
+        })
     }
 }
 
 impl Renew for FleetRenewer {
-    fn renew<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Validity, String>> {
+    fn renew<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Renewed, String>> {
         Box::pin(self.renew_now(name))
     }
 
@@ -514,7 +538,7 @@ mod tests {
     }
 
     impl Renew for Fake {
-        fn renew<'a>(&'a self, _name: &'a str) -> BoxFuture<'a, Result<Validity, String>> {
+        fn renew<'a>(&'a self, _name: &'a str) -> BoxFuture<'a, Result<Renewed, String>> {
             Box::pin(async move {
                 self.attempts.lock().unwrap().push(self.clock.now());
                 tokio::time::sleep(self.takes).await;
@@ -523,9 +547,12 @@ mod tests {
                     return Err(format!("node cn-unm-1 down (attempt {n})"));
                 }
                 let now = self.clock.now();
-                Ok(Validity {
-                    not_before: now,
-                    not_after: now + 90 * DAY,
+                Ok(Renewed {
+                    validity: Validity {
+                        not_before: now,
+                        not_after: now + 90 * DAY,
+                    },
+                    problem: None,
                 })
             })
         }

@@ -289,6 +289,7 @@ pub(super) fn renewal_to_pb(c: &mut pb::Certificate, e: &crate::renewal::Entry) 
         c.last_renewal_unix = *at;
         c.last_renewal_outcome = match outcome {
             Outcome::Renewed => "renewed".into(),
+            Outcome::RenewedButNotRolledOut(why) => format!("renewed, but {why}"),
             Outcome::Failed(why) => format!("failed: {why}"),
         };
     }
