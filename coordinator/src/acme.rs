@@ -1,12 +1,19 @@
-//! The ACME side: the HTTP client instant-acme talks through, and the
-//! account, created on first use and kept under `<state>/acme/`.
+//! The ACME side: the HTTP client instant-acme talks through, the
+//! account, created on first use and kept under `<state>/acme/`, and how
+//! certfleet talks to the CA: `badNonce` retries within a step's time
+//! budget (`nonce_retry!`) and the poll schedule ([`poll_wait`]). What to
+//! ask the CA, and in which order, is `issue.rs`'s business; this module
+//! knows nothing of orders beyond instant-acme's.
 //!
 //! The client trusts the system's roots plus any `acme.extra_roots` (Pebble's
 //! root in tests), through rustls with the aws-lc-rs provider.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use certfleet_proto::cause_chain::{self, Chain};
@@ -17,16 +24,16 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use instant_acme::{
     Account, AccountCredentials, BodyWrapper, BytesResponse, ExternalAccountKey, HttpClient,
-    NewAccount,
+    NewAccount, Order, OrderStatus,
 };
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
-use tracing::info;
+use tokio::time::Instant;
+use tracing::{debug, info};
 
 use crate::config::AcmeConfig;
-use crate::issue::nonce_retry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcmeSetupError {
@@ -70,17 +77,27 @@ pub fn record_tos_agreement(config: &crate::config::Config) -> Result<(), AcmeSe
 }
 
 /// instant-acme's HTTP client: hyper with rustls (aws-lc-rs).
-struct AcmeHttp(HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>);
+#[derive(Clone)]
+struct AcmeHttp {
+    client: HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>,
+    /// Where every answer's `Retry-After` is noted, for the poll schedule.
+    retry_after: Arc<RetryAfter>,
+}
 
 impl HttpClient for AcmeHttp {
     fn request(
         &self,
         req: http::Request<BodyWrapper<Bytes>>,
     ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
-        let fut = self.0.request(req);
+        let url = req.uri().to_string();
+        let retry_after = Arc::clone(&self.retry_after);
+        let fut = self.client.request(req);
         Box::pin(async move {
             match fut.await {
-                Ok(rsp) => Ok(BytesResponse::from(rsp)),
+                Ok(rsp) => {
+                    retry_after.note(&url, rsp.headers());
+                    Ok(BytesResponse::from(rsp))
+                }
                 Err(e) => Err(instant_acme::Error::Other(CaRequestError::new(&e).into())),
             }
         })
@@ -156,15 +173,18 @@ fn http_client(config: &AcmeConfig) -> Result<AcmeHttp, AcmeSetupError> {
         .enable_http1()
         .enable_http2()
         .wrap_connector(http);
-    Ok(AcmeHttp(
-        HyperClient::builder(TokioExecutor::new()).build(connector),
-    ))
+    Ok(AcmeHttp {
+        client: HyperClient::builder(TokioExecutor::new()).build(connector),
+        retry_after: Arc::default(),
+    })
 }
 
 /// The ACME account, loaded or created on first use.
 pub struct AcmeAccount {
     config: AcmeConfig,
     dir: PathBuf,
+    /// The one client every request to the CA goes through.
+    http: AcmeHttp,
     account: OnceCell<Account>,
 }
 
@@ -172,8 +192,8 @@ impl AcmeAccount {
     /// Checks the TLS setup now (so a bad root fails at startup); the
     /// account itself is created or loaded on first use.
     pub fn new(config: &AcmeConfig, state_dir: &Path) -> Result<Self, AcmeSetupError> {
-        http_client(config)?;
         Ok(Self {
+            http: http_client(config)?,
             config: config.clone(),
             dir: state_dir.join("acme"),
             account: OnceCell::new(),
@@ -192,15 +212,12 @@ impl AcmeAccount {
     /// (RFC 8555 §7.1.1), or a phrase saying where to look.
     async fn terms_url(&self) -> String {
         let fallback = format!("the terms of the CA at {}", self.config.directory);
-        let Ok(client) = http_client(&self.config) else {
-            return fallback;
-        };
         let Ok(request) =
             http::Request::get(&self.config.directory).body(BodyWrapper::from(Vec::new()))
         else {
             return fallback;
         };
-        let Ok(mut response) = client.request(request).await else {
+        let Ok(mut response) = self.http.request(request).await else {
             return fallback;
         };
         let Ok(body) = response.body.into_bytes().await else {
@@ -228,7 +245,7 @@ impl AcmeAccount {
         };
         match std::fs::read(&path) {
             Ok(bytes) => {
-                let builder = Account::builder_with_http(Box::new(http_client(&self.config)?));
+                let builder = Account::builder_with_http(Box::new(self.http.clone()));
                 let creds: AccountCredentials =
                     serde_json::from_slice(&bytes).map_err(|e| cred_err(e.to_string()))?;
                 let account = builder.from_credentials(creds).await.map_err(account_err)?;
@@ -252,8 +269,10 @@ impl AcmeAccount {
                     .external_account
                     .as_ref()
                     .map(|e| ExternalAccountKey::new(e.key_id.clone(), &e.hmac_key));
+                let deadline = Instant::now() + self.config.ca_timeout;
                 let (account, creds) = nonce_retry!(
-                    Account::builder_with_http(Box::new(http_client(&self.config)?))
+                    deadline,
+                    Account::builder_with_http(Box::new(self.http.clone()))
                         .create(&new_account, self.config.directory.clone(), eab.as_ref())
                         .await
                 )
@@ -269,9 +288,244 @@ impl AcmeAccount {
     }
 }
 
+/// The first look at an order after asking the CA to act on it (answer
+/// the challenges, finalize). Pebble without its validation sleep is done
+/// within milliseconds; a real CA takes a second or more, and
+/// [`POLL_BACKOFF`] soon spaces the polls out.
+pub const POLL_FIRST: Duration = Duration::from_millis(50);
+/// Each wait between polls is this many times the one before...
+pub const POLL_BACKOFF: u32 = 2;
+/// ...up to this, so an order never waits more than this after the CA is
+/// done. With it, a CA that takes up to 30 s gets at most one poll more
+/// than from the schedule certfleet had before (instant-acme's
+/// `RetryPolicy` at 100 ms, growing 1.5 times, no cap), and one that takes
+/// the default `acme.ca_timeout_secs` at most three.
+pub const POLL_MAX_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How long to wait before poll number `polls` (0 for the first) of an
+/// order, given the CA's `Retry-After` on its last answer and the time
+/// `left` in the step's budget; `None` when no poll fits in it.
+///
+/// The waits grow from [`POLL_FIRST`] by [`POLL_BACKOFF`] up to
+/// [`POLL_MAX_INTERVAL`]. A longer `Retry-After` wins (RFC 8555 §7.4 and
+/// §8.2): the CA has said when to ask. The last wait is cut short to end
+/// at the deadline, so the budget gets its last look, unless the CA asked
+/// not to be asked before then.
+pub fn poll_wait(polls: u32, retry_after: Option<Duration>, left: Duration) -> Option<Duration> {
+    if left.is_zero() || retry_after.is_some_and(|wait| wait > left) {
+        return None;
+    }
+    let ours = POLL_BACKOFF
+        .checked_pow(polls)
+        .and_then(|factor| POLL_FIRST.checked_mul(factor))
+        .map_or(POLL_MAX_INTERVAL, |wait| wait.min(POLL_MAX_INTERVAL));
+    Some(ours.max(retry_after.unwrap_or_default()).min(left))
+}
+
+/// The CA's `Retry-After` answers, by request URL, for [`poll_wait`].
+/// instant-acme reads the header only inside its own poll loop, which
+/// cannot start early; the HTTP client sees every answer, so it notes the
+/// header here.
+#[derive(Debug, Default)]
+struct RetryAfter(Mutex<HashMap<String, Instant>>);
+
+impl RetryAfter {
+    /// Notes the answer to a request for `url`: when the CA said to ask
+    /// again, or nothing. Notes whose time has come go, so the map holds
+    /// only what is still to be honoured.
+    fn note(&self, url: &str, headers: &http::HeaderMap) {
+        let now = Instant::now();
+        let wait = headers
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| retry_after(v, SystemTime::now()));
+        let mut notes = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        notes.retain(|_, at| *at > now);
+        match wait {
+            Some(wait) if !wait.is_zero() => notes.insert(url.to_owned(), now + wait),
+            _ => notes.remove(url),
+        };
+    }
+
+    /// How long the CA asked to wait before asking about `url` again.
+    fn take(&self, url: &str) -> Option<Duration> {
+        // The key is the URL as the request carried it.
+        let url = url
+            .parse::<http::Uri>()
+            .map_or(url.to_owned(), |u| u.to_string());
+        let at = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&url)?;
+        Some(at.saturating_duration_since(Instant::now()))
+    }
+}
+
+/// A `Retry-After` value's wait from `now` (RFC 9110 §10.2.3): a number
+/// of seconds, or an HTTP-date in its IMF-fixdate form (the one a server
+/// may send, `Sun, 06 Nov 1994 08:49:37 GMT`).
+fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let [_weekday, day, month, year, clock, "GMT"] =
+        value.split_ascii_whitespace().collect::<Vec<_>>()[..]
+    else {
+        return None;
+    };
+    let month = MONTHS.iter().position(|m| *m == month)? as u8 + 1;
+    let date = time::Date::from_calendar_date(
+        year.parse().ok()?,
+        time::Month::try_from(month).ok()?,
+        day.parse().ok()?,
+    )
+    .ok()?;
+    let mut hms = clock.splitn(3, ':').map(|n| n.parse::<u8>().ok());
+    let (h, m, s) = (hms.next()??, hms.next()??, hms.next()??);
+    let at = date.with_time(time::Time::from_hms(h, m, s).ok()?);
+    let at = SystemTime::UNIX_EPOCH
+        + Duration::from_secs(at.assume_utc().unix_timestamp().try_into().ok()?);
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
+/// Whether to send a request again that the CA refused with `err`: it
+/// said `badNonce` and the step's `deadline` has not passed.
+///
+/// A `badNonce` answer carries a fresh nonce, which instant-acme keeps for
+/// the next request (after a few tries of its own), and the CA acted on
+/// nothing, so any request is safe to send again (RFC 8555 §6.5). A CA that
+/// rejects many nonces (Pebble's `PEBBLE_WFE_NONCEREJECT`, or a real one
+/// having a bad hour) gets as many tries as the step's time allows, not a
+/// fixed number. There is no pause between them: each is a round trip to
+/// the CA already.
+pub(crate) fn retry_bad_nonce(
+    err: &instant_acme::Error,
+    deadline: Instant,
+    tries: &mut u32,
+) -> bool {
+    let bad_nonce = matches!(err, instant_acme::Error::Api(p)
+        if p.r#type.as_deref() == Some("urn:ietf:params:acme:error:badNonce"));
+    if !bad_nonce || Instant::now() >= deadline {
+        return false;
+    }
+    *tries += 1;
+    debug!(
+        tries,
+        "the CA rejected the nonce; sending again with a fresh one"
+    );
+    true
+}
+
+/// Evaluates `$call`, an `.await`ed request to the CA, again while
+/// [`retry_bad_nonce`] says so for `$deadline`.
+macro_rules! nonce_retry {
+    ($deadline:expr, $call:expr) => {{
+        let deadline: ::tokio::time::Instant = $deadline;
+        let mut tries = 0;
+        loop {
+            match $call {
+                Err(e) if $crate::acme::retry_bad_nonce(&e, deadline, &mut tries) => {}
+                other => break other,
+            }
+        }
+    }};
+}
+pub(crate) use nonce_retry;
+
+/// Fetches every authorization of `order` (instant-acme caches them in the
+/// order). A fetch that fails ends instant-acme's stream at that entry, so
+/// after a `badNonce` the walk starts again; the ones already fetched cost
+/// nothing the second time.
+pub async fn fetch_authorizations(
+    order: &mut Order,
+    deadline: Instant,
+) -> Result<(), instant_acme::Error> {
+    let mut tries = 0;
+    'walk: loop {
+        let mut authorizations = order.authorizations();
+        while let Some(authz) = authorizations.next().await {
+            if let Err(e) = authz {
+                if retry_bad_nonce(&e, deadline, &mut tries) {
+                    continue 'walk;
+                }
+                return Err(e);
+            }
+        }
+        return Ok(());
+    }
+}
+
+impl AcmeAccount {
+    /// Polls `order` until the CA has validated it (`ready`) or given up on
+    /// it (`invalid`), by `deadline`.
+    pub async fn poll_ready(
+        &self,
+        order: &mut Order,
+        deadline: Instant,
+    ) -> Result<OrderStatus, instant_acme::Error> {
+        self.poll(order, deadline, |s| {
+            matches!(s, OrderStatus::Ready | OrderStatus::Invalid)
+        })
+        .await
+    }
+
+    /// Polls a finalized `order` until the CA has issued its certificate,
+    /// and downloads the chain (PEM), by `deadline`.
+    pub async fn poll_certificate(
+        &self,
+        order: &mut Order,
+        deadline: Instant,
+    ) -> Result<String, instant_acme::Error> {
+        self.poll(order, deadline, |s| {
+            matches!(s, OrderStatus::Valid | OrderStatus::Invalid)
+        })
+        .await?;
+        nonce_retry!(deadline, order.certificate().await)?.ok_or(instant_acme::Error::Str(
+            "no certificate received from the CA",
+        ))
+    }
+
+    /// Polls `order` on the [`poll_wait`] schedule until `settled` accepts
+    /// its status. The state the CA last sent counts: an order whose
+    /// authorizations were all valid already is ready without a poll.
+    async fn poll(
+        &self,
+        order: &mut Order,
+        deadline: Instant,
+        settled: fn(OrderStatus) -> bool,
+    ) -> Result<OrderStatus, instant_acme::Error> {
+        let mut polls = 0;
+        loop {
+            let state = order.state();
+            if let Some(problem) = &state.error {
+                return Err(instant_acme::Error::Api(problem.clone()));
+            }
+            if settled(state.status) {
+                return Ok(state.status);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let retry_after = self.http.retry_after.take(order.url());
+            let Some(wait) = poll_wait(polls, retry_after, left) else {
+                return Err(instant_acme::Error::Timeout(None));
+            };
+            tokio::time::sleep(wait).await;
+            nonce_retry!(deadline, order.refresh().await.map(drop))?;
+            polls += 1;
+            debug!(polls, status = ?order.state().status, "polled the order");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io;
+
+    use instant_acme::Problem;
 
     use super::*;
 
@@ -300,5 +554,189 @@ mod tests {
             CaRequestError::new(&refused).to_string(),
             "connection refused"
         );
+    }
+
+    fn problem(kind: &str) -> instant_acme::Error {
+        instant_acme::Error::Api(Problem {
+            r#type: Some(format!("urn:ietf:params:acme:error:{kind}")),
+            detail: Some("JWS has an invalid anti-replay nonce".into()),
+            status: Some(400),
+            subproblems: Vec::new(),
+        })
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn polls_start_early_and_back_off_to_a_cap() {
+        let plenty = Duration::from_secs(120);
+        let waits: Vec<u64> = (0..11)
+            .map(|n| poll_wait(n, None, plenty).unwrap().as_millis() as u64)
+            .collect();
+        assert_eq!(
+            waits,
+            [
+                50, 100, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000, 10_000
+            ]
+        );
+        // However long the CA takes, the growth never overflows.
+        assert_eq!(poll_wait(40, None, plenty), Some(POLL_MAX_INTERVAL));
+        assert_eq!(poll_wait(u32::MAX, None, plenty), Some(POLL_MAX_INTERVAL));
+    }
+
+    #[test]
+    fn polls_honour_retry_after_within_the_budget() {
+        let left = Duration::from_secs(60);
+        // The CA's word wins when it asks for longer than the schedule...
+        assert_eq!(
+            poll_wait(0, Some(Duration::from_secs(3)), left),
+            Some(Duration::from_secs(3))
+        );
+        // ...and a shorter one does not make the schedule poll sooner.
+        assert_eq!(poll_wait(5, Some(ms(100)), left), Some(ms(1600)));
+        // The last wait ends at the deadline: one last look.
+        assert_eq!(poll_wait(9, None, ms(2500)), Some(ms(2500)));
+        assert_eq!(poll_wait(0, Some(ms(900)), ms(1000)), Some(ms(900)));
+        // No poll once the budget is spent, nor when the CA asks to wait
+        // past it.
+        assert_eq!(poll_wait(0, None, Duration::ZERO), None);
+        assert_eq!(poll_wait(0, Some(Duration::from_secs(61)), left), None);
+    }
+
+    /// How many polls find out that the CA finished `after` the request
+    /// that started the wait, with `wait(n)` before poll `n`.
+    fn polls_to_see(after: Duration, wait: impl Fn(u32) -> Duration) -> u32 {
+        let (mut at, mut polls) = (Duration::ZERO, 0);
+        while at < after {
+            at += wait(polls);
+            polls += 1;
+        }
+        polls
+    }
+
+    #[test]
+    fn a_real_ca_gets_at_most_a_few_more_polls_than_before() {
+        let budget = Duration::from_secs(120);
+        let ours = |n| poll_wait(n, None, budget).unwrap();
+        // instant-acme's schedule as certfleet used it before: 100 ms
+        // first, then 1.5 times the wait before, no cap.
+        let before = |n| ms(100).mul_f64(1.5f64.powi(n as i32));
+        // Every 10 ms from an instant CA to one that takes the default
+        // `acme.ca_timeout_secs`.
+        for after in (0..12_000).map(|i| ms(10 * i)) {
+            let (now, then) = (polls_to_see(after, ours), polls_to_see(after, before));
+            let allowed = if after < Duration::from_secs(30) {
+                1
+            } else {
+                3
+            };
+            assert!(
+                now <= then + allowed,
+                "a CA done after {after:?} gets {now} polls, {then} before"
+            );
+        }
+        // Pebble without its validation sleep is done at once: one poll, 50 ms in.
+        assert_eq!(polls_to_see(ms(5), ours), 1);
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        // RFC 9110's example date.
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777);
+        assert_eq!(retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(retry_after(" 3 ", now), Some(Duration::from_secs(3)));
+        assert_eq!(
+            retry_after("Sun, 06 Nov 1994 08:51:07 GMT", now),
+            Some(Duration::from_secs(90))
+        );
+        // A date gone by: ask now.
+        assert_eq!(
+            retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        for nonsense in [
+            "",
+            "soon",
+            "-1",
+            "Sun, 06 Nov 1994 08:51:07 CET",
+            "Sun, 31 Feb 1994 08:51:07 GMT",
+        ] {
+            assert_eq!(retry_after(nonsense, now), None, "{nonsense:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_noted_per_url_until_answered_without_it() {
+        let notes = RetryAfter::default();
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::RETRY_AFTER, "3".parse().unwrap());
+        let order = "https://ca.test/order/1";
+        notes.note(order, &headers);
+        notes.note("https://ca.test/authz/1", &http::HeaderMap::new());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(notes.take(order), Some(Duration::from_secs(2)));
+        assert_eq!(notes.take(order), None, "taken once");
+        notes.note(order, &headers);
+        notes.note(order, &http::HeaderMap::new());
+        assert_eq!(notes.take(order), None, "the later answer said nothing");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bad_nonce_is_retried_as_often_as_the_ca_says_it() {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut calls = 0;
+        let mut call = || {
+            calls += 1;
+            let rejected = calls <= 50;
+            async move {
+                tokio::time::sleep(ms(2)).await; // a round trip to the CA
+                if rejected {
+                    Err(problem("badNonce"))
+                } else {
+                    Ok("done")
+                }
+            }
+        };
+        let result = nonce_retry!(deadline, call().await);
+        assert_eq!(result.unwrap(), "done");
+        assert_eq!(calls, 51);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn other_problems_are_not_retried() {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut calls = 0;
+        let mut call = || {
+            calls += 1;
+            async { Err::<(), _>(problem("rateLimited")) }
+        };
+        let result = nonce_retry!(deadline, call().await);
+        assert!(result.is_err());
+        assert_eq!(calls, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bad_nonce_retries_stop_at_the_steps_budget() {
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(1);
+        let mut calls = 0;
+        let mut call = || {
+            calls += 1;
+            async {
+                tokio::time::sleep(ms(10)).await;
+                Err::<(), _>(problem("badNonce"))
+            }
+        };
+        let result = nonce_retry!(deadline, call().await);
+        let err = result.unwrap_err();
+        assert!(
+            matches!(&err, instant_acme::Error::Api(p) if p.r#type.as_deref() == Some("urn:ietf:params:acme:error:badNonce")),
+            "{err}"
+        );
+        // Tries until the deadline, none after it.
+        assert_eq!(calls, 100);
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
     }
 }

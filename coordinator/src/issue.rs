@@ -4,59 +4,31 @@
 //! The order of steps is the point: nothing is asked of the CA until every
 //! node serves every token and the coordinator has fetched each one itself.
 //! Tokens come off every node whatever happens after they were placed.
+//!
+//! `OrderRun::run` reads as the steps the progress stream names: authorize
+//! ([`Stage::Order`]), place and check ([`Stage::Placement`],
+//! [`Stage::SelfCheck`]), answer and wait ([`Stage::Validation`]), finalize
+//! ([`Stage::Finalize`]) and store ([`Stage::Store`]). `run` times each step
+//! once, into [`Timings`]. How to talk to the CA (`badNonce` retries, when
+//! to poll) is `acme.rs`'s business; this module decides what to ask it.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use certfleet_proto::bundle::{Bundle, InvalidBundle};
 use certfleet_proto::challenge::{Http01Response, InvalidChallenge, Token};
 use instant_acme::{
-    AuthorizationStatus, ChallengeType, Identifier, NewOrder, OrderStatus, Problem, RetryPolicy,
+    AuthorizationStatus, ChallengeType, Identifier, NewOrder, Order, OrderStatus, Problem,
 };
+use tokio::time::Instant;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::acme::{AcmeAccount, AcmeSetupError};
+use crate::acme::{self, AcmeAccount, AcmeSetupError, nonce_retry};
 use crate::challenge::{self, FanOut, FleetNode, NodeError, PendingChallenge, SelfCheckClient};
 use crate::config::{CertificateSpec, Config, KeyType};
 use crate::fleet::{Fleet, FleetError, OperationGuard};
 use crate::progress::{Progress, Stage};
 use crate::store::{Store, StoreError, Stored};
-
-/// First wait before polling the CA for an order's state; instant-acme
-/// grows it by [`POLL_BACKOFF`] and honours Retry-After when the CA sends it.
-pub const POLL_INITIAL_DELAY: Duration = Duration::from_millis(100);
-pub const POLL_BACKOFF: f32 = 1.5;
-
-/// How many more times a request the CA refused with `badNonce` is sent.
-/// instant-acme already retries each POST a few times; a CA that rejects
-/// many nonces (Pebble's `PEBBLE_WFE_NONCEREJECT`, or a busy real CA) can
-/// still exhaust that, and every step here is safe to repeat (RFC 8555 §6.5).
-pub const BAD_NONCE_RETRIES: u32 = 8;
-
-pub(crate) fn is_bad_nonce(err: &instant_acme::Error) -> bool {
-    matches!(err, instant_acme::Error::Api(p)
-        if p.r#type.as_deref() == Some("urn:ietf:params:acme:error:badNonce"))
-}
-
-/// Evaluates `$call` (an `.await`ed ACME request) again while the CA
-/// answers `badNonce`, up to [`BAD_NONCE_RETRIES`] times.
-macro_rules! nonce_retry {
-    ($call:expr) => {{
-        let mut retries = 0;
-        loop {
-            match $call {
-                Err(e)
-                    if $crate::issue::is_bad_nonce(&e)
-                        && retries < $crate::issue::BAD_NONCE_RETRIES =>
-                {
-                    retries += 1
-                }
-                other => break other,
-            }
-        }
-    }};
-}
-pub(crate) use nonce_retry;
 
 /// Why an order failed.
 #[derive(Debug, thiserror::Error)]
@@ -148,15 +120,62 @@ pub struct Failed {
     pub order_url: Option<String>,
 }
 
-/// Where an order's time went.
+/// The steps of an order, as [`OrderRun::run`] takes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// The account, a new order, its authorizations.
+    Authorize,
+    /// Every token onto every node, then fetched back from each.
+    PlaceAndCheck,
+    /// The challenges answered, then the CA polled until it has validated.
+    AnswerAndWait,
+    /// The CSR sent, then the CA polled until the certificate is issued.
+    Finalize,
+    /// The chain checked and written to the store.
+    Store,
+}
+
+/// Where an order's time went, step by step (the `issued` log line shows
+/// each).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Timings {
     pub total: Duration,
-    /// Waiting on the CA: its requests and its validation and issuance polls.
+    /// Waiting on the CA: the sum of [`Self::authorize`],
+    /// [`Self::answer_and_wait`] and [`Self::finalize`].
     pub ca: Duration,
-    /// Placement on every node plus the self-check.
+    /// Place and check: placement on every node plus the self-check.
     pub placement: Duration,
     pub cleanup: Duration,
+    /// The account, the new order and its authorizations.
+    pub authorize: Duration,
+    /// The challenges answered and the order polled until ready.
+    pub answer_and_wait: Duration,
+    /// The CSR sent, the order polled until valid, the chain downloaded.
+    pub finalize: Duration,
+    /// The chain checked and written to the store.
+    pub store: Duration,
+}
+
+impl Timings {
+    /// Runs one step of an order and adds its wall time to the step's.
+    async fn time<T>(&mut self, step: Step, work: impl Future<Output = T>) -> T {
+        let start = Instant::now();
+        let out = work.await;
+        self.record(step, start.elapsed());
+        out
+    }
+
+    fn record(&mut self, step: Step, took: Duration) {
+        let slot = match step {
+            Step::Authorize => &mut self.authorize,
+            Step::PlaceAndCheck => &mut self.placement,
+            Step::AnswerAndWait => &mut self.answer_and_wait,
+            Step::Finalize => &mut self.finalize,
+            Step::Store => &mut self.store,
+        };
+        *slot += took;
+        self.ca = self.authorize + self.answer_and_wait + self.finalize;
+    }
 }
 
 /// A successful order.
@@ -211,24 +230,32 @@ impl Issuer {
             progress,
             order_url: None,
             placed: Vec::new(),
-            timings: Timings::default(),
         };
+        let mut timings = Timings::default();
         let start = Instant::now();
-        let result = order.run().instrument(span.clone()).await;
-        order.cleanup().instrument(span.clone()).await;
-        order.timings.total = start.elapsed();
+        let result = order.run(&mut timings).instrument(span.clone()).await;
+        timings.cleanup = order.cleanup().instrument(span.clone()).await;
+        timings.total = start.elapsed();
         let _enter = span.enter();
         match result {
             Ok((stored, reused)) => {
+                let ms = |d: Duration| d.as_millis() as u64;
+                let t = &timings;
                 info!(
                     version = stored.version,
-                    ms = order.timings.total.as_millis() as u64,
+                    ms = ms(t.total),
+                    authorize_ms = ms(t.authorize),
+                    place_and_check_ms = ms(t.placement),
+                    answer_and_wait_ms = ms(t.answer_and_wait),
+                    finalize_ms = ms(t.finalize),
+                    store_ms = ms(t.store),
+                    cleanup_ms = ms(t.cleanup),
                     "issued"
                 );
                 Ok(Issued {
                     stored,
                     order_url: order.order_url.unwrap_or_default(),
-                    timings: order.timings,
+                    timings,
                     reused_authorizations: reused,
                 })
             }
@@ -243,26 +270,13 @@ impl Issuer {
     }
 }
 
-/// Fetches every authorization of `order` (they are cached in the order
-/// afterwards). A fetch that fails ends instant-acme's stream at that entry,
-/// so on `badNonce` the walk starts again; the ones already fetched cost
-/// nothing the second time.
-async fn fetch_authorizations(order: &mut instant_acme::Order) -> Result<(), IssueError> {
-    let mut retries = 0;
-    'walk: loop {
-        let mut authorizations = order.authorizations();
-        while let Some(authz) = authorizations.next().await {
-            match authz {
-                Ok(_) => {}
-                Err(e) if is_bad_nonce(&e) && retries < BAD_NONCE_RETRIES => {
-                    retries += 1;
-                    continue 'walk;
-                }
-                Err(e) => return Err(IssueError::acme("reading an authorization")(e)),
-            }
-        }
-        return Ok(());
-    }
+/// What [`OrderRun::authorize`] leaves for the later steps.
+struct Authorized {
+    order: Order,
+    /// The challenges still to answer, one per pending authorization.
+    pending: Vec<PendingChallenge>,
+    /// Authorizations the CA already held as valid.
+    reused: usize,
 }
 
 struct OrderRun<'a> {
@@ -272,7 +286,6 @@ struct OrderRun<'a> {
     progress: &'a Progress,
     order_url: Option<String>,
     placed: Vec<Token>,
-    timings: Timings,
 }
 
 impl OrderRun<'_> {
@@ -280,13 +293,43 @@ impl OrderRun<'_> {
         self.issuer.fleet.fan_out()
     }
 
-    async fn run(&mut self) -> Result<(Stored, usize), IssueError> {
-        let config = &self.issuer.config;
+    /// When a step that talks to the CA gives up: its requests, their
+    /// `badNonce` retries and its polls all share this budget.
+    fn ca_deadline(&self) -> Instant {
+        Instant::now() + self.issuer.config.acme.ca_timeout
+    }
+
+    async fn run(&mut self, timings: &mut Timings) -> Result<(Stored, usize), IssueError> {
         if let Some(stored) = self.store_rescued()? {
             return Ok((stored, 0));
         }
         self.issuer.store.preflight()?;
-        let ca_start = Instant::now();
+        let Authorized {
+            mut order,
+            pending,
+            reused,
+        } = timings.time(Step::Authorize, self.authorize()).await?;
+        let answer = !pending.is_empty();
+        if answer {
+            let placed = self.place_and_check(&pending);
+            timings.time(Step::PlaceAndCheck, placed).await?;
+        }
+        let ready = self.answer_and_wait(&mut order, answer);
+        timings.time(Step::AnswerAndWait, ready).await?;
+        let (key_pem, csr_der) = self.key_and_csr()?;
+        let chain = self.finalize(&mut order, &csr_der);
+        let chain = timings.time(Step::Finalize, chain).await?;
+        let stored = async { self.store(&chain, &key_pem) };
+        let stored = timings.time(Step::Store, stored).await?;
+        Ok((stored, reused))
+    }
+
+    /// Authorize: the account, a new order for every name, and its
+    /// authorizations. Authorizations come back in the CA's order, not the
+    /// SANs'; each carries its own identifier. Valid ones are reused, not
+    /// redone.
+    async fn authorize(&mut self) -> Result<Authorized, IssueError> {
+        let deadline = self.ca_deadline();
         let account = self.issuer.acme.get().await?;
         let identifiers: Vec<Identifier> = self
             .spec
@@ -294,41 +337,14 @@ impl OrderRun<'_> {
             .iter()
             .map(|s| Identifier::Dns(s.clone()))
             .collect();
-        let mut order = nonce_retry!(account.new_order(&NewOrder::new(&identifiers)).await)
+        let new_order = NewOrder::new(&identifiers);
+        let mut order = nonce_retry!(deadline, account.new_order(&new_order).await)
             .map_err(IssueError::acme("creating the order"))?;
         self.order_url = Some(order.url().to_owned());
-        fetch_authorizations(&mut order).await?;
-
-        // Authorizations come back in the CA's order, not the SANs'; each
-        // carries its own identifier. Valid ones are reused, not redone.
-        let mut pending = Vec::new();
-        let mut reused = 0;
-        let mut authorizations = order.authorizations();
-        while let Some(authz) = authorizations.next().await {
-            let mut authz = authz.map_err(IssueError::acme("reading an authorization"))?;
-            let identifier = authz.identifier().to_string();
-            match authz.status {
-                AuthorizationStatus::Valid => reused += 1,
-                AuthorizationStatus::Pending => {
-                    let challenge = authz
-                        .challenge(ChallengeType::Http01)
-                        .ok_or_else(|| IssueError::NoHttp01(identifier.clone()))?;
-                    let key_authorization = challenge.key_authorization();
-                    let response = Token::parse(&challenge.token)
-                        .and_then(|t| Http01Response::new(t, key_authorization.as_str()))
-                        .map_err(|source| IssueError::BadToken {
-                            identifier: identifier.clone(),
-                            source,
-                        })?;
-                    pending.push(PendingChallenge {
-                        identifier,
-                        response,
-                    });
-                }
-                status => return Err(IssueError::Authorization { identifier, status }),
-            }
-        }
-        self.timings.ca += ca_start.elapsed();
+        acme::fetch_authorizations(&mut order, deadline)
+            .await
+            .map_err(IssueError::acme("reading an authorization"))?;
+        let (pending, reused) = pending_challenges(&mut order).await?;
         self.progress.step(
             Stage::Order,
             format!(
@@ -339,104 +355,94 @@ impl OrderRun<'_> {
                 reused
             ),
         );
+        Ok(Authorized {
+            order,
+            pending,
+            reused,
+        })
+    }
 
-        if !pending.is_empty() {
-            let start = Instant::now();
-            let limits = self.limits();
-            self.placed = pending.iter().map(|p| p.response.token().clone()).collect();
-            challenge::place_all(
-                self.nodes,
-                &pending,
-                config.placement.token_ttl,
-                limits,
-                self.progress,
-            )
+    /// Place and check: every token onto every node, then each fetched
+    /// back from each node. A miss ends the order before the CA is told
+    /// anything.
+    async fn place_and_check(&mut self, pending: &[PendingChallenge]) -> Result<(), IssueError> {
+        let config = &self.issuer.config;
+        let limits = self.limits();
+        self.placed = pending.iter().map(|p| p.response.token().clone()).collect();
+        let ttl = config.placement.token_ttl;
+        challenge::place_all(self.nodes, pending, ttl, limits, self.progress)
             .await
             .map_err(|errors| IssueError::Nodes {
                 stage: Stage::Placement,
                 errors,
             })?;
-            challenge::self_check_all(
-                self.nodes,
-                &pending,
-                challenge::ValidationPorts {
-                    http: config.acme.validation_port,
-                    https: config.acme.validation_tls_port,
-                },
-                &self.issuer.self_check,
-                limits,
-                self.progress,
-            )
+        let ports = challenge::ValidationPorts {
+            http: config.acme.validation_port,
+            https: config.acme.validation_tls_port,
+        };
+        let client = &self.issuer.self_check;
+        challenge::self_check_all(self.nodes, pending, ports, client, limits, self.progress)
             .await
             .map_err(|errors| IssueError::Nodes {
                 stage: Stage::SelfCheck,
                 errors,
-            })?;
-            self.timings.placement = start.elapsed();
+            })
+    }
 
-            // Every node serves every token: now, and only now, the CA may look.
-            let ca_start = Instant::now();
-            let mut authorizations = order.authorizations();
-            while let Some(authz) = authorizations.next().await {
-                let mut authz = authz.map_err(IssueError::acme("reading an authorization"))?;
-                if authz.status != AuthorizationStatus::Pending {
-                    continue;
-                }
-                let identifier = authz.identifier().to_string();
-                let mut challenge = authz
-                    .challenge(ChallengeType::Http01)
-                    .ok_or_else(|| IssueError::NoHttp01(identifier.clone()))?;
-                nonce_retry!(challenge.set_ready().await).map_err(IssueError::acme(format!(
-                    "answering the challenge for {identifier}"
-                )))?;
-            }
+    /// Answer and wait: every node serves every token, so now, and only
+    /// now, the CA may look (`answer`); then wait until the order is ready.
+    async fn answer_and_wait(&self, order: &mut Order, answer: bool) -> Result<(), IssueError> {
+        let deadline = self.ca_deadline();
+        let waiting = if answer {
+            answer_challenges(order, deadline).await?;
             self.progress
                 .step(Stage::Validation, "challenges answered; waiting for the CA");
-            let retry = self.retry_policy();
-            let status = nonce_retry!(order.poll_ready(&retry).await)
-                .map_err(IssueError::acme("waiting for validation"))?;
-            if status != OrderStatus::Ready {
-                return Err(self.validation_failure(&mut order).await);
-            }
-            self.timings.ca += ca_start.elapsed();
+            "waiting for validation"
         } else {
-            let ca_start = Instant::now();
-            nonce_retry!(order.poll_ready(&self.retry_policy()).await)
-                .map_err(IssueError::acme("waiting for the order to be ready"))?;
-            self.timings.ca += ca_start.elapsed();
+            "waiting for the order to be ready"
+        };
+        let status = self
+            .issuer
+            .acme
+            .poll_ready(order, deadline)
+            .await
+            .map_err(IssueError::acme(waiting))?;
+        if status != OrderStatus::Ready {
+            return Err(validation_failure(order, deadline).await);
         }
         self.progress
             .step(Stage::Validation, "the CA validated every name");
+        Ok(())
+    }
 
-        let (key_pem, csr_der) = self.key_and_csr()?;
-        let ca_start = Instant::now();
-        nonce_retry!(order.finalize_csr(&csr_der).await)
+    /// Finalize: send the CSR, wait for the CA to issue, download the chain.
+    async fn finalize(&self, order: &mut Order, csr_der: &[u8]) -> Result<String, IssueError> {
+        let deadline = self.ca_deadline();
+        nonce_retry!(deadline, order.finalize_csr(csr_der).await)
             .map_err(IssueError::acme("finalizing the order"))?;
-        let chain = nonce_retry!(order.poll_certificate(&self.retry_policy()).await)
+        let chain = self
+            .issuer
+            .acme
+            .poll_certificate(order, deadline)
+            .await
             .map_err(IssueError::acme("downloading the certificate"))?;
-        self.timings.ca += ca_start.elapsed();
         self.progress
             .step(Stage::Finalize, "certificate downloaded");
+        Ok(chain)
+    }
 
-        let bundle = Bundle::parse(&chain, Some(&key_pem), &self.spec.sans)?;
-        let (version, _) = self.issuer.store.save_or_rescue(
-            &self.spec.name,
-            &bundle,
-            &key_pem,
-            &config.rescue_dir(),
-        )?;
-        let stored = self
-            .issuer
-            .store
-            .live(&self.spec.name)?
+    /// Store: check what the CA sent against the key and the names, write
+    /// it as the next version (or into the rescue directory when the store
+    /// cannot take it), and make it live.
+    fn store(&self, chain: &str, key_pem: &str) -> Result<Stored, IssueError> {
+        let (config, store, name) = (&self.issuer.config, &self.issuer.store, &self.spec.name);
+        let bundle = Bundle::parse(chain, Some(key_pem), &self.spec.sans)?;
+        let (version, _) = store.save_or_rescue(name, &bundle, key_pem, &config.rescue_dir())?;
+        let stored = store
+            .live(name)?
             .filter(|s| s.version == version)
             .ok_or_else(|| StoreError {
-                path: self
-                    .issuer
-                    .config
-                    .state_dir
-                    .join("live")
-                    .join(&self.spec.name),
+                path: config.state_dir.join("live").join(name),
                 source: std::io::Error::other("live/ does not point at the version just written"),
             })?;
         self.progress.step(
@@ -447,7 +453,7 @@ impl OrderRun<'_> {
                 stored.bundle.serial
             ),
         );
-        Ok((stored, reused))
+        Ok(stored)
     }
 
     /// Stores the certificate an earlier order got but could not store,
@@ -478,35 +484,6 @@ impl OrderRun<'_> {
         Ok(stored)
     }
 
-    fn retry_policy(&self) -> RetryPolicy {
-        RetryPolicy::new()
-            .initial_delay(POLL_INITIAL_DELAY)
-            .backoff(POLL_BACKOFF)
-            .timeout(self.issuer.config.acme.ca_timeout)
-    }
-
-    /// The order went invalid: find the challenge the CA failed and pass its
-    /// problem document through.
-    async fn validation_failure(&self, order: &mut instant_acme::Order) -> IssueError {
-        let mut authorizations = order.authorizations();
-        while let Some(Ok(mut authz)) = authorizations.next().await {
-            let identifier = authz.identifier().to_string();
-            let Ok(state) = nonce_retry!(authz.refresh().await) else {
-                continue;
-            };
-            if let Some(problem) = state.challenges.iter().find_map(|c| c.error.clone()) {
-                return IssueError::Acme {
-                    context: format!("validating {identifier}"),
-                    source: instant_acme::Error::Api(problem),
-                };
-            }
-        }
-        IssueError::Acme {
-            context: "validating".into(),
-            source: instant_acme::Error::Str("order became invalid without a challenge error"),
-        }
-    }
-
     fn key_and_csr(&self) -> Result<(String, Vec<u8>), IssueError> {
         use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256, PKCS_RSA_SHA256, RsaKeySize};
         let key_err = |e: rcgen::Error| IssueError::Key(e.to_string());
@@ -523,14 +500,121 @@ impl OrderRun<'_> {
         Ok((key.serialize_pem(), csr.der().to_vec()))
     }
 
-    /// Takes this order's tokens off every node, whether it succeeded or not.
-    async fn cleanup(&mut self) {
+    /// Takes this order's tokens off every node, whether it succeeded or
+    /// not, and says how long that took.
+    async fn cleanup(&mut self) -> Duration {
         if self.placed.is_empty() {
-            return;
+            return Duration::ZERO;
         }
         let start = Instant::now();
         challenge::remove_all(self.nodes, &self.placed, self.limits(), self.progress).await;
         self.placed.clear();
-        self.timings.cleanup = start.elapsed();
+        start.elapsed()
+    }
+}
+
+/// The order's authorizations (already fetched) sorted out: each pending
+/// one becomes a [`PendingChallenge`] once its token passes certfleet's
+/// checks; valid ones are counted.
+async fn pending_challenges(
+    order: &mut Order,
+) -> Result<(Vec<PendingChallenge>, usize), IssueError> {
+    let mut pending = Vec::new();
+    let mut reused = 0;
+    let mut authorizations = order.authorizations();
+    while let Some(authz) = authorizations.next().await {
+        let mut authz = authz.map_err(IssueError::acme("reading an authorization"))?;
+        let identifier = authz.identifier().to_string();
+        match authz.status {
+            AuthorizationStatus::Valid => reused += 1,
+            AuthorizationStatus::Pending => {
+                let challenge = authz
+                    .challenge(ChallengeType::Http01)
+                    .ok_or_else(|| IssueError::NoHttp01(identifier.clone()))?;
+                let key_authorization = challenge.key_authorization();
+                let response = Token::parse(&challenge.token)
+                    .and_then(|t| Http01Response::new(t, key_authorization.as_str()))
+                    .map_err(|source| IssueError::BadToken {
+                        identifier: identifier.clone(),
+                        source,
+                    })?;
+                pending.push(PendingChallenge {
+                    identifier,
+                    response,
+                });
+            }
+            status => return Err(IssueError::Authorization { identifier, status }),
+        }
+    }
+    Ok((pending, reused))
+}
+
+/// Tells the CA that each pending authorization's HTTP-01 challenge is
+/// ready to be validated (RFC 8555 §7.5.1).
+async fn answer_challenges(order: &mut Order, deadline: Instant) -> Result<(), IssueError> {
+    let mut authorizations = order.authorizations();
+    while let Some(authz) = authorizations.next().await {
+        let mut authz = authz.map_err(IssueError::acme("reading an authorization"))?;
+        if authz.status != AuthorizationStatus::Pending {
+            continue;
+        }
+        let identifier = authz.identifier().to_string();
+        let mut challenge = authz
+            .challenge(ChallengeType::Http01)
+            .ok_or_else(|| IssueError::NoHttp01(identifier.clone()))?;
+        nonce_retry!(deadline, challenge.set_ready().await).map_err(IssueError::acme(format!(
+            "answering the challenge for {identifier}"
+        )))?;
+    }
+    Ok(())
+}
+
+/// The order went invalid: find the challenge the CA failed and pass its
+/// problem document through.
+async fn validation_failure(order: &mut Order, deadline: Instant) -> IssueError {
+    let mut authorizations = order.authorizations();
+    while let Some(Ok(mut authz)) = authorizations.next().await {
+        let identifier = authz.identifier().to_string();
+        let Ok(state) = nonce_retry!(deadline, authz.refresh().await) else {
+            continue;
+        };
+        if let Some(problem) = state.challenges.iter().find_map(|c| c.error.clone()) {
+            return IssueError::Acme {
+                context: format!("validating {identifier}"),
+                source: instant_acme::Error::Api(problem),
+            };
+        }
+    }
+    IssueError::Acme {
+        context: "validating".into(),
+        source: instant_acme::Error::Str("order became invalid without a challenge error"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn each_step_is_timed_into_its_own_slot_and_the_ca_steps_add_up() {
+        let ms = Duration::from_millis;
+        let step = |n| tokio::time::sleep(ms(n));
+        let mut t = Timings::default();
+        t.time(Step::Authorize, step(3)).await;
+        t.time(Step::PlaceAndCheck, step(20)).await;
+        t.time(Step::AnswerAndWait, step(50)).await;
+        t.time(Step::Finalize, step(60)).await;
+        assert_eq!(t.time(Step::Store, async { "stored" }).await, "stored");
+        assert_eq!(
+            (
+                t.authorize,
+                t.placement,
+                t.answer_and_wait,
+                t.finalize,
+                t.store
+            ),
+            (ms(3), ms(20), ms(50), ms(60), Duration::ZERO)
+        );
+        assert_eq!(t.ca, ms(113), "authorize + answer and wait + finalize");
     }
 }

@@ -505,3 +505,29 @@ async fn binds_an_external_account_and_guards_its_key() {
         "the key reached the log"
     );
 }
+
+/// A CA having a bad hour rejects most nonces. Each rejection carries a
+/// fresh nonce, so the coordinator sends the request again for as long as
+/// the step's time allows. (100 orders in a row at 90% all succeed; see
+/// BENCHMARKS.md.)
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_orders_in_a_row_succeed_while_the_ca_rejects_nine_nonces_in_ten() {
+    let cluster = Cluster::start(ClusterSpec {
+        pebble: PebbleOptions {
+            nonce_reject: 90,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for version in 1..=10 {
+        let out = cluster.issue().await.unwrap();
+        let cert = issued(&cluster, &out);
+        assert_eq!(cert["version"], version);
+    }
+    let fullchain = read(cluster.live_dir().join("fullchain.pem"));
+    let root = cluster.pebble.root_pem().await.unwrap();
+    chain_verifies(&fullchain, &root, &cluster.sans).unwrap();
+    assert_no_tokens_left(&cluster).await;
+}

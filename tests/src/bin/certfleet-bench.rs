@@ -9,6 +9,11 @@
 //! into every node's nginx webroot, as DataONE's runbook does, against
 //! certfleet in webroot mode on the same nodes.
 //!
+//! With `--split` it measures only where one order's time goes, step by
+//! step (4 nodes, 5 names), from the coordinator's `issued` log line. With
+//! `--nonce-reject P` it runs only `--issues` orders in a row on a 4-node
+//! cluster whose Pebble rejects P% of nonces, and counts those that succeed.
+//!
 //! Results are printed as a Markdown table for BENCHMARKS.md.
 
 use std::time::{Duration, Instant};
@@ -39,6 +44,16 @@ struct Args {
     /// Skip the issue matrix (to run only --certbot or --fleet).
     #[arg(long)]
     no_issue: bool,
+    /// Measure only the per-step split of a 4-node, 5-name order.
+    #[arg(long)]
+    split: bool,
+    /// Measure only how many of `--issues` orders in a row succeed while
+    /// Pebble rejects this percentage of nonces (`PEBBLE_WFE_NONCEREJECT`).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
+    nonce_reject: Option<u8>,
+    /// Orders to run for `--nonce-reject`.
+    #[arg(long, default_value_t = 100)]
+    issues: usize,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -102,6 +117,15 @@ async fn measure(cluster: &Cluster, runs: usize) -> anyhow::Result<Sample> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.split || args.nonce_reject.is_some() {
+        if args.split {
+            split(args.runs).await?;
+        }
+        if let Some(percent) = args.nonce_reject {
+            nonce_rejection(percent, args.issues).await?;
+        }
+        return Ok(());
+    }
     if !args.no_issue {
         issue_matrix(&args).await?;
     }
@@ -136,6 +160,134 @@ async fn issue_matrix(args: &Args) -> anyhow::Result<()> {
                 s.total - s.ca
             );
         }
+    }
+    Ok(())
+}
+
+/// The steps of one order, as the coordinator's `issued` log line names
+/// them (`<step>_ms=N`), with what each covers.
+const STEPS: [(&str, &str); 6] = [
+    (
+        "authorize",
+        "authorize: new order, its authorizations fetched",
+    ),
+    (
+        "place_and_check",
+        "place and check: tokens onto every node, self-check",
+    ),
+    (
+        "answer_and_wait",
+        "answer and wait: challenges answered, order polled until ready",
+    ),
+    (
+        "finalize",
+        "finalize: CSR sent, order polled until valid, chain downloaded",
+    ),
+    ("store", "store: chain checked, written, `live/` switched"),
+    ("cleanup", "cleanup: tokens removed from every node"),
+];
+
+/// The `<step>_ms` fields of the coordinator's latest `issued` line.
+fn last_split(log: &str) -> anyhow::Result<Vec<u64>> {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(" issued") && l.contains("authorize_ms="))
+        .context("no `issued` line with step timings in the coordinator's log")?;
+    let field = |key: &str| -> anyhow::Result<u64> {
+        let value = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .with_context(|| format!("{key} missing from {line}"))?;
+        Ok(value.parse()?)
+    };
+    let mut split: Vec<u64> = STEPS
+        .iter()
+        .map(|(name, _)| field(&format!("{name}_ms=")))
+        .collect::<anyhow::Result<_>>()?;
+    split.push(field("ms=")?); // the whole order
+    Ok(split)
+}
+
+/// The per-step split of a 4-node, 5-name order: one warm-up, then the
+/// median of `runs` for each step.
+async fn split(runs: usize) -> anyhow::Result<()> {
+    let cluster = Cluster::start(spec(4, 5, Http01::Standalone)).await?;
+    issue_once(&cluster).await?;
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        issue_once(&cluster).await?;
+        samples.push(last_split(&cluster.coordinator_log())?);
+    }
+    let column = |i: usize| median(samples.iter().map(|s| s[i]).collect());
+    println!();
+    println!(
+        "| 4 nodes, {} names, `PEBBLE_VA_NOSLEEP=1`, median of {runs} | ms |",
+        cluster.sans.len()
+    );
+    println!("|---|---:|");
+    for (i, (_, what)) in STEPS.iter().enumerate() {
+        println!("| {what} | {} |", column(i));
+    }
+    println!(
+        "| in the CA (authorize + answer and wait + finalize; medians summed) | {} |",
+        column(0) + column(2) + column(3)
+    );
+    println!("| whole order | {} |", column(STEPS.len()));
+    Ok(())
+}
+
+/// `issues` orders in a row on a 4-node cluster whose Pebble rejects
+/// `percent`% of nonces; prints how many succeeded and why the others
+/// failed.
+async fn nonce_rejection(percent: u8, issues: usize) -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        pebble: PebbleOptions {
+            nonce_reject: percent,
+            authz_reuse: 0,
+            external_account: None,
+        },
+        ..spec(4, 5, Http01::Standalone)
+    })
+    .await?;
+    let mut ok = 0;
+    let mut times = Vec::new();
+    let mut failures: std::collections::BTreeMap<String, usize> = Default::default();
+    for _ in 0..issues {
+        let start = Instant::now();
+        let out = cluster.issue().await?;
+        if out.code == 0 {
+            ok += 1;
+            times.push(start.elapsed().as_millis() as u64);
+        } else {
+            let last = out.last_json();
+            let error = &last["error"];
+            let message = error["message"].as_str().unwrap_or(&out.stderr);
+            // Up to the problem type: the detail names the nonce, unique
+            // to each failure.
+            let why = match error["acme_type"].as_str().filter(|t| !t.is_empty()) {
+                Some(t) => message.find(t).map_or(message, |i| &message[..i + t.len()]),
+                None => message,
+            };
+            *failures.entry(why.to_owned()).or_default() += 1;
+        }
+    }
+    println!();
+    println!(
+        "| 4 nodes, {} names, `PEBBLE_WFE_NONCEREJECT={percent}` | |",
+        cluster.sans.len()
+    );
+    println!("|---|---:|");
+    println!("| orders that succeeded | {ok}/{issues} |");
+    if !times.is_empty() {
+        println!(
+            "| `certfleet issue` wall time of those, median / max ms | {} / {} |",
+            median(times.clone()),
+            times.iter().max().unwrap_or(&0)
+        );
+    }
+    for (why, n) in failures {
+        println!("| failed ({n}x) | {} |", why.replace('|', "\\|"));
     }
     Ok(())
 }
