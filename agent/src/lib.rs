@@ -9,20 +9,27 @@
 //! - [`http01`] is the standalone responder: a tiny HTTP server that answers
 //!   only `GET /.well-known/acme-challenge/{token}`.
 //! - [`service`] is the gRPC service: it checks every request (tokens are
-//!   untrusted input) and turns it into calls on [`tokens`].
+//!   untrusted input), bounds each call, and turns it into calls on
+//!   [`tokens`], [`install`] and [`services`]; [`error`] maps every failure
+//!   to a gRPC code in one place.
 //! - [`install`] puts certificate versions into the files this node's
 //!   config declares (owner, group, mode), all at once and crash-safe.
+//! - [`dir`] is how the agent touches a file tree other users own: by
+//!   directory descriptor, never following a link.
+//! - [`services`] restarts the services that use a certificate and proves
+//!   by a TLS handshake what they serve.
 //! - [`identity`] is the node's place in the cluster: `join` with a
 //!   one-time token and a pinned CA, then a certificate renewed over mutual
 //!   TLS. The gRPC service accepts only the coordinator's identity.
 //! - [`config`] is the agent's own config, validated before anything starts.
 //!
 //! Everything the agent may do on its node comes from its own config: the
-//! coordinator names tokens, never paths.
+//! coordinator names tokens and certificates, never paths or commands.
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod dir;
+pub mod error;
 pub mod http01;
 pub mod identity;
 pub mod install;

@@ -28,9 +28,10 @@ use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+use crate::error::to_status;
 use crate::install::{InstallError, Installed, Installer};
 use crate::services;
-use crate::tokens::{PlaceError, Tokens};
+use crate::tokens::Tokens;
 
 /// Longest a call that does not run the node's services (everything but
 /// `RestartServices`) may take before the agent gives up on it.
@@ -67,16 +68,7 @@ pub const MAX_NAMES: usize = 100;
 
 fn install_status(e: InstallError) -> Status {
     warn!(error = %e, "install refused or failed");
-    match e {
-        InstallError::Unknown(_) => Status::not_found(e.to_string()),
-        InstallError::Invalid { .. } | InstallError::Version(_) => {
-            Status::invalid_argument(e.to_string())
-        }
-        InstallError::NoPrevious { .. } | InstallError::Target(_) => {
-            Status::failed_precondition(e.to_string())
-        }
-        InstallError::Io { .. } => Status::internal(e.to_string()),
-    }
+    to_status(e.kind(), e.to_string())
 }
 
 fn served_to_pb(s: services::Served) -> pb::ServedEndpoint {
@@ -159,10 +151,11 @@ impl Agent for AgentService {
             let batch = parse_place_request(request.tokens).map_err(invalid)?;
             let ttl =
                 (request.ttl_seconds > 0).then(|| Duration::from_secs(request.ttl_seconds.into()));
-            let placed = self.tokens.place(batch, ttl).await.map_err(|e| match e {
-                PlaceError::Full { .. } => Status::resource_exhausted(e.to_string()),
-                PlaceError::Webroot(_) => Status::internal(e.to_string()),
-            })?;
+            let placed = self
+                .tokens
+                .place(batch, ttl)
+                .await
+                .map_err(|e| to_status(e.kind(), e.to_string()))?;
             info!(placed, "placed tokens");
             Ok(Response::new(pb::PlaceTokensResponse {
                 placed: placed as u32,
