@@ -9,6 +9,7 @@
 use std::fmt;
 
 use sha2::{Digest, Sha256};
+use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 use x509_parser::pem::Pem;
 
@@ -88,31 +89,7 @@ impl Bundle {
         key_pem: Option<&str>,
         required_names: &[String],
     ) -> Result<Self, InvalidBundle> {
-        if fullchain_pem.len() > MAX_CHAIN_PEM_BYTES {
-            return Err(InvalidBundle::ChainTooLarge {
-                len: fullchain_pem.len(),
-            });
-        }
-        let mut blocks = Vec::new();
-        for (index, pem) in Pem::iter_from_buffer(fullchain_pem.as_bytes()).enumerate() {
-            if index >= MAX_CHAIN_LEN {
-                return Err(InvalidBundle::TooLong { len: index + 1 });
-            }
-            let pem = pem.map_err(|e| InvalidBundle::Pem {
-                index,
-                reason: e.to_string(),
-            })?;
-            if pem.label != "CERTIFICATE" {
-                return Err(InvalidBundle::NotACertificate {
-                    index,
-                    label: pem.label,
-                });
-            }
-            blocks.push(pem);
-        }
-        if blocks.is_empty() {
-            return Err(InvalidBundle::Empty);
-        }
+        let blocks = pem_blocks(fullchain_pem)?;
         let mut certs = Vec::with_capacity(blocks.len());
         for (index, pem) in blocks.iter().enumerate() {
             let cert = pem.parse_x509().map_err(|e| InvalidBundle::Certificate {
@@ -130,42 +107,9 @@ impl Bundle {
             }
         }
         let leaf = &certs[0];
-        let san = leaf
-            .subject_alternative_name()
-            .map_err(|e| InvalidBundle::Certificate {
-                index: 0,
-                reason: e.to_string(),
-            })?
-            .ok_or(InvalidBundle::NoSans)?;
-        let sans: Vec<String> = san
-            .value
-            .general_names
-            .iter()
-            .filter_map(|n| match n {
-                GeneralName::DNSName(d) => Some(d.to_string()),
-                _ => None,
-            })
-            .collect();
-        let missing: Vec<String> = required_names
-            .iter()
-            .filter(|want| !sans.iter().any(|have| have.eq_ignore_ascii_case(want)))
-            .cloned()
-            .collect();
-        if !missing.is_empty() {
-            return Err(InvalidBundle::MissingNames { missing });
-        }
+        let sans = covered_names(leaf, required_names)?;
         if let Some(key_pem) = key_pem {
-            if key_pem.len() > MAX_KEY_PEM_BYTES {
-                return Err(InvalidBundle::KeyTooLarge { len: key_pem.len() });
-            }
-            let key = rcgen::KeyPair::from_pem(key_pem).map_err(|e| InvalidBundle::Key {
-                reason: e.to_string(),
-            })?;
-            if rcgen::PublicKeyData::subject_public_key_info(&key)
-                != leaf.tbs_certificate.subject_pki.raw
-            {
-                return Err(InvalidBundle::KeyMismatch);
-            }
+            check_key(leaf, key_pem)?;
         }
         let leaf_sha256: [u8; 32] = Sha256::digest(&blocks[0].contents).into();
         Ok(Self {
@@ -197,6 +141,83 @@ pub fn hex(bytes: &[u8]) -> String {
             let _ = write!(s, "{b:02x}");
             s
         })
+}
+
+/// The PEM blocks of a chain: at most [`MAX_CHAIN_LEN`] certificates and
+/// [`MAX_CHAIN_PEM_BYTES`] bytes, nothing but certificates.
+fn pem_blocks(fullchain_pem: &str) -> Result<Vec<Pem>, InvalidBundle> {
+    if fullchain_pem.len() > MAX_CHAIN_PEM_BYTES {
+        return Err(InvalidBundle::ChainTooLarge {
+            len: fullchain_pem.len(),
+        });
+    }
+    let mut blocks = Vec::new();
+    for (index, pem) in Pem::iter_from_buffer(fullchain_pem.as_bytes()).enumerate() {
+        if index >= MAX_CHAIN_LEN {
+            return Err(InvalidBundle::TooLong { len: index + 1 });
+        }
+        let pem = pem.map_err(|e| InvalidBundle::Pem {
+            index,
+            reason: e.to_string(),
+        })?;
+        if pem.label != "CERTIFICATE" {
+            return Err(InvalidBundle::NotACertificate {
+                index,
+                label: pem.label,
+            });
+        }
+        blocks.push(pem);
+    }
+    if blocks.is_empty() {
+        return Err(InvalidBundle::Empty);
+    }
+    Ok(blocks)
+}
+
+/// The leaf's DNS names, which must include every one of `required`.
+fn covered_names(
+    leaf: &X509Certificate<'_>,
+    required: &[String],
+) -> Result<Vec<String>, InvalidBundle> {
+    let san = leaf
+        .subject_alternative_name()
+        .map_err(|e| InvalidBundle::Certificate {
+            index: 0,
+            reason: e.to_string(),
+        })?
+        .ok_or(InvalidBundle::NoSans)?;
+    let sans: Vec<String> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => Some(d.to_string()),
+            _ => None,
+        })
+        .collect();
+    let missing: Vec<String> = required
+        .iter()
+        .filter(|want| !sans.iter().any(|have| have.eq_ignore_ascii_case(want)))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        return Err(InvalidBundle::MissingNames { missing });
+    }
+    Ok(sans)
+}
+
+/// The key in `key_pem` is the leaf's.
+fn check_key(leaf: &X509Certificate<'_>, key_pem: &str) -> Result<(), InvalidBundle> {
+    if key_pem.len() > MAX_KEY_PEM_BYTES {
+        return Err(InvalidBundle::KeyTooLarge { len: key_pem.len() });
+    }
+    let key = rcgen::KeyPair::from_pem(key_pem).map_err(|e| InvalidBundle::Key {
+        reason: e.to_string(),
+    })?;
+    if rcgen::PublicKeyData::subject_public_key_info(&key) != leaf.tbs_certificate.subject_pki.raw {
+        return Err(InvalidBundle::KeyMismatch);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
