@@ -347,18 +347,23 @@ mod tests {
             .to_vec()
     }
 
-    #[test]
-    fn the_serial_read_from_a_certificate_is_the_one_recorded() {
-        let state = tempfile::tempdir().unwrap();
-        let service = service(state.path(), 5);
-        let node = NodeRecord {
+    /// cn-unm-1, registered and waiting to join.
+    fn pending_node() -> NodeRecord {
+        NodeRecord {
             name: "cn-unm-1".into(),
             agent: "127.0.0.3:7443".into(),
             http01: "127.0.0.3".into(),
             state: NodeState::Pending,
             cert_not_after: 0,
             last_contact: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn the_serial_read_from_a_certificate_is_the_one_recorded() {
+        let state = tempfile::tempdir().unwrap();
+        let service = service(state.path(), 5);
+        let node = pending_node();
         service
             .db
             .add_node(&node, "id", "secret", i64::MAX, 0)
@@ -412,14 +417,7 @@ mod tests {
     #[test]
     fn a_minted_token_joins_once_and_never_shows_its_secret() {
         let db = Db::in_memory().unwrap();
-        let node = NodeRecord {
-            name: "cn-unm-1".into(),
-            agent: "127.0.0.3:7443".into(),
-            http01: "127.0.0.3".into(),
-            state: NodeState::Pending,
-            cert_not_after: 0,
-            last_contact: 0,
-        };
+        let node = pending_node();
         let token = register(&db, &node, Duration::from_secs(60)).unwrap();
         let whole = token.reveal();
         let (id, secret) = whole.split_once('.').unwrap();
