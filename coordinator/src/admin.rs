@@ -186,6 +186,64 @@ impl Admin for AdminService {
     type DistributeStream = EventStream;
     type RestartStream = EventStream;
     type RolloutStream = EventStream;
+    type RenewStream = EventStream;
+    type DeleteStream = EventStream;
+
+    async fn renew(
+        &self,
+        _request: Request<pb::RenewCertificatesRequest>,
+    ) -> Result<Response<Self::RenewStream>, Status> {
+        Err(Status::unimplemented("renew: not built yet"))
+    }
+
+    async fn history(
+        &self,
+        _request: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        Err(Status::unimplemented("history: not built yet"))
+    }
+
+    async fn revoke(
+        &self,
+        _request: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        Err(Status::unimplemented("revoke: not built yet"))
+    }
+
+    async fn delete(
+        &self,
+        _request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<Self::DeleteStream>, Status> {
+        Err(Status::unimplemented("delete: not built yet"))
+    }
+
+    async fn get_account(
+        &self,
+        _request: Request<pb::GetAccountRequest>,
+    ) -> Result<Response<pb::AccountInfo>, Status> {
+        Err(Status::unimplemented("account show: not built yet"))
+    }
+
+    async fn update_account(
+        &self,
+        _request: Request<pb::UpdateAccountRequest>,
+    ) -> Result<Response<pb::AccountInfo>, Status> {
+        Err(Status::unimplemented("account update: not built yet"))
+    }
+
+    async fn rollover_account(
+        &self,
+        _request: Request<pb::RolloverAccountRequest>,
+    ) -> Result<Response<pb::AccountInfo>, Status> {
+        Err(Status::unimplemented("account rollover: not built yet"))
+    }
+
+    async fn import(
+        &self,
+        _request: Request<pb::ImportRequest>,
+    ) -> Result<Response<pb::ImportResponse>, Status> {
+        Err(Status::unimplemented("import: not built yet"))
+    }
 
     async fn restart(
         &self,

@@ -241,6 +241,13 @@ pub enum Operation {
     Distribute,
     Restart,
     Rollout,
+    /// An order against the staging directory; nothing is stored.
+    DryRun,
+    Revoke,
+    Delete,
+    Import,
+    /// Healing what an operation the coordinator was stopped in left.
+    Recover,
 }
 
 impl std::fmt::Display for Operation {
@@ -251,6 +258,11 @@ impl std::fmt::Display for Operation {
             Self::Distribute => "distribute",
             Self::Restart => "restart",
             Self::Rollout => "rollout",
+            Self::DryRun => "dry-run",
+            Self::Revoke => "revoke",
+            Self::Delete => "delete",
+            Self::Import => "import",
+            Self::Recover => "recovery",
         })
     }
 }
@@ -290,6 +302,7 @@ impl std::fmt::Display for Holder {
         match (self.uid, self.operation) {
             (Some(uid), _) => write!(f, " by uid {uid})"),
             (None, Operation::Renew) => f.write_str(" by the renewal schedule)"),
+            (None, Operation::Recover) => f.write_str(" by the coordinator at start)"),
             (None, _) => f.write_str(" by an unknown user)"),
         }
     }

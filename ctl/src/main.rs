@@ -50,8 +50,78 @@ enum Command {
     Issue {
         /// The certificate's name as configured in [[certificates]].
         certificate: String,
+        /// Order even when the rate-limit guard refuses.
+        #[arg(long)]
+        force: bool,
+        /// Run the whole order against acme.staging_directory with its own
+        /// account; store and distribute nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         wait: Wait,
+    },
+    /// Renew the certificates that are due (all configured ones, or those
+    /// named), then do what each one's after_issue says.
+    Renew {
+        /// Certificates' names (default: every configured one).
+        certificates: Vec<String>,
+        /// Renew even when not due, and order past the rate-limit guard.
+        #[arg(long)]
+        force: bool,
+        /// Run the orders against acme.staging_directory; store nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// What ran on a certificate, when, by whom and how it ended.
+    History {
+        /// The certificate's name.
+        certificate: String,
+        /// Show at most this many operations, newest first.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Revoke a stored version at the CA.
+    Revoke {
+        /// The certificate's name.
+        certificate: String,
+        /// The version to revoke (default: the live one).
+        #[arg(long)]
+        version: Option<u32>,
+        /// Why: unspecified, keyCompromise, superseded, cessationOfOperation, ...
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Remove a certificate from the store; files on nodes stay unless
+    /// --from-nodes.
+    Delete {
+        /// The certificate's name.
+        certificate: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        /// Also remove the installed files from every node serving it.
+        #[arg(long)]
+        from_nodes: bool,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Show or change the ACME account.
+    #[command(subcommand)]
+    Account(AccountCommand),
+    /// Bring a certbot lineage in as version 1 of a configured certificate.
+    Import {
+        /// certbot's config directory (holding live/, archive/, renewal/).
+        #[arg(long, value_name = "DIR")]
+        certbot: PathBuf,
+        /// The lineage to import (default: the only one in DIR).
+        #[arg(long, value_name = "NAME")]
+        lineage: Option<String>,
+        /// The configured certificate to import into (default: the one
+        /// whose names are exactly the lineage's domains).
+        #[arg(long)]
+        certificate: Option<String>,
     },
     /// List the certificates in the store: names, serial, expiry, days left.
     Certificates,
@@ -94,6 +164,20 @@ enum Command {
     Node(NodeCommand),
     /// List the registered nodes: state, certificate expiry, last contact.
     Nodes,
+}
+
+#[derive(Subcommand)]
+enum AccountCommand {
+    /// The account's URL, contacts, status and key thumbprint.
+    Show,
+    /// Replace the account's contacts.
+    Update {
+        /// A contact, e.g. mailto:ops@example.org (repeat for several).
+        #[arg(long = "contact", required = true)]
+        contacts: Vec<String>,
+    },
+    /// Replace the account's key; the new credentials are stored atomically.
+    Rollover,
 }
 
 /// What an operation does when another one on the same certificate runs.
@@ -175,7 +259,29 @@ fn run(cli: &Cli, matches: &ArgMatches) -> Outcome {
 /// Runs one command against the coordinator.
 async fn dispatch(client: AdminClient<Channel>, command: &Command, json: bool) -> Outcome {
     match command {
-        Command::Issue { certificate, wait } => issue(client, certificate, wait.wait, json).await,
+        Command::Issue {
+            certificate,
+            force,
+            dry_run,
+            wait,
+        } => {
+            let request = pb::IssueRequest {
+                certificate: certificate.clone(),
+                wait: wait.wait,
+                force: *force,
+                dry_run: *dry_run,
+            };
+            issue(client, request, json).await
+        }
+        Command::Renew { .. }
+        | Command::History { .. }
+        | Command::Revoke { .. }
+        | Command::Delete { .. }
+        | Command::Account(_)
+        | Command::Import { .. } => {
+            errln!("certfleet: not built yet");
+            Outcome::Failed
+        }
         Command::Certificates => certificates(client, json).await,
         Command::Distribute {
             certificate,
@@ -210,16 +316,7 @@ async fn dispatch(client: AdminClient<Channel>, command: &Command, json: bool) -
 }
 
 /// `certfleet issue`.
-async fn issue(
-    mut client: AdminClient<Channel>,
-    certificate: &str,
-    wait: bool,
-    json: bool,
-) -> Outcome {
-    let request = pb::IssueRequest {
-        certificate: certificate.to_owned(),
-        wait,
-    };
+async fn issue(mut client: AdminClient<Channel>, request: pb::IssueRequest, json: bool) -> Outcome {
     operation(client.issue(request).await, json).await
 }
 
