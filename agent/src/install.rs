@@ -98,6 +98,17 @@ pub struct Status {
     pub not_after: i64,
 }
 
+/// The outcome of [`Installer::remove`].
+#[derive(Debug, Clone, Default)]
+pub struct Removed {
+    /// The version that was installed; 0 when none was.
+    pub version: u32,
+    /// The target paths removed.
+    pub removed: Vec<String>,
+    /// Targets left in place, each with why.
+    pub kept: Vec<String>,
+}
+
 #[derive(Serialize, Deserialize)]
 struct Journal {
     version: u32,
@@ -219,6 +230,87 @@ impl Installer {
             "rolled back"
         );
         Ok(installed)
+    }
+
+    /// Removes the targets of `name` that still hold exactly what the
+    /// agent installed (the current version, as its archive records it),
+    /// then forgets the installed versions (blocking: call from a blocking
+    /// thread).
+    ///
+    /// A target someone changed since is not the agent's any more: it is
+    /// kept, and named with why. Each target is reached through
+    /// [`crate::dir`] like an install's, so no link is followed, and a
+    /// link or anything else that is not a regular file is never removed.
+    /// Directories stay: the agent cannot tell which it made.
+    pub fn remove(&self, name: &str) -> Result<Removed, InstallError> {
+        let targets = self.targets(name)?;
+        let _guard = self.lock.lock().expect("install lock poisoned");
+        let version = self.current(name)?;
+        let mut removed = Removed {
+            version,
+            ..Removed::default()
+        };
+        if version == 0 {
+            return Ok(removed);
+        }
+        let (fullchain, key) = self.read_archived(name, version)?;
+        let bundle =
+            Bundle::parse(&fullchain, Some(&key), &[]).map_err(|source| InstallError::Invalid {
+                name: name.to_owned(),
+                version,
+                source,
+            })?;
+        for (target, data) in contents(&bundle, &key, targets) {
+            let path = target.path.display().to_string();
+            let found = open_parent(&target, false)
+                .and_then(|(dir, file)| Ok((dir.read_regular(&file, data.len())?, dir, file)));
+            match found {
+                Ok((Some(file), dir, name)) if file.data == data => {
+                    dir.remove(&name)?;
+                    dir.sync()?;
+                    removed.removed.push(path);
+                }
+                Ok((Some(_), _, _)) => removed
+                    .kept
+                    .push(format!("{path} does not hold what the agent installed")),
+                Ok((None, _, _)) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => removed.kept.push(e.to_string()),
+            }
+        }
+        self.forget(name)?;
+        info!(
+            certificate = name,
+            version,
+            removed = removed.removed.len(),
+            kept = removed.kept.len(),
+            "removed"
+        );
+        Ok(removed)
+    }
+
+    /// Drops `name`'s `current` record and archived versions: the next
+    /// install starts as on a fresh node, whatever version it names.
+    fn forget(&self, name: &str) -> Result<(), InstallError> {
+        let dir = self.dir(name);
+        let current = dir.join("current");
+        match std::fs::remove_file(&current) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&current)(e)),
+            _ => {}
+        }
+        sync_dir(&dir)?;
+        for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
+            let entry = entry.map_err(io(&dir))?;
+            if entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+            {
+                let path = entry.path();
+                std::fs::remove_dir_all(&path).map_err(io(&path))?;
+            }
+        }
+        sync_dir(&dir)
     }
 
     fn read_archived(&self, name: &str, version: u32) -> Result<(String, String), InstallError> {
@@ -585,6 +677,48 @@ mod tests {
             );
         }
         assert_eq!(installer.status("web").unwrap().version, 1);
+    }
+
+    #[test]
+    fn remove_takes_only_what_the_agent_installed() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = targets(dir.path());
+        let installer =
+            Installer::open(&dir.path().join("state"), std::slice::from_ref(&t)).unwrap();
+        // Nothing installed: nothing to do, and no error.
+        assert_eq!(installer.remove("web").unwrap().version, 0);
+        let (chain, key) = bundle("a.example.org");
+        installer.install("web", 3, &chain, &key, &[]).unwrap();
+        // Someone else's file beside the targets, and an edited target.
+        let other = dir.path().join("live/other.pem");
+        std::fs::write(&other, "not ours").unwrap();
+        let key_path = dir.path().join("private/server.key");
+        std::fs::write(&key_path, "edited by hand").unwrap();
+        let removed = installer.remove("web").unwrap();
+        assert_eq!(removed.version, 3);
+        let fullchain = dir.path().join("live/fullchain.pem");
+        assert_eq!(removed.removed, [fullchain.display().to_string()]);
+        assert_eq!(
+            removed.kept,
+            [format!(
+                "{} does not hold what the agent installed",
+                key_path.display()
+            )]
+        );
+        assert!(!fullchain.exists());
+        assert_eq!(
+            std::fs::read_to_string(&key_path).unwrap(),
+            "edited by hand"
+        );
+        assert_eq!(std::fs::read_to_string(&other).unwrap(), "not ours");
+        assert_eq!(installer.status("web").unwrap().version, 0);
+        // A later install starts afresh, at whatever version it names.
+        installer.install("web", 4, &chain, &key, &[]).unwrap();
+        assert_eq!(installer.status("web").unwrap().version, 4);
+        assert!(
+            installer.rollback("web").is_err(),
+            "version 3 was forgotten"
+        );
     }
 
     #[test]

@@ -325,6 +325,26 @@ impl Agent for AgentService {
         .await
     }
 
+    async fn remove_certificate(
+        &self,
+        request: Request<pb::RemoveCertificateRequest>,
+    ) -> Result<Response<pb::RemoveCertificateResponse>, Status> {
+        bounded("RemoveCertificate", async {
+            let name = request.into_inner().certificate;
+            let installer = Arc::clone(&self.installer);
+            let removed = tokio::task::spawn_blocking(move || installer.remove(&name))
+                .await
+                .map_err(|e| Status::internal(format!("remove task: {e}")))?
+                .map_err(install_status)?;
+            Ok(Response::new(pb::RemoveCertificateResponse {
+                version: removed.version,
+                removed: removed.removed,
+                kept: removed.kept,
+            }))
+        })
+        .await
+    }
+
     async fn get_status(
         &self,
         _request: Request<pb::GetStatusRequest>,

@@ -29,7 +29,6 @@ use instant_acme::{
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use sha2::{Digest, Sha256};
-use tokio::sync::OnceCell;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
@@ -185,7 +184,16 @@ pub struct AcmeAccount {
     dir: PathBuf,
     /// The one client every request to the CA goes through.
     http: AcmeHttp,
-    account: OnceCell<Account>,
+    /// The account once loaded or created. A lock rather than a once-cell:
+    /// a key rollover replaces it (see `rollover`), and no order may
+    /// start with the old key while that runs.
+    account: tokio::sync::Mutex<Option<Account>>,
+    /// The credentials file's name before its directory hash:
+    /// [`MAIN_ACCOUNT_FILE`], or [`STAGING_ACCOUNT_FILE`] for dry runs.
+    file_prefix: &'static str,
+    /// Whether the CA's directory offers ARI (`renewalInfo`), once a
+    /// [`AcmeAccount::renewal_info`] call has found out.
+    ari_offered: std::sync::OnceLock<bool>,
 }
 
 impl AcmeAccount {
@@ -196,7 +204,9 @@ impl AcmeAccount {
             http: http_client(config)?,
             config: config.clone(),
             dir: state_dir.join("acme"),
-            account: OnceCell::new(),
+            account: tokio::sync::Mutex::new(None),
+            file_prefix: MAIN_ACCOUNT_FILE,
+            ari_offered: std::sync::OnceLock::new(),
         })
     }
 
@@ -205,7 +215,7 @@ impl AcmeAccount {
     fn credentials_path(&self) -> PathBuf {
         let digest = Sha256::digest(self.config.directory.as_bytes());
         let id = certfleet_proto::bundle::hex(&digest[..8]);
-        self.dir.join(format!("account-{id}.json"))
+        self.dir.join(format!("{}-{id}.json", self.file_prefix))
     }
 
     /// The CA's terms-of-service URL from its directory's `meta`
@@ -229,8 +239,16 @@ impl AcmeAccount {
             .unwrap_or(fallback)
     }
 
-    pub async fn get(&self) -> Result<&Account, AcmeSetupError> {
-        self.account.get_or_try_init(|| self.load_or_create()).await
+    /// The account, loaded or created on first use. instant-acme's
+    /// `Account` is a cheap handle: an order keeps the key it started with.
+    pub async fn get(&self) -> Result<Account, AcmeSetupError> {
+        let mut cached = self.account.lock().await;
+        if let Some(account) = &*cached {
+            return Ok(account.clone());
+        }
+        let account = self.load_or_create().await?;
+        *cached = Some(account.clone());
+        Ok(account)
     }
 
     async fn load_or_create(&self) -> Result<Account, AcmeSetupError> {
@@ -517,6 +535,334 @@ impl AcmeAccount {
             nonce_retry!(deadline, order.refresh().await.map(drop))?;
             polls += 1;
             debug!(polls, status = ?order.state().status, "polled the order");
+        }
+    }
+}
+
+/// Why an account command (`certfleet account ...`) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AccountError {
+    #[error(transparent)]
+    Setup(Box<AcmeSetupError>),
+    #[error("ACME account {url} at {directory}: {action}: {}", problem_text(.source))]
+    Ca {
+        url: String,
+        directory: String,
+        action: &'static str,
+        source: Box<instant_acme::Error>,
+    },
+    #[error("contact {contact:?}: {reason} (give each as --contact mailto:ops@example.org)")]
+    Contact {
+        contact: String,
+        reason: &'static str,
+    },
+    #[error(
+        "the CA now holds the new key of ACME account {url}, but storing it in {path} failed: {reason}. \
+         The coordinator keeps using the new key until it stops; free the disk or fix the \
+         directory's permissions, then run `certfleet account rollover` again to store a fresh one"
+    )]
+    NotStored {
+        url: String,
+        path: PathBuf,
+        reason: String,
+    },
+}
+
+impl From<AcmeSetupError> for AccountError {
+    fn from(e: AcmeSetupError) -> Self {
+        Self::Setup(Box::new(e))
+    }
+}
+
+impl AccountError {
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            Self::Contact { .. } => ErrorKind::Config,
+            Self::NotStored { .. } => ErrorKind::Store,
+            Self::Ca { .. } => ErrorKind::Acme,
+            Self::Setup(e) => match **e {
+                AcmeSetupError::TermsNotAgreed { .. } => ErrorKind::Config,
+                AcmeSetupError::Credentials { .. } => ErrorKind::Store,
+                _ => ErrorKind::Acme,
+            },
+        }
+    }
+}
+
+/// A CA refusal's problem document, `type` and `detail` unchanged
+/// (RFC 7807); any other error in words.
+fn problem_text(err: &instant_acme::Error) -> String {
+    match err {
+        instant_acme::Error::Api(p) => format!(
+            "{}: {}",
+            p.r#type.as_deref().unwrap_or("(no type)"),
+            p.detail.as_deref().unwrap_or("(no detail)")
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// The account as `certfleet account` shows it. Never the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountSummary {
+    /// The account's URL at the CA.
+    pub url: String,
+    pub directory: String,
+    pub contacts: Vec<String>,
+    /// "valid" once the CA has answered for the key just now.
+    pub status: String,
+    /// RFC 7638 thumbprint of the account's public key, base64url.
+    pub key_thumbprint: String,
+}
+
+/// Checks a contact before it goes to the CA: RFC 8555 §7.3 contacts are
+/// URLs, and the CAs certfleet targets (Let's Encrypt, Pebble) take only
+/// `mailto:` ones with a single address.
+pub fn check_contact(contact: &str) -> Result<(), AccountError> {
+    let refuse = |reason| AccountError::Contact {
+        contact: contact.to_owned(),
+        reason,
+    };
+    let address = contact
+        .strip_prefix("mailto:")
+        .ok_or_else(|| refuse("not a mailto: URL"))?;
+    let (local, domain) = address
+        .split_once('@')
+        .ok_or_else(|| refuse("no @ in the address"))?;
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_graphic() && !b",;<>@?&%\"".contains(&b))
+    };
+    if !plain(local) || !plain(domain) || !domain.contains('.') {
+        return Err(refuse(
+            "not one plain address (no spaces, commas, queries or encoded characters)",
+        ));
+    }
+    Ok(())
+}
+
+/// The account commands: show, change the contacts, roll the key over.
+impl AcmeAccount {
+    /// Where the contacts certfleet last gave the CA are kept. The CA
+    /// holds them too, but instant-acme does not read the account object
+    /// back.
+    fn contacts_path(&self) -> PathBuf {
+        self.credentials_path().with_extension("contacts.json")
+    }
+
+    /// The contacts last set with `account update`, or else the config's
+    /// (which the account was created with).
+    fn contacts(&self) -> Result<Vec<String>, AcmeSetupError> {
+        let path = self.contacts_path();
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AcmeSetupError::Credentials {
+                path,
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(self.config.contact.clone()),
+            Err(e) => Err(AcmeSetupError::Credentials {
+                path,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    fn ca_error(
+        &self,
+        url: &str,
+        action: &'static str,
+    ) -> impl FnOnce(instant_acme::Error) -> AccountError {
+        let (url, directory) = (url.to_owned(), self.config.directory.clone());
+        move |source| AccountError::Ca {
+            url,
+            directory,
+            action,
+            source: Box::new(source),
+        }
+    }
+
+    fn summary(&self, account: &Account) -> Result<AccountSummary, AccountError> {
+        Ok(AccountSummary {
+            url: account.id().to_owned(),
+            directory: self.config.directory.clone(),
+            contacts: self.contacts()?,
+            status: "valid".to_owned(),
+            key_thumbprint: account.key_thumbprint().to_owned(),
+        })
+    }
+
+    /// The account, after asking the CA whether the stored key still
+    /// names a valid account (a new-account request with
+    /// `onlyReturnExisting`, RFC 8555 §7.3.1): an account deactivated or
+    /// rolled over elsewhere shows as the CA's refusal, not as "valid".
+    pub async fn show(&self) -> Result<AccountSummary, AccountError> {
+        let account = self.get().await?;
+        let path = self.credentials_path();
+        let bytes = std::fs::read(&path).map_err(|e| AcmeSetupError::Credentials {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let creds: AccountCredentials =
+            serde_json::from_slice(&bytes).map_err(|e| AcmeSetupError::Credentials {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        let pkcs8 = creds.private_key();
+        let deadline = Instant::now() + self.config.ca_timeout;
+        let found = nonce_retry!(
+            deadline,
+            async {
+                let key = instant_acme::Key::from_pkcs8_der(pkcs8.clone_key())?;
+                let der = rustls::pki_types::PrivateKeyDer::Pkcs8(pkcs8.clone_key());
+                Account::builder_with_http(Box::new(self.http.clone()))
+                    .from_key((key, der), self.config.directory.clone())
+                    .await
+            }
+            .await
+        )
+        .map_err(self.ca_error(account.id(), "asking the CA for the account"))?;
+        if found.0.id() != account.id() {
+            return Err(AccountError::Ca {
+                url: account.id().to_owned(),
+                directory: self.config.directory.clone(),
+                action: "asking the CA for the account",
+                source: Box::new(instant_acme::Error::Other(
+                    format!("the CA says the stored key belongs to {}", found.0.id()).into(),
+                )),
+            });
+        }
+        self.summary(&account)
+    }
+
+    /// Replaces the account's contacts at the CA (RFC 8555 §7.3.2), then
+    /// records them for `show`.
+    pub async fn update_contacts(
+        &self,
+        contacts: &[String],
+    ) -> Result<AccountSummary, AccountError> {
+        for contact in contacts {
+            check_contact(contact)?;
+        }
+        let account = self.get().await?;
+        let list: Vec<&str> = contacts.iter().map(String::as_str).collect();
+        let deadline = Instant::now() + self.config.ca_timeout;
+        nonce_retry!(deadline, account.update_contacts(&list).await)
+            .map_err(self.ca_error(account.id(), "updating the contacts"))?;
+        let path = self.contacts_path();
+        let json = serde_json::to_vec(contacts).map_err(|e| AcmeSetupError::Credentials {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        fsio::write_atomic(&path, &json, 0o600).map_err(|e| AcmeSetupError::Credentials {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        info!(
+            id = account.id(),
+            contacts = contacts.len(),
+            "updated the ACME account's contacts"
+        );
+        self.summary(&account)
+    }
+
+    /// Rolls the account key over (RFC 8555 §7.3.5) and stores the new
+    /// credentials (write-temp, fsync, rename; mode 0600) in place of the
+    /// old, which the CA no longer accepts.
+    ///
+    /// The cached account is locked throughout: no order starts with the
+    /// old key, and every order after uses the new one. An order already
+    /// under way keeps the key it started with, and its later requests are
+    /// refused by the CA.
+    pub async fn rollover(&self) -> Result<AccountSummary, AccountError> {
+        let mut cached = self.account.lock().await;
+        let mut account = match &*cached {
+            Some(account) => account.clone(),
+            None => self.load_or_create().await?,
+        };
+        let url = account.id().to_owned();
+        let deadline = Instant::now() + self.config.ca_timeout;
+        let creds = nonce_retry!(deadline, account.update_key().await)
+            .map_err(self.ca_error(&url, "rolling the key over"))?;
+        // The CA has switched: from here on only the new key works.
+        *cached = Some(account.clone());
+        let path = self.credentials_path();
+        let not_stored = |reason: String| AccountError::NotStored {
+            url: url.clone(),
+            path: path.clone(),
+            reason,
+        };
+        let json = serde_json::to_vec(&creds).map_err(|e| not_stored(e.to_string()))?;
+        fsio::write_atomic(&path, &json, 0o600).map_err(|e| not_stored(e.to_string()))?;
+        info!(id = %url, path = %path.display(), "rolled the ACME account key over");
+        drop(cached);
+        self.summary(&account)
+    }
+}
+
+/// The main account's credentials file name, before its directory hash.
+pub const MAIN_ACCOUNT_FILE: &str = "account";
+/// The dry-run account's: its own file, so a staging CA's account never
+/// replaces the production one, even when both URLs are the same (tests).
+pub const STAGING_ACCOUNT_FILE: &str = "staging-account";
+
+/// Why the CA's renewal window could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum AriError {
+    #[error(transparent)]
+    Setup(#[from] AcmeSetupError),
+    #[error("reading the certificate's ARI identifier: {0}")]
+    Identifier(String),
+    #[error("asking the CA for the renewal window: {0}")]
+    Acme(#[from] instant_acme::Error),
+}
+
+impl AcmeAccount {
+    /// The account `--dry-run` orders use: at `acme.staging_directory`,
+    /// with its own credentials file under `<state>/acme/`, created on
+    /// first use under the same terms-of-service rule as the main one.
+    /// `None` when no staging directory is configured.
+    pub fn staging(config: &AcmeConfig, state_dir: &Path) -> Result<Option<Self>, AcmeSetupError> {
+        let Some(directory) = &config.staging_directory else {
+            return Ok(None);
+        };
+        let staging = AcmeConfig {
+            directory: directory.clone(),
+            ..config.clone()
+        };
+        let mut account = Self::new(&staging, state_dir)?;
+        account.file_prefix = STAGING_ACCOUNT_FILE;
+        Ok(Some(account))
+    }
+
+    /// Whether the CA offers ARI, once known: an order sends `replaces`
+    /// only then (instant-acme refuses an order with `replaces` otherwise).
+    pub fn ari_offered(&self) -> Option<bool> {
+        self.ari_offered.get().copied()
+    }
+
+    /// The CA's suggested renewal window for the certificate whose leaf is
+    /// `leaf_der` (RFC 9773 §4.2), and how long until asking again. `None`
+    /// when the CA's directory offers no `renewalInfo` (Pebble before 2.6).
+    pub async fn renewal_info(
+        &self,
+        leaf_der: &[u8],
+    ) -> Result<Option<(instant_acme::RenewalInfo, Duration)>, AriError> {
+        let der = CertificateDer::from(leaf_der);
+        let id =
+            instant_acme::CertificateIdentifier::try_from(&der).map_err(AriError::Identifier)?;
+        let account = self.get().await?;
+        match account.renewal_info(&id).await {
+            Ok(answer) => {
+                let _ = self.ari_offered.set(true);
+                Ok(Some(answer))
+            }
+            Err(instant_acme::Error::Unsupported(_)) => {
+                let _ = self.ari_offered.set(false);
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
         }
     }
 }

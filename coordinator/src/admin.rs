@@ -7,10 +7,13 @@
 //!   streaming its progress; a second operation on the certificate is
 //!   refused as busy, naming the first, or waits for it when the request
 //!   says `wait`.
+//! - `history`: the journal as `certfleet history` shows it.
 //! - `convert`: results as protobuf, and the one place an error's kind
 //!   becomes the wire's failure kind or a status code.
 
 mod convert;
+mod history;
+mod renew;
 mod socket;
 mod stream;
 
@@ -34,6 +37,7 @@ use crate::distribute::distribute;
 use crate::enrollment;
 use crate::fleet::{Fleet, Holder, Operation};
 use crate::issue::Issuer;
+use crate::manage;
 use crate::rollout;
 use crate::status;
 use certfleet_proto::clock::now;
@@ -191,58 +195,215 @@ impl Admin for AdminService {
 
     async fn renew(
         &self,
-        _request: Request<pb::RenewCertificatesRequest>,
+        request: Request<pb::RenewCertificatesRequest>,
     ) -> Result<Response<Self::RenewStream>, Status> {
-        Err(Status::unimplemented("renew: not built yet"))
+        let uid = caller_uid(&request);
+        let r = request.into_inner();
+        self.audit(
+            uid,
+            "renew",
+            &format!(
+                "certificates {:?} force {} dry-run {}",
+                r.certificates, r.force, r.dry_run
+            ),
+        );
+        let names: Vec<String> = if r.certificates.is_empty() {
+            let configured = &self.fleet.config().certificates;
+            configured.iter().map(|c| c.name.clone()).collect()
+        } else {
+            r.certificates.clone()
+        };
+        if names.is_empty() {
+            return Err(renew::nothing_configured());
+        }
+        for name in &names {
+            self.known(name)?;
+        }
+        let options = renew::options(&self.fleet, r.force, r.dry_run)?;
+        let now = now();
+        // A dry run tries the order whether or not it is due, as
+        // `certbot renew --dry-run` does.
+        let plans = names
+            .into_iter()
+            .map(|name| renew::Plan {
+                not_due_until: (!r.force && !r.dry_run)
+                    .then(|| {
+                        renew::not_due_until(&self.fleet, self.renewals.as_deref(), &name, now)
+                    })
+                    .flatten(),
+                name,
+            })
+            .collect();
+        let renewer = crate::renewal::FleetRenewer {
+            fleet: Arc::clone(&self.fleet),
+            issuer: Arc::clone(&self.issuer),
+        };
+        Ok(Response::new(renew::renew_all(
+            renewer,
+            self.renewals.clone(),
+            plans,
+            options,
+            uid,
+            r.wait,
+        )))
     }
 
     async fn history(
         &self,
-        _request: Request<pb::HistoryRequest>,
+        request: Request<pb::HistoryRequest>,
     ) -> Result<Response<pb::HistoryResponse>, Status> {
-        Err(Status::unimplemented("history: not built yet"))
+        history::history(&self.fleet, request.get_ref()).map(Response::new)
     }
 
     async fn revoke(
         &self,
-        _request: Request<pb::RevokeRequest>,
+        request: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
-        Err(Status::unimplemented("revoke: not built yet"))
+        let uid = caller_uid(&request);
+        let r = request.into_inner();
+        self.audit(
+            uid,
+            "revoke",
+            &format!(
+                "certificate {:?} version {} reason {:?}",
+                r.certificate, r.version, r.reason
+            ),
+        );
+        self.known(&r.certificate)?;
+        let reason = manage::parse_reason(&r.reason).map_err(|e| refusal(e.kind(), e))?;
+        // Unary, so it does not wait: a busy certificate is refused at once.
+        let op = self
+            .fleet
+            .locks()
+            .try_acquire(Holder::new(Operation::Revoke, &r.certificate, uid))
+            .map_err(|busy| refusal(busy.kind(), busy))?;
+        let version = (r.version > 0).then_some(r.version);
+        let revoked = manage::revoke(&self.fleet, self.issuer.acme(), &op, version, reason).await;
+        op.journal().finish_with(&revoked);
+        let revoked = revoked.map_err(|e| refusal(e.kind(), e))?;
+        Ok(Response::new(pb::RevokeResponse {
+            version: revoked.version,
+            serial: revoked.serial,
+        }))
     }
 
     async fn delete(
         &self,
-        _request: Request<pb::DeleteRequest>,
+        request: Request<pb::DeleteRequest>,
     ) -> Result<Response<Self::DeleteStream>, Status> {
-        Err(Status::unimplemented("delete: not built yet"))
+        let uid = caller_uid(&request);
+        let r = request.into_inner();
+        self.audit(
+            uid,
+            "delete",
+            &format!(
+                "certificate {:?} from_nodes {}",
+                r.certificate, r.from_nodes
+            ),
+        );
+        self.known(&r.certificate)?;
+        let fleet = Arc::clone(&self.fleet);
+        let renewals = self.renewals.clone();
+        let holder = Holder::new(Operation::Delete, &r.certificate, uid);
+        Ok(Response::new(stream_operation(
+            self.fleet.locks().clone(),
+            holder,
+            r.wait,
+            move |op, progress| async move {
+                let result = manage::delete(&fleet, &op, r.from_nodes, &progress).await;
+                if result.is_ok()
+                    && let Some(s) = renewals
+                {
+                    s.wake();
+                }
+                convert::deleted_to_pb(&r.certificate, result)
+            },
+        )))
     }
 
     async fn get_account(
         &self,
         _request: Request<pb::GetAccountRequest>,
     ) -> Result<Response<pb::AccountInfo>, Status> {
-        Err(Status::unimplemented("account show: not built yet"))
+        let summary = self
+            .issuer
+            .acme()
+            .show()
+            .await
+            .map_err(|e| refusal(e.kind(), e))?;
+        Ok(Response::new(convert::account_to_pb(summary)))
     }
 
     async fn update_account(
         &self,
-        _request: Request<pb::UpdateAccountRequest>,
+        request: Request<pb::UpdateAccountRequest>,
     ) -> Result<Response<pb::AccountInfo>, Status> {
-        Err(Status::unimplemented("account update: not built yet"))
+        let uid = caller_uid(&request);
+        let contacts = request.into_inner().contacts;
+        self.audit(uid, "account update", &format!("contacts {contacts:?}"));
+        let summary = self
+            .issuer
+            .acme()
+            .update_contacts(&contacts)
+            .await
+            .map_err(|e| refusal(e.kind(), e))?;
+        Ok(Response::new(convert::account_to_pb(summary)))
     }
 
     async fn rollover_account(
         &self,
-        _request: Request<pb::RolloverAccountRequest>,
+        request: Request<pb::RolloverAccountRequest>,
     ) -> Result<Response<pb::AccountInfo>, Status> {
-        Err(Status::unimplemented("account rollover: not built yet"))
+        let uid = caller_uid(&request);
+        self.audit(uid, "account rollover", "the ACME account key");
+        let summary = self
+            .issuer
+            .acme()
+            .rollover()
+            .await
+            .map_err(|e| refusal(e.kind(), e))?;
+        Ok(Response::new(convert::account_to_pb(summary)))
     }
 
     async fn import(
         &self,
-        _request: Request<pb::ImportRequest>,
+        request: Request<pb::ImportRequest>,
     ) -> Result<Response<pb::ImportResponse>, Status> {
-        Err(Status::unimplemented("import: not built yet"))
+        let uid = caller_uid(&request);
+        let r = request.into_inner();
+        let lineage = crate::import::Lineage {
+            name: r.lineage,
+            fullchain_pem: r.fullchain_pem,
+            privkey_pem: r.privkey_pem,
+            domains: r.domains,
+        };
+        let given = (!r.certificate.is_empty()).then_some(r.certificate.as_str());
+        let spec = crate::import::target(self.fleet.config(), given, &lineage)
+            .map_err(|e| refusal(e.kind(), e))?;
+        self.audit(
+            uid,
+            "import",
+            &format!(
+                "certbot lineage {:?} into certificate {:?}",
+                lineage.name, spec.name
+            ),
+        );
+        let op = self
+            .fleet
+            .locks()
+            .try_acquire(Holder::new(Operation::Import, &spec.name, uid))
+            .map_err(|busy| refusal(busy.kind(), busy))?;
+        let stored = crate::import::import(&self.fleet, &op, &lineage, now());
+        op.journal().finish_with(&stored);
+        let stored = stored.map_err(|e| refusal(e.kind(), e))?;
+        drop(op);
+        // The imported version's validity sets the next renewal.
+        if let Some(s) = &self.renewals {
+            s.wake();
+        }
+        Ok(Response::new(pb::ImportResponse {
+            imported: Some(convert::stored_to_pb(&stored)),
+        }))
     }
 
     async fn restart(
@@ -305,23 +466,35 @@ impl Admin for AdminService {
     ) -> Result<Response<Self::IssueStream>, Status> {
         let uid = caller_uid(&request);
         let r = request.into_inner();
-        self.audit(uid, "issue", &format!("certificate {:?}", r.certificate));
+        self.audit(
+            uid,
+            "issue",
+            &format!(
+                "certificate {:?} force {} dry-run {}",
+                r.certificate, r.force, r.dry_run
+            ),
+        );
         self.known(&r.certificate)?;
+        let options = renew::options(&self.fleet, r.force, r.dry_run)?;
         let issuer = Arc::clone(&self.issuer);
         let renewals = self.renewals.clone();
-        let holder = Holder::new(Operation::Issue, &r.certificate, uid);
+        let operation = renew::operation(options, Operation::Issue);
+        let holder = Holder::new(operation, &r.certificate, uid);
         Ok(Response::new(stream_operation(
             self.fleet.locks().clone(),
             holder,
             r.wait,
             move |op, progress| async move {
-                match issuer.issue(&op, &progress).await {
-                    Ok(issued) => {
+                match issuer.issue_with(&op, &progress, options).await {
+                    Ok(crate::issue::Ordered::Issued(issued)) => {
                         // The new version sets the next renewal.
                         if let Some(s) = renewals {
                             s.wake();
                         }
                         convert::issued_to_pb(&issued)
+                    }
+                    Ok(crate::issue::Ordered::DryRun(dry)) => {
+                        convert::dry_run_to_pb(op.certificate(), &dry)
                     }
                     Err(failed) => convert::issue_failed_to_pb(&failed),
                 }

@@ -88,6 +88,8 @@ struct RawConfig {
     #[serde(default)]
     renewal: RawRenewal,
     #[serde(default)]
+    recovery: RecoveryConfig,
+    #[serde(default)]
     certificates: Vec<RawCertificate>,
 }
 
@@ -113,6 +115,7 @@ struct RawAcme {
     extra_roots: Vec<PathBuf>,
     ca_timeout_secs: Option<u64>,
     external_account: Option<RawExternalAccount>,
+    staging_directory: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -171,6 +174,8 @@ pub struct Config {
     pub placement: PlacementConfig,
     pub enrollment: EnrollmentConfig,
     pub renewal: RenewalConfig,
+    /// What a coordinator that was stopped mid-operation does at its next start.
+    pub recovery: RecoveryConfig,
     pub certificates: Vec<CertificateSpec>,
 }
 
@@ -224,6 +229,11 @@ pub struct AcmeConfig {
     /// External account binding (RFC 8555 §7.3.4), for CAs that require
     /// one (ZeroSSL, Google Trust Services, ...).
     pub external_account: Option<ExternalAccount>,
+    /// A staging CA's ACME directory URL, which `--dry-run` orders run
+    /// against with their own account (never the production account: a
+    /// dry run must not count towards the production CA's limits). `None`:
+    /// dry runs are refused, naming this key.
+    pub staging_directory: Option<String>,
 }
 
 /// An external account binding: the CA's key id and MAC key.
@@ -277,6 +287,28 @@ pub struct RenewalConfig {
     pub enabled: bool,
     /// When to renew, see [`crate::renewal::Policy`].
     pub policy: crate::renewal::Policy,
+}
+
+/// `[recovery]`: how a rollout cut off by a crash is healed at the next
+/// start (`crate::recovery`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryConfig {
+    #[serde(default)]
+    pub rollout: RolloutRecovery,
+}
+
+/// `recovery.rollout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RolloutRecovery {
+    /// Restart the nodes the rollout had not yet verified, so that every
+    /// node serves the live version.
+    #[default]
+    Resume,
+    /// Put every node the rollout had touched back on the version it had,
+    /// so that every node serves the previous version.
+    Rollback,
 }
 
 /// What a renewal does after the new version is stored.
@@ -410,6 +442,7 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         placement: validate_placement(raw.placement, &invalid)?,
         enrollment: validate_enrollment(raw.enrollment, &invalid)?,
         renewal: validate_renewal(raw.renewal, &invalid)?,
+        recovery: raw.recovery,
         certificates: validate_certificates(raw.certificates, &invalid)?,
     })
 }
@@ -505,6 +538,14 @@ fn validate_acme(raw: RawAcme, invalid: Invalid<'_>) -> Result<AcmeConfig, Confi
         None => None,
         Some(eab) => Some(validate_external_account(eab, invalid)?),
     };
+    if let Some(staging) = &raw.staging_directory
+        && !staging.starts_with("https://")
+    {
+        return Err(invalid(
+            "acme.staging_directory".into(),
+            format!("{staging:?} must be an https:// URL"),
+        ));
+    }
     Ok(AcmeConfig {
         directory,
         contact: raw.contact,
@@ -520,6 +561,7 @@ fn validate_acme(raw: RawAcme, invalid: Invalid<'_>) -> Result<AcmeConfig, Confi
             invalid,
         )?,
         external_account,
+        staging_directory: raw.staging_directory,
     })
 }
 
@@ -922,6 +964,9 @@ sans = ["CN.example.org", "cn-ucsb-1.example.org"]
         assert!(e.contains("enrollment.listen"), "{e}");
         let e = err(&GOOD.replace("https://localhost", "http://localhost"));
         assert!(e.contains("acme.directory"), "{e}");
+        let staging = "validation_port = 5002\nstaging_directory = \"http://localhost:14001/dir\"";
+        let e = err(&GOOD.replace("validation_port = 5002", staging));
+        assert!(e.contains("acme.staging_directory"), "{e}");
         let e = err(&format!("{GOOD}key = \"dsa\"\n"));
         assert!(e.contains("certificates[0].key"), "{e}");
     }

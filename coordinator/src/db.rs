@@ -1,7 +1,8 @@
 //! The coordinator's records, in an embedded SQLite database
 //! (`<state>/certfleet.db`, mode 0600): registered nodes, join tokens (only
 //! a hash of each secret), what each node has installed, rollouts and their
-//! steps, and the audit log of admin requests.
+//! steps, the journal of every operation (`journal`), and the audit log of
+//! admin requests.
 //!
 //! Calls are short and synchronous behind one mutex; none is on a hot path.
 
@@ -14,6 +15,10 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::ErrorKind;
+
+mod journal;
+
+pub use self::journal::{JournalStep, OperationRecord};
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS nodes (
@@ -57,6 +62,27 @@ CREATE TABLE IF NOT EXISTS rollout_steps (
     ok INTEGER NOT NULL,
     detail TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS operations (
+    id INTEGER PRIMARY KEY,
+    certificate TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    by TEXT NOT NULL,
+    started INTEGER NOT NULL,
+    finished INTEGER,
+    outcome TEXT,
+    version INTEGER NOT NULL DEFAULT 0,
+    order_url TEXT NOT NULL DEFAULT '',
+    names TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS operations_by_certificate ON operations (certificate, id);
+CREATE TABLE IF NOT EXISTS operation_steps (
+    operation INTEGER NOT NULL REFERENCES operations(id),
+    at INTEGER NOT NULL,
+    step TEXT NOT NULL,
+    node TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS operation_steps_by_operation ON operation_steps (operation);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY,
     at INTEGER NOT NULL,

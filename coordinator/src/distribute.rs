@@ -15,6 +15,7 @@ use crate::challenge::{FanOut, FleetNode};
 use crate::config::CertificateSpec;
 use crate::error::ErrorKind;
 use crate::fleet::{Fleet, FleetError, OperationGuard};
+use crate::journal::{Journal, JournalError, step};
 use crate::progress::{Progress, Stage};
 use crate::store::StoreError;
 use crate::transport::{BundleToInstall, NodeInstall, TransportError};
@@ -28,6 +29,8 @@ pub enum DistributeError {
     NoVersion { name: String, version: u32 },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
     #[error("node {0} is not among the nodes serving this certificate")]
     NotServing(String),
     #[error("{}", .failed.iter().map(|(n, e)| format!("node {n} {e}")).collect::<Vec<_>>().join("\n"))]
@@ -43,6 +46,7 @@ impl DistributeError {
             Self::Fleet(e) => e.kind(),
             Self::NoVersion { .. } | Self::NotServing(_) => ErrorKind::Config,
             Self::Store(_) => ErrorKind::Store,
+            Self::Journal(e) => e.kind(),
             Self::Nodes { .. } => ErrorKind::Node,
         }
     }
@@ -52,7 +56,9 @@ impl DistributeError {
         match self {
             Self::Nodes { failed, .. } => failed.iter().map(|(n, _)| n.as_str()).collect(),
             Self::NotServing(node) => vec![node.as_str()],
-            Self::Fleet(_) | Self::NoVersion { .. } | Self::Store(_) => Vec::new(),
+            Self::Fleet(_) | Self::NoVersion { .. } | Self::Store(_) | Self::Journal(_) => {
+                Vec::new()
+            }
         }
     }
 }
@@ -77,8 +83,13 @@ pub async fn distribute(
     let spec = fleet.spec(name)?;
     let bundle = read_bundle(fleet, spec, version)?;
     let nodes = only_nodes(fleet.nodes(spec)?, only)?;
+    let journal = op.journal();
+    journal.version(bundle.version)?;
+    let what = format!("version {}", bundle.version);
+    journal.step(step::INSTALLING, "", &what)?;
     let start = Instant::now();
-    let (mut ok, mut failed) = install_all(fleet.fan_out(), &nodes, &bundle, progress).await;
+    let (mut ok, mut failed) =
+        install_all(fleet.fan_out(), &nodes, &bundle, journal, progress).await;
     let records: Vec<(String, u32, String)> = ok
         .iter()
         .map(|(n, i)| (n.clone(), i.version, i.leaf_sha256.clone()))
@@ -161,10 +172,20 @@ async fn install_all(
     limits: FanOut,
     nodes: &[FleetNode],
     bundle: &BundleToInstall,
+    journal: &Journal,
     progress: &Progress,
 ) -> (Vec<(String, NodeInstall)>, Vec<(String, String)>) {
+    let what = format!("version {}", bundle.version);
     let results = limits
-        .run(nodes, |n| n.transport.install_certificate(bundle))
+        .run(nodes, |n| async {
+            let installed = n.transport.install_certificate(bundle).await;
+            if installed.is_ok() {
+                if let Err(e) = journal.step(step::INSTALLED, &n.node.name, &what) {
+                    warn!(error = %e, node = n.node.name, "installed, but the journal does not say so");
+                }
+            }
+            installed
+        })
         .await;
     let mut ok = Vec::new();
     let mut failed = Vec::new();

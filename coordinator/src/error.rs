@@ -37,11 +37,16 @@ pub enum ErrorKind {
     Rollout,
     /// The coordinator itself failed: a bug, or a setup it cannot redo.
     Internal,
+    /// certfleet's rate-limit guard refused an order that would pass the
+    /// CA's limits: wait until the time the message names, or `--force`.
+    /// Exit code 1, as an operation that failed: nothing is wrong with the
+    /// request, only its time.
+    RateLimited,
 }
 
 impl ErrorKind {
     /// Every kind, for exhaustive tests of the mappings.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::Config,
         Self::Busy,
         Self::Node,
@@ -51,6 +56,7 @@ impl ErrorKind {
         Self::Store,
         Self::Rollout,
         Self::Internal,
+        Self::RateLimited,
     ];
 }
 
@@ -67,8 +73,14 @@ impl IssueError {
             | Self::NoHttp01(_)
             | Self::BadToken { .. } => ErrorKind::Acme,
             Self::Certificate(_) => ErrorKind::Certificate,
-            Self::Key(_) => ErrorKind::Internal,
-            Self::Store(_) | Self::NotStored(_) => ErrorKind::Store,
+            Self::Key(_) | Self::KeyLost => ErrorKind::Internal,
+            Self::OrderGone(_) => ErrorKind::Acme,
+            Self::RateLimited(_) => ErrorKind::RateLimited,
+            Self::History(e) => e.kind(),
+            Self::NoStagingDirectory => ErrorKind::Config,
+            Self::Store(_) | Self::NotStored(_) | Self::Journal(_) | Self::SaveKey { .. } => {
+                ErrorKind::Store
+            }
         }
     }
 }

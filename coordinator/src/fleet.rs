@@ -24,6 +24,7 @@ use crate::challenge::{FanOut, FleetNode};
 use crate::config::{CertificateSpec, Config, Node};
 use crate::db::{Db, DbError, NodeState};
 use crate::error::ErrorKind;
+use crate::journal::Journal;
 use crate::store::{Store, StoreError, Stored};
 use crate::transport::{Connect, ConnectError};
 
@@ -91,11 +92,11 @@ impl Fleet {
     pub fn new(config: Arc<Config>, db: Arc<Db>, store: Store, connect: Box<dyn Connect>) -> Self {
         Self {
             config,
+            locks: OperationLocks::journaled(Arc::clone(&db)),
             db,
             store: Arc::new(store),
             connect,
             transports: Mutex::default(),
-            locks: OperationLocks::default(),
         }
     }
 
@@ -329,6 +330,9 @@ struct LockTable {
     held: Mutex<HashMap<String, Holder>>,
     /// Woken whenever a lock is released.
     released: Notify,
+    /// Where each operation that takes a lock is journaled; `None`: not
+    /// journaled (unit tests of the locks alone).
+    journal: Option<Arc<Db>>,
 }
 
 impl LockTable {
@@ -340,6 +344,15 @@ impl LockTable {
 }
 
 impl OperationLocks {
+    /// Locks whose every operation is journaled in `db` from the moment
+    /// it takes its lock.
+    pub fn journaled(db: Arc<Db>) -> Self {
+        Self(Arc::new(LockTable {
+            journal: Some(db),
+            ..LockTable::default()
+        }))
+    }
+
     /// Takes `holder.certificate`'s lock, or says who has it.
     pub fn try_acquire(&self, holder: Holder) -> Result<OperationGuard, Busy> {
         let mut held = self.0.held();
@@ -347,9 +360,15 @@ impl OperationLocks {
             return Err(Busy(current.clone()));
         }
         held.insert(holder.certificate.clone(), holder.clone());
+        drop(held);
+        let journal = match &self.0.journal {
+            Some(db) => Journal::begin(db, &holder),
+            None => Journal::off(),
+        };
         Ok(OperationGuard {
             locks: self.clone(),
             holder,
+            journal,
         })
     }
 
@@ -388,11 +407,17 @@ impl OperationLocks {
 pub struct OperationGuard {
     locks: OperationLocks,
     holder: Holder,
+    journal: Journal,
 }
 
 impl OperationGuard {
     pub fn certificate(&self) -> &str {
         &self.holder.certificate
+    }
+
+    /// Where this operation's steps are journaled.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
     }
 
     pub fn holder(&self) -> &Holder {

@@ -27,6 +27,7 @@ use crate::acme::{self, AcmeAccount, AcmeSetupError, nonce_retry};
 use crate::challenge::{self, FanOut, FleetNode, NodeError, PendingChallenge, SelfCheckClient};
 use crate::config::{CertificateSpec, Config, KeyType};
 use crate::fleet::{Fleet, FleetError, OperationGuard};
+use crate::journal::{Journal, JournalError, step};
 use crate::progress::{Progress, Stage};
 use crate::store::{Store, StoreError, Stored};
 
@@ -63,10 +64,34 @@ pub enum IssueError {
     Certificate(#[from] InvalidBundle),
     #[error("generating the certificate key or CSR: {0}")]
     Key(String),
+    /// certfleet's own rate-limit guard refused the order before the CA
+    /// was asked (`ratelimit`); `--force` skips it.
+    #[error("refused by the rate-limit guard, before asking the CA: {0}")]
+    RateLimited(#[from] crate::ratelimit::Limited),
+    #[error("reading the certificate's past orders for the rate-limit guard: {0}")]
+    History(crate::db::DbError),
+    #[error(
+        "--dry-run needs a staging CA: set acme.staging_directory in the coordinator's config \
+         to its ACME directory URL (e.g. https://acme-staging-v02.api.letsencrypt.org/directory)"
+    )]
+    NoStagingDirectory,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     NotStored(#[from] crate::store::NotStored),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(
+        "the order was finalized, but the key its CSR was made from is gone; the certificate cannot be used"
+    )]
+    KeyLost,
+    #[error("the CA no longer allows the order {0} to be finished (it is invalid)")]
+    OrderGone(String),
+    #[error("saving the certificate's key for the order at {path}: {source}")]
+    SaveKey {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl IssueError {
@@ -196,6 +221,9 @@ pub struct Issuer {
     config: Arc<Config>,
     store: Arc<Store>,
     acme: AcmeAccount,
+    /// The dry runs' account at `acme.staging_directory`, set up on the
+    /// first dry run (`None` inside: none configured).
+    staging: tokio::sync::OnceCell<Option<AcmeAccount>>,
     self_check: SelfCheckClient,
 }
 
@@ -206,8 +234,40 @@ impl Issuer {
             store: Arc::clone(fleet.shared_store()),
             fleet,
             acme,
+            staging: tokio::sync::OnceCell::new(),
             self_check: SelfCheckClient::default(),
         }
+    }
+
+    /// Runs a new order with `options`: past the rate-limit guard with
+    /// `force`; with `dry_run`, against `acme.staging_directory` with its
+    /// own account, storing nothing.
+    pub async fn issue_with(
+        &self,
+        op: &OperationGuard,
+        progress: &Progress,
+        options: IssueOptions,
+    ) -> Result<Ordered, Failed> {
+        self.run_order(op, progress, Start::New, options).await
+    }
+
+    /// The account an order with `options` talks to the CA with.
+    async fn account_for(&self, options: IssueOptions) -> Result<&AcmeAccount, IssueError> {
+        if !options.dry_run {
+            return Ok(&self.acme);
+        }
+        let config = &self.config;
+        let staging = self
+            .staging
+            .get_or_try_init(|| async { AcmeAccount::staging(&config.acme, &config.state_dir) })
+            .await?;
+        staging.as_ref().ok_or(IssueError::NoStagingDirectory)
+    }
+
+    /// The ACME account every order uses; the account commands and revoke
+    /// go through it too, so a key rollover reaches the next order.
+    pub fn acme(&self) -> &AcmeAccount {
+        &self.acme
     }
 
     /// Issues a new version of the certificate `op` holds the lock of. The
@@ -215,30 +275,77 @@ impl Issuer {
     /// authorizations and version number, and a rollout from seeing the
     /// live version change under it.
     pub async fn issue(&self, op: &OperationGuard, progress: &Progress) -> Result<Issued, Failed> {
+        self.order(op, progress, Start::New).await
+    }
+
+    /// Runs an order from `start`: a new one, or one an interrupted
+    /// operation left (`recovery`).
+    pub async fn order(
+        &self,
+        op: &OperationGuard,
+        progress: &Progress,
+        start: Start,
+    ) -> Result<Issued, Failed> {
+        match self
+            .run_order(op, progress, start, IssueOptions::default())
+            .await?
+        {
+            Ordered::Issued(issued) => Ok(issued),
+            Ordered::DryRun(_) => unreachable!("a dry run only runs when asked for"),
+        }
+    }
+
+    async fn run_order(
+        &self,
+        op: &OperationGuard,
+        progress: &Progress,
+        start: Start,
+        options: IssueOptions,
+    ) -> Result<Ordered, Failed> {
         let name = op.certificate();
-        let failed = |error: FleetError| Failed {
-            error: error.into(),
+        let failed = |error: IssueError| Failed {
+            error,
             order_url: None,
         };
-        let spec = self.fleet.spec(name).map_err(failed)?;
-        let nodes = self.fleet.nodes(spec).map_err(failed)?;
+        let spec = self.fleet.spec(name).map_err(|e| failed(e.into()))?;
+        let nodes = self.fleet.nodes(spec).map_err(|e| failed(e.into()))?;
+        let acme = self.account_for(options).await.map_err(failed)?;
         let span = info_span!("issue", cert = %name, sans = spec.sans.len(), nodes = nodes.len());
         let mut order = OrderRun {
             issuer: self,
             spec,
             nodes: &nodes,
             progress,
+            journal: op.journal(),
             order_url: None,
             placed: Vec::new(),
+            acme,
+            options,
         };
         let mut timings = Timings::default();
-        let start = Instant::now();
-        let result = order.run(&mut timings).instrument(span.clone()).await;
+        let began = Instant::now();
+        let result = order
+            .run(&mut timings, start)
+            .instrument(span.clone())
+            .await;
         timings.cleanup = order.cleanup().instrument(span.clone()).await;
-        timings.total = start.elapsed();
+        timings.total = began.elapsed();
         let _enter = span.enter();
         match result {
-            Ok((stored, reused)) => {
+            Ok((Kept::Checked(bundle), reused)) => {
+                info!(
+                    serial = %bundle.serial,
+                    ms = timings.total.as_millis() as u64,
+                    "dry run: the staging CA issued; nothing stored"
+                );
+                Ok(Ordered::DryRun(DryRun {
+                    bundle,
+                    order_url: order.order_url.unwrap_or_default(),
+                    timings,
+                    reused_authorizations: reused,
+                }))
+            }
+            Ok((Kept::Stored(stored), reused)) => {
                 let ms = |d: Duration| d.as_millis() as u64;
                 let t = &timings;
                 info!(
@@ -252,12 +359,12 @@ impl Issuer {
                     cleanup_ms = ms(t.cleanup),
                     "issued"
                 );
-                Ok(Issued {
+                Ok(Ordered::Issued(Issued {
                     stored,
                     order_url: order.order_url.unwrap_or_default(),
                     timings,
                     reused_authorizations: reused,
-                })
+                }))
             }
             Err(error) => {
                 warn!(%error, "order failed");
@@ -268,6 +375,54 @@ impl Issuer {
             }
         }
     }
+}
+
+/// How to run an order (`certfleet issue --force`, `--dry-run`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IssueOptions {
+    /// Order even when the rate-limit guard refuses.
+    pub force: bool,
+    /// Against `acme.staging_directory` with its own account; the whole
+    /// order runs, placement and self-check on the real nodes, and nothing
+    /// is stored, rescued or made live.
+    pub dry_run: bool,
+}
+
+/// A successful dry run: what the staging CA issued, checked, not stored.
+#[derive(Debug)]
+pub struct DryRun {
+    pub bundle: Bundle,
+    pub order_url: String,
+    pub timings: Timings,
+    pub reused_authorizations: usize,
+}
+
+/// What a successful order produced.
+#[derive(Debug)]
+pub enum Ordered {
+    Issued(Issued),
+    DryRun(DryRun),
+}
+
+/// What [`OrderRun::run`] kept of the certificate.
+enum Kept {
+    /// Stored as the next version and made live.
+    Stored(Stored),
+    /// A dry run's: checked, then dropped.
+    Checked(Bundle),
+}
+
+/// Where an order starts.
+#[derive(Debug)]
+pub enum Start {
+    /// A new order.
+    New,
+    /// The order an interrupted operation created, with the key it had
+    /// saved for its CSR, if it got that far.
+    Resume {
+        order_url: String,
+        key_pem: Option<String>,
+    },
 }
 
 /// What [`OrderRun::authorize`] leaves for the later steps.
@@ -284,8 +439,13 @@ struct OrderRun<'a> {
     spec: &'a CertificateSpec,
     nodes: &'a [FleetNode],
     progress: &'a Progress,
+    /// Each step is journaled before it is taken (`recovery` reads it).
+    journal: &'a Journal,
     order_url: Option<String>,
     placed: Vec<Token>,
+    /// The production account, or the staging one for a dry run.
+    acme: &'a AcmeAccount,
+    options: IssueOptions,
 }
 
 impl OrderRun<'_> {
@@ -299,29 +459,116 @@ impl OrderRun<'_> {
         Instant::now() + self.issuer.config.acme.ca_timeout
     }
 
-    async fn run(&mut self, timings: &mut Timings) -> Result<(Stored, usize), IssueError> {
-        if let Some(stored) = self.store_rescued()? {
-            return Ok((stored, 0));
+    async fn run(
+        &mut self,
+        timings: &mut Timings,
+        start: Start,
+    ) -> Result<(Kept, usize), IssueError> {
+        if !self.options.dry_run {
+            if let Some(stored) = self.store_rescued()? {
+                return Ok((Kept::Stored(stored), 0));
+            }
+            self.issuer.store.preflight()?;
+            if !self.options.force && matches!(start, Start::New) {
+                self.rate_limit_guard()?;
+            }
         }
-        self.issuer.store.preflight()?;
+        let (authorized, saved_key) = match start {
+            Start::New => (self.authorize().await, None),
+            Start::Resume { order_url, key_pem } => (self.reopen(order_url).await, key_pem),
+        };
         let Authorized {
             mut order,
             pending,
             reused,
-        } = timings.time(Step::Authorize, self.authorize()).await?;
+        } = timings.time(Step::Authorize, async { authorized }).await?;
         let answer = !pending.is_empty();
         if answer {
             let placed = self.place_and_check(&pending);
             timings.time(Step::PlaceAndCheck, placed).await?;
         }
-        let ready = self.answer_and_wait(&mut order, answer);
-        timings.time(Step::AnswerAndWait, ready).await?;
-        let (key_pem, csr_der) = self.key_and_csr()?;
-        let chain = self.finalize(&mut order, &csr_der);
+        // An order resumed after the CA took its CSR only waits for the
+        // certificate, which must match the key saved with it.
+        let finalized = matches!(
+            order.state().status,
+            OrderStatus::Processing | OrderStatus::Valid
+        );
+        if !finalized {
+            let ready = self.answer_and_wait(&mut order, answer);
+            timings.time(Step::AnswerAndWait, ready).await?;
+        }
+        let key_pem = match saved_key {
+            Some(key) => key,
+            None if finalized => return Err(IssueError::KeyLost),
+            None => self.new_key()?,
+        };
+        let csr_der = self.csr(&key_pem)?;
+        // A dry run's key goes nowhere: nothing of it is ever stored.
+        let key_file = match self.options.dry_run {
+            true => None,
+            false => self.save_key(&key_pem)?,
+        };
+        let chain = self.finalize(&mut order, (!finalized).then_some(&csr_der[..]));
         let chain = timings.time(Step::Finalize, chain).await?;
+        if self.options.dry_run {
+            let checked = async { self.check_dry_run(&chain, &key_pem) };
+            let bundle = timings.time(Step::Store, checked).await?;
+            return Ok((Kept::Checked(bundle), reused));
+        }
         let stored = async { self.store(&chain, &key_pem) };
         let stored = timings.time(Step::Store, stored).await?;
-        Ok((stored, reused))
+        if let Some(path) = key_file {
+            // Stored with its certificate now; recovery no longer needs it.
+            let _ = std::fs::remove_file(path);
+        }
+        Ok((Kept::Stored(stored), reused))
+    }
+
+    /// The rate-limit guard: refuses an order that would pass the CA's
+    /// limits, counted from this certificate's journaled orders.
+    fn rate_limit_guard(&self) -> Result<(), IssueError> {
+        use crate::ratelimit::{DUPLICATE_WINDOW, FAILED_VALIDATION_WINDOW, check};
+        let now = certfleet_proto::clock::now();
+        let since = now - DUPLICATE_WINDOW.max(FAILED_VALIDATION_WINDOW);
+        let history = self
+            .issuer
+            .fleet
+            .db()
+            .past_orders(&self.spec.name, since)
+            .map_err(IssueError::History)?;
+        let names = self.spec.sans.iter().cloned().collect();
+        Ok(check(now, &names, &history)?)
+    }
+
+    /// A dry run's last step: the chain checked as a real one would be
+    /// (PEM, order, names, key), and nothing written anywhere.
+    fn check_dry_run(&self, chain: &str, key_pem: &str) -> Result<Bundle, IssueError> {
+        let bundle = Bundle::parse(chain, Some(key_pem), &self.spec.sans)?;
+        self.progress.step(
+            Stage::Store,
+            format!(
+                "dry run: the staging CA issued serial {} for {} names and the chain checks out; nothing stored",
+                bundle.serial,
+                bundle.sans.len()
+            ),
+        );
+        Ok(bundle)
+    }
+
+    /// The certificate this order replaces, for the CA's ARI (RFC 9773
+    /// §5): the live one, when the CA is known to offer ARI (instant-acme
+    /// refuses `replaces` otherwise) and this is not a dry run.
+    fn replaces(&self) -> Option<instant_acme::CertificateIdentifier<'static>> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        if self.options.dry_run || self.acme.ari_offered() != Some(true) {
+            return None;
+        }
+        let live = self.issuer.store.live(&self.spec.name).ok()??;
+        let leaf = CertificateDer::from_pem_slice(live.bundle.leaf_pem.as_bytes()).ok()?;
+        instant_acme::CertificateIdentifier::try_from(&leaf)
+            .ok()
+            .map(instant_acme::CertificateIdentifier::into_owned)
     }
 
     /// Authorize: the account, a new order for every name, and its
@@ -330,17 +577,21 @@ impl OrderRun<'_> {
     /// redone.
     async fn authorize(&mut self) -> Result<Authorized, IssueError> {
         let deadline = self.ca_deadline();
-        let account = self.issuer.acme.get().await?;
+        let account = self.acme.get().await?;
         let identifiers: Vec<Identifier> = self
             .spec
             .sans
             .iter()
             .map(|s| Identifier::Dns(s.clone()))
             .collect();
-        let new_order = NewOrder::new(&identifiers);
+        let mut new_order = NewOrder::new(&identifiers);
+        if let Some(replaced) = self.replaces() {
+            new_order = new_order.replaces(replaced);
+        }
         let mut order = nonce_retry!(deadline, account.new_order(&new_order).await)
             .map_err(IssueError::acme("creating the order"))?;
         self.order_url = Some(order.url().to_owned());
+        self.journal.order(order.url(), &self.spec.sans)?;
         acme::fetch_authorizations(&mut order, deadline)
             .await
             .map_err(IssueError::acme("reading an authorization"))?;
@@ -362,6 +613,41 @@ impl OrderRun<'_> {
         })
     }
 
+    /// Reopens an order an earlier, interrupted operation created
+    /// (`recovery`): a pending one is authorized again from the CA's
+    /// current state; one the CA has since invalidated is refused.
+    async fn reopen(&mut self, url: String) -> Result<Authorized, IssueError> {
+        let deadline = self.ca_deadline();
+        let account = self.issuer.acme.get().await?;
+        let mut order = nonce_retry!(deadline, account.order(url.clone()).await)
+            .map_err(IssueError::acme(format!("reopening the order {url}")))?;
+        self.order_url = Some(url.clone());
+        self.journal.order(&url, &self.spec.sans)?;
+        let status = order.state().status;
+        let (pending, reused) = match status {
+            OrderStatus::Pending => {
+                acme::fetch_authorizations(&mut order, deadline)
+                    .await
+                    .map_err(IssueError::acme("reading an authorization"))?;
+                pending_challenges(&mut order).await?
+            }
+            OrderStatus::Ready | OrderStatus::Processing | OrderStatus::Valid => (Vec::new(), 0),
+            OrderStatus::Invalid => return Err(IssueError::OrderGone(url)),
+        };
+        self.progress.step(
+            Stage::Order,
+            format!(
+                "reopened order {url} ({status:?}): {} to validate",
+                pending.len()
+            ),
+        );
+        Ok(Authorized {
+            order,
+            pending,
+            reused,
+        })
+    }
+
     /// Place and check: every token onto every node, then each fetched
     /// back from each node. A miss ends the order before the CA is told
     /// anything.
@@ -369,6 +655,8 @@ impl OrderRun<'_> {
         let config = &self.issuer.config;
         let limits = self.limits();
         self.placed = pending.iter().map(|p| p.response.token().clone()).collect();
+        let tokens: Vec<&str> = self.placed.iter().map(Token::as_str).collect();
+        self.journal.step(step::PLACING, "", &tokens.join(" "))?;
         let ttl = config.placement.token_ttl;
         challenge::place_all(self.nodes, pending, ttl, limits, self.progress)
             .await
@@ -386,7 +674,8 @@ impl OrderRun<'_> {
             .map_err(|errors| IssueError::Nodes {
                 stage: Stage::SelfCheck,
                 errors,
-            })
+            })?;
+        Ok(self.journal.step(step::PLACED, "", "")?)
     }
 
     /// Answer and wait: every node serves every token, so now, and only
@@ -394,6 +683,7 @@ impl OrderRun<'_> {
     async fn answer_and_wait(&self, order: &mut Order, answer: bool) -> Result<(), IssueError> {
         let deadline = self.ca_deadline();
         let waiting = if answer {
+            self.journal.step(step::ANSWERED, "", "")?;
             answer_challenges(order, deadline).await?;
             self.progress
                 .step(Stage::Validation, "challenges answered; waiting for the CA");
@@ -402,13 +692,16 @@ impl OrderRun<'_> {
             "waiting for the order to be ready"
         };
         let status = self
-            .issuer
             .acme
             .poll_ready(order, deadline)
             .await
             .map_err(IssueError::acme(waiting))?;
         if status != OrderStatus::Ready {
-            return Err(validation_failure(order, deadline).await);
+            let (identifier, error) = validation_failure(order, deadline).await;
+            if let Some(name) = identifier {
+                self.journal.step(step::VALIDATION_FAILED, "", &name)?;
+            }
+            return Err(error);
         }
         self.progress
             .step(Stage::Validation, "the CA validated every name");
@@ -416,16 +709,23 @@ impl OrderRun<'_> {
     }
 
     /// Finalize: send the CSR, wait for the CA to issue, download the chain.
-    async fn finalize(&self, order: &mut Order, csr_der: &[u8]) -> Result<String, IssueError> {
+    async fn finalize(
+        &self,
+        order: &mut Order,
+        csr_der: Option<&[u8]>,
+    ) -> Result<String, IssueError> {
         let deadline = self.ca_deadline();
-        nonce_retry!(deadline, order.finalize_csr(csr_der).await)
-            .map_err(IssueError::acme("finalizing the order"))?;
+        if let Some(csr_der) = csr_der {
+            nonce_retry!(deadline, order.finalize_csr(csr_der).await)
+                .map_err(IssueError::acme("finalizing the order"))?;
+            self.journal.step(step::FINALIZED, "", "")?;
+        }
         let chain = self
-            .issuer
             .acme
             .poll_certificate(order, deadline)
             .await
             .map_err(IssueError::acme("downloading the certificate"))?;
+        self.journal.step(step::ISSUED, "", "")?;
         self.progress
             .step(Stage::Finalize, "certificate downloaded");
         Ok(chain)
@@ -445,6 +745,9 @@ impl OrderRun<'_> {
                 path: config.state_dir.join("live").join(name),
                 source: std::io::Error::other("live/ does not point at the version just written"),
             })?;
+        self.journal.version(version)?;
+        self.journal
+            .step(step::STORED, "", &format!("version {version}"))?;
         self.progress.step(
             Stage::Store,
             format!(
@@ -484,20 +787,52 @@ impl OrderRun<'_> {
         Ok(stored)
     }
 
-    fn key_and_csr(&self) -> Result<(String, Vec<u8>), IssueError> {
+    /// Saves the certificate's key before the CSR goes to the CA, so that a
+    /// coordinator stopped between finalize and store can still store the
+    /// certificate the CA issues (`recovery`). `None` when the operation is
+    /// not journaled (no recovery would read it).
+    fn save_key(&self, key_pem: &str) -> Result<Option<std::path::PathBuf>, IssueError> {
+        let Some(id) = self.journal.id() else {
+            self.journal.step(step::FINALIZING, "", "")?;
+            return Ok(None);
+        };
+        let path = pending_key_path(&self.issuer.config.state_dir, id);
+        let save = |path: &std::path::Path| {
+            if let Some(dir) = path.parent() {
+                certfleet_proto::fsio::create_private_dir(dir)?;
+            }
+            certfleet_proto::fsio::write_atomic(path, key_pem.as_bytes(), 0o600)
+        };
+        save(&path).map_err(|source| IssueError::SaveKey {
+            path: path.clone(),
+            source,
+        })?;
+        self.journal
+            .step(step::FINALIZING, "", &path.display().to_string())?;
+        Ok(Some(path))
+    }
+
+    /// A fresh key of the certificate's configured type, as PEM.
+    fn new_key(&self) -> Result<String, IssueError> {
         use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256, PKCS_RSA_SHA256, RsaKeySize};
-        let key_err = |e: rcgen::Error| IssueError::Key(e.to_string());
         let key = match self.spec.key {
             KeyType::EcdsaP256 => KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256),
             KeyType::Rsa2048 => KeyPair::generate_rsa_for(&PKCS_RSA_SHA256, RsaKeySize::_2048),
             KeyType::Rsa3072 => KeyPair::generate_rsa_for(&PKCS_RSA_SHA256, RsaKeySize::_3072),
             KeyType::Rsa4096 => KeyPair::generate_rsa_for(&PKCS_RSA_SHA256, RsaKeySize::_4096),
         }
-        .map_err(key_err)?;
+        .map_err(|e| IssueError::Key(e.to_string()))?;
+        Ok(key.serialize_pem())
+    }
+
+    /// The CSR (DER) for every name of the certificate, signed by `key_pem`.
+    fn csr(&self, key_pem: &str) -> Result<Vec<u8>, IssueError> {
+        let key_err = |e: rcgen::Error| IssueError::Key(e.to_string());
+        let key = rcgen::KeyPair::from_pem(key_pem).map_err(key_err)?;
         let mut params = rcgen::CertificateParams::new(self.spec.sans.clone()).map_err(key_err)?;
         params.distinguished_name = rcgen::DistinguishedName::new();
         let csr = params.serialize_request(&key).map_err(key_err)?;
-        Ok((key.serialize_pem(), csr.der().to_vec()))
+        Ok(csr.der().to_vec())
     }
 
     /// Takes this order's tokens off every node, whether it succeeded or
@@ -509,8 +844,17 @@ impl OrderRun<'_> {
         let start = Instant::now();
         challenge::remove_all(self.nodes, &self.placed, self.limits(), self.progress).await;
         self.placed.clear();
+        if let Err(e) = self.journal.step(step::TOKENS_REMOVED, "", "") {
+            warn!(error = %e, "tokens removed, but the journal does not say so");
+        }
         start.elapsed()
     }
+}
+
+/// Where an order journaled as operation `id` keeps its certificate's key
+/// between finalize and store.
+pub fn pending_key_path(state_dir: &std::path::Path, id: i64) -> std::path::PathBuf {
+    state_dir.join("orders").join(format!("{id}.key"))
 }
 
 /// The order's authorizations (already fetched) sorted out: each pending
@@ -570,8 +914,8 @@ async fn answer_challenges(order: &mut Order, deadline: Instant) -> Result<(), I
 }
 
 /// The order went invalid: find the challenge the CA failed and pass its
-/// problem document through.
-async fn validation_failure(order: &mut Order, deadline: Instant) -> IssueError {
+/// problem document through, with the name it failed.
+async fn validation_failure(order: &mut Order, deadline: Instant) -> (Option<String>, IssueError) {
     let mut authorizations = order.authorizations();
     while let Some(Ok(mut authz)) = authorizations.next().await {
         let identifier = authz.identifier().to_string();
@@ -579,16 +923,18 @@ async fn validation_failure(order: &mut Order, deadline: Instant) -> IssueError 
             continue;
         };
         if let Some(problem) = state.challenges.iter().find_map(|c| c.error.clone()) {
-            return IssueError::Acme {
+            let error = IssueError::Acme {
                 context: format!("validating {identifier}"),
                 source: instant_acme::Error::Api(problem),
             };
+            return (Some(identifier), error);
         }
     }
-    IssueError::Acme {
+    let error = IssueError::Acme {
         context: "validating".into(),
         source: instant_acme::Error::Str("order became invalid without a challenge error"),
-    }
+    };
+    (None, error)
 }
 
 #[cfg(test)]

@@ -18,11 +18,17 @@
 //!   looking before every node is ready.
 //! - [`distribute`]: a stored version onto every node, each into the
 //!   targets its own agent config declares.
+//! - [`manage`]: revoking a stored version at the CA, and deleting a
+//!   certificate from the store and, when asked, from the nodes.
 //! - [`rollout`]: restart node by node, verify what each serves, roll a
 //!   failed node back and halt.
+//! - [`import`]: a certbot lineage brought in as a certificate's version 1.
 //! - [`status`]: what every node has and serves, and what the last
 //!   rollout recorded (read-only).
 //! - [`store`]: certbot's `archive/` + `live/` layout, swapped atomically.
+//! - [`journal`]: every operation's steps, written before each is taken.
+//! - [`recovery`]: at start, heals what an operation the coordinator was
+//!   stopped in left (tokens, orders, distributions, rollouts).
 //! - [`admin`]: the admin API on a Unix socket, with a progress stream.
 //! - [`progress`]: the events an operation reports.
 //! - [`error`]: the one family of failure kinds every error maps to, which
@@ -41,10 +47,14 @@ pub mod distribute;
 pub mod enrollment;
 pub mod error;
 pub mod fleet;
+pub mod import;
 pub mod issue;
+pub mod journal;
+pub mod manage;
 pub mod pki;
 pub mod progress;
 pub mod ratelimit;
+pub mod recovery;
 pub mod renewal;
 pub mod rollout;
 pub mod status;
@@ -190,9 +200,33 @@ pub async fn run(
             renewal_config.policy,
         )
     });
-    let renewals = scheduler
-        .as_ref()
-        .map(|s| tokio::spawn(Arc::clone(s).run(stop.clone().cancelled_owned())));
+    // What a stopped coordinator left is healed first, under each
+    // certificate's lock; renewals start after it.
+    let recovered = {
+        let (fleet, issuer) = (
+            Arc::clone(&coordinator.fleet),
+            Arc::clone(&coordinator.issuer),
+        );
+        async move {
+            let healed = recovery::recover(&fleet, &issuer).await;
+            if healed > 0 {
+                info!(operations = healed, "healed what the last run left");
+            }
+        }
+    };
+    let renewals = {
+        let scheduler = scheduler.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = recovered => {}
+                () = stop.cancelled() => return,
+            }
+            if let Some(s) = scheduler {
+                s.run(stop.cancelled_owned()).await;
+            }
+        })
+    };
     let admin = tokio::spawn(admin::serve(
         listeners.admin,
         admin::AdminService::new(coordinator.fleet, coordinator.issuer, coordinator.ca_pin)
@@ -203,9 +237,7 @@ pub async fn run(
     info!("shutting down");
     stop.cancel();
     let _ = renewal.await;
-    if let Some(renewals) = renewals {
-        let _ = renewals.await;
-    }
+    let _ = renewals.await;
     admin.await.expect("admin task")?;
     enrollment.await.expect("enrollment task")
 }

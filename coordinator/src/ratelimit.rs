@@ -11,8 +11,11 @@
 //!   [`FAILED_VALIDATION_WINDOW`] (1 hour).
 //!
 //! An order that would pass one is refused with the time it becomes
-//! possible, and `--force` is meant to skip the guard. Not wired yet: the
-//! coordinator does not record its orders' history for [`check`] so far.
+//! possible; `--force` (on `certfleet issue` and `renew`) skips the guard.
+//! The history is the journal's (`Db::past_orders`): every order an
+//! operation of the certificate placed at the production CA, dry runs
+//! left out. The order (`issue.rs`) checks before it asks the CA for
+//! anything, after storing a rescued certificate (which needs no order).
 
 use std::collections::BTreeSet;
 
@@ -148,6 +151,57 @@ mod tests {
         assert!(check(now, &names(&set), &four).is_ok());
         // A week after the first, a slot is free again.
         assert!(check(1_000_000 + 7 * day + 1, &names(&set), &history).is_ok());
+    }
+
+    /// The guard as the order wires it: the journal's orders, read back
+    /// by `Db::past_orders`, into [`check`].
+    #[test]
+    fn five_orders_journaled_as_issued_refuse_the_sixth_and_a_dry_run_does_not_count() {
+        use crate::db::Db;
+        use crate::error::ErrorKind;
+        use crate::issue::IssueError;
+        use crate::journal::step::ISSUED;
+        let db = Db::in_memory().unwrap();
+        let sans = vec![
+            "cn.example.org".to_owned(),
+            "cn-ucsb-1.example.org".to_owned(),
+        ];
+        let journal = |kind: &str, at: i64| {
+            let id = db.begin_operation("cn", kind, "uid 0", at).unwrap();
+            db.set_operation_order(id, &format!("https://ca.test/order/{id}"), &sans)
+                .unwrap();
+            db.journal_step(id, ISSUED, "", "", at + 5).unwrap();
+        };
+        let start = 1_000_000;
+        for i in 0..4 {
+            journal(
+                if i % 2 == 0 { "issue" } else { "renewal" },
+                start + i * 3600,
+            );
+        }
+        journal("dry-run", start + 5 * 3600);
+        let now = start + 6 * 3600;
+        let names: BTreeSet<String> = sans.iter().cloned().collect();
+        let since = now - DUPLICATE_WINDOW;
+        let history = db.past_orders("cn", since).unwrap();
+        assert!(
+            check(now, &names, &history).is_ok(),
+            "four real orders and a dry run"
+        );
+        journal("issue", start + 5 * 3600 + 60);
+        let history = db.past_orders("cn", since).unwrap();
+        let limited = check(now, &names, &history).unwrap_err();
+        assert_eq!(limited.allowed_at(), start + DUPLICATE_WINDOW);
+        // As the order reports it: its own kind, the time, and the way past.
+        let error = IssueError::RateLimited(limited);
+        assert_eq!(error.kind(), ErrorKind::RateLimited);
+        let message = error.to_string();
+        assert!(
+            message.contains("possible at 1970-01-19T13:46:40Z") && message.contains("--force"),
+            "{message}"
+        );
+        // Another certificate's orders are its own.
+        assert!(db.past_orders("other", since).unwrap().is_empty());
     }
 
     #[test]

@@ -3,9 +3,14 @@
 //!
 //! - A certificate is due when [`Policy::share_left`] of its lifetime is
 //!   left (a third by default, as Let's Encrypt advises). [`Policy::due_at`]
-//!   also takes the CA's ARI window (RFC 9773: a random time in it), but the
-//!   daemon does not fetch one yet (the CA it is tested against, Pebble 2.4,
-//!   offers none).
+//!   also takes the CA's ARI window (RFC 9773 §4.2: a random time in it;
+//!   a window already past means due now). The scheduler asks the CA for
+//!   each certificate's window ([`Renew::window`]) at most once per the
+//!   CA's `Retry-After` (clamped by [`ARI_MIN_RECHECK`] and
+//!   [`ARI_MAX_RECHECK`]), all certificates at once and bounded by
+//!   [`ARI_TIMEOUT`], so a slow CA never holds the loop for long. A CA that
+//!   offers no `renewalInfo` (Pebble 2.4) is noted once and not asked
+//!   again: renewals fall back to the share of lifetime left.
 //! - Due times are moved earlier by a random share of [`MAX_JITTER`] (at most
 //!   [`JITTER_SHARE`] of the lifetime), so a fleet of certificates issued
 //!   together does not renew in one burst.
@@ -25,6 +30,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,6 +54,18 @@ pub const JITTER_SHARE: f64 = 0.01;
 /// Longest the loop sleeps before looking again, so a wall clock that
 /// jumps is noticed.
 pub const MAX_SLEEP: Duration = Duration::from_secs(600);
+/// Longest one pass asks the CA for renewal windows (every certificate's
+/// request runs at once, within this).
+pub const ARI_TIMEOUT: Duration = Duration::from_secs(10);
+/// Shortest wait before asking for a certificate's window again, whatever
+/// the CA's `Retry-After` says (a zero or missing one must not make the
+/// scheduler poll the CA at every wake-up).
+pub const ARI_MIN_RECHECK: Duration = Duration::from_secs(60);
+/// Longest wait before asking again: a window the CA moves (a revocation
+/// ahead, RFC 9773 §1) is seen within a day.
+pub const ARI_MAX_RECHECK: Duration = Duration::from_secs(86_400);
+/// Wait before asking again after the CA failed to answer.
+pub const ARI_RETRY_AFTER_FAILURE: Duration = Duration::from_secs(3600);
 
 /// A certificate's validity, seconds since the Unix epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +79,35 @@ pub struct Validity {
 pub struct Window {
     pub start: i64,
     pub end: i64,
+}
+
+/// The CA's word on a certificate's renewal (ARI), as [`Renew::window`]
+/// reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ari {
+    /// The suggested window, and how long until asking again.
+    Window {
+        window: Window,
+        retry_after: Duration,
+    },
+    /// The CA's directory offers no `renewalInfo`.
+    Unsupported,
+    /// The CA did not answer, or not in a way certfleet reads.
+    Failed(String),
+}
+
+/// The window in instant-acme's answer, as Unix seconds.
+pub fn window_from(info: &instant_acme::RenewalInfo) -> Window {
+    Window {
+        start: info.suggested_window.start.unix_timestamp(),
+        end: info.suggested_window.end.unix_timestamp(),
+    }
+}
+
+/// How long until asking the CA for a window again, given its
+/// `Retry-After`: within [`ARI_MIN_RECHECK`] and [`ARI_MAX_RECHECK`].
+pub fn ari_recheck_in(retry_after: Duration) -> Duration {
+    retry_after.clamp(ARI_MIN_RECHECK, ARI_MAX_RECHECK)
 }
 
 /// When certificates are renewed.
@@ -135,6 +182,11 @@ pub struct Entry {
     pub running: bool,
     /// The live certificate's validity, as last seen.
     pub validity: Option<Validity>,
+    /// The CA's renewal window for it (ARI), when it gave one.
+    pub ari: Option<Window>,
+    /// When to ask the CA for the window again (Unix seconds; 0: at the
+    /// next pass).
+    pub ari_next_check: i64,
 }
 
 /// A boxed future, for [`Renew`]'s object-safe methods.
@@ -156,6 +208,12 @@ pub trait Renew: Send + Sync + 'static {
     /// version).
     fn names(&self) -> Vec<String> {
         Vec::new()
+    }
+
+    /// The CA's renewal window for `name`'s live certificate (ARI). The
+    /// scheduler bounds the wait ([`ARI_TIMEOUT`]) and caches the answer.
+    fn window<'a>(&'a self, _name: &'a str) -> BoxFuture<'a, Ari> {
+        Box::pin(async { Ari::Unsupported })
     }
 }
 
@@ -181,6 +239,8 @@ pub struct Scheduler<R: Renew, C: Clock> {
     entries: Mutex<BTreeMap<String, Entry>>,
     changed: Notify,
     jitter: Box<dyn Fn() -> f64 + Send + Sync>,
+    /// The CA said it offers no ARI: not asked again (and logged once).
+    ari_unsupported: AtomicBool,
 }
 
 impl<R: Renew, C: Clock> Scheduler<R, C> {
@@ -198,6 +258,7 @@ impl<R: Renew, C: Clock> Scheduler<R, C> {
             entries: Mutex::new(BTreeMap::new()),
             changed: Notify::new(),
             jitter: Box::new(jitter),
+            ari_unsupported: AtomicBool::new(false),
         }
     }
 
@@ -216,17 +277,21 @@ impl<R: Renew, C: Clock> Scheduler<R, C> {
             last: None,
             running: false,
             validity,
+            ari,
+            ari_next_check: 0,
         });
         if !entry.running {
             entry.next = next;
+            entry.ari = ari;
         }
         drop(entries);
         self.changed.notify_one();
     }
 
     /// Re-reads each tracked certificate's live validity and moves its due
-    /// time if a version was issued by hand in the meantime.
-    fn refresh(&self) {
+    /// time if a version was issued by hand in the meantime. [`Self::run`]
+    /// does this at every wake-up; public so a benchmark can time one pass.
+    pub fn refresh(&self) {
         for name in self.renewer.names() {
             let tracked = self
                 .entries
@@ -254,9 +319,90 @@ impl<R: Renew, C: Clock> Scheduler<R, C> {
             if e.validity != Some(v) && !e.running {
                 e.next = self.policy.due_at(v, None, (self.jitter)());
                 e.failures = 0;
+                // The window was the old certificate's: ask for the new one's.
+                e.ari = None;
+                e.ari_next_check = 0;
             }
             e.validity = Some(v);
         }
+    }
+
+    /// Asks the CA for the renewal window of every certificate whose cached
+    /// answer is due for a recheck, all at once, for at most
+    /// [`ARI_TIMEOUT`], and moves due times into the windows it gives. Once
+    /// the CA says it offers no ARI, never asks again.
+    pub async fn refresh_windows(&self) {
+        if self.ari_unsupported.load(AtomicOrdering::Relaxed) {
+            return;
+        }
+        let now = self.clock.now();
+        let ask: Vec<String> = {
+            let entries = self.entries.lock().expect("renewal entries poisoned");
+            entries
+                .values()
+                .filter(|e| !e.running && e.validity.is_some() && e.ari_next_check <= now)
+                .map(|e| e.name.clone())
+                .collect()
+        };
+        if ask.is_empty() {
+            return;
+        }
+        let answers = futures::future::join_all(ask.iter().map(|name| async move {
+            let answer = tokio::time::timeout(ARI_TIMEOUT, self.renewer.window(name))
+                .await
+                .unwrap_or_else(|_| {
+                    Ari::Failed(format!("no answer within {} s", ARI_TIMEOUT.as_secs()))
+                });
+            (name, answer)
+        }))
+        .await;
+        let now = self.clock.now();
+        let mut entries = self.entries.lock().expect("renewal entries poisoned");
+        for (name, answer) in answers {
+            let Some(e) = entries.get_mut(name) else {
+                continue;
+            };
+            match answer {
+                Ari::Window {
+                    window,
+                    retry_after,
+                } => {
+                    e.ari_next_check = now + ari_recheck_in(retry_after).as_secs() as i64;
+                    if e.ari != Some(window)
+                        && !e.running
+                        && e.failures == 0
+                        && let Some(v) = e.validity
+                    {
+                        e.next = self.policy.due_at(v, Some(window), (self.jitter)());
+                        tracing::info!(
+                            certificate = name,
+                            start = window.start,
+                            end = window.end,
+                            next = e.next,
+                            "renewal window from the CA (ARI)"
+                        );
+                    }
+                    e.ari = Some(window);
+                }
+                Ari::Unsupported => {
+                    if !self.ari_unsupported.swap(true, AtomicOrdering::Relaxed) {
+                        tracing::info!(
+                            "the CA offers no renewal information (ARI, RFC 9773): certificates renew when their configured share of lifetime is left"
+                        );
+                    }
+                    return;
+                }
+                Ari::Failed(why) => {
+                    e.ari_next_check = now + ARI_RETRY_AFTER_FAILURE.as_secs() as i64;
+                    tracing::warn!(certificate = name, %why, retry_in = ?ARI_RETRY_AFTER_FAILURE, "cannot read the renewal window from the CA (ARI); keeping the due time");
+                }
+            }
+        }
+    }
+
+    /// Whether the CA was found to offer no ARI.
+    pub fn ari_unsupported(&self) -> bool {
+        self.ari_unsupported.load(AtomicOrdering::Relaxed)
     }
 
     /// Looks at the store again now (an admin issued a version by hand).
@@ -295,7 +441,13 @@ impl<R: Renew, C: Clock> Scheduler<R, C> {
 
     async fn attempt(&self, name: &str, started: i64) {
         tracing::info!(certificate = name, "renewal due: renewing");
-        let result = self.renewer.renew(name).await;
+        // In a task of its own, so a renewal that panics is a failure
+        // retried on the schedule, not an entry left `running` for ever
+        // (never renewed again, and listed as renewing now).
+        let (renewer, owned) = (Arc::clone(&self.renewer), name.to_owned());
+        let result = tokio::spawn(async move { renewer.renew(&owned).await })
+            .await
+            .unwrap_or_else(|e| Err(format!("the renewal stopped: {e}")));
         let now = self.clock.now();
         let mut entries = self.entries.lock().expect("renewal entries poisoned");
         let Some(entry) = entries.get_mut(name) else {
@@ -307,6 +459,8 @@ impl<R: Renew, C: Clock> Scheduler<R, C> {
                 entry.failures = 0;
                 entry.validity = Some(renewed.validity);
                 entry.next = self.policy.due_at(renewed.validity, None, (self.jitter)());
+                entry.ari = None;
+                entry.ari_next_check = 0;
                 let outcome = match renewed.problem {
                     None => Outcome::Renewed,
                     Some(p) => Outcome::RenewedButNotRolledOut(p),
@@ -327,8 +481,8 @@ impl<R: Renew, C: Clock> Scheduler<R, C> {
     }
 
     /// Seconds until the next attempt that is not running, capped at
-    /// [`MAX_SLEEP`].
-    fn sleep_for(&self) -> Duration {
+    /// [`MAX_SLEEP`]. Public so a benchmark can time it.
+    pub fn sleep_for(&self) -> Duration {
         let now = self.clock.now();
         let entries = self.entries.lock().expect("renewal entries poisoned");
         entries
@@ -345,6 +499,10 @@ impl<R: Renew, C: Clock> Scheduler<R, C> {
         tokio::pin!(stop);
         loop {
             self.refresh();
+            tokio::select! {
+                () = &mut stop => return,
+                () = self.refresh_windows() => {}
+            }
             self.start_due();
             let wait = self.sleep_for();
             tokio::select! {
@@ -365,9 +523,87 @@ pub struct FleetRenewer {
     pub issuer: Arc<crate::issue::Issuer>,
 }
 
+/// What one renewal under its certificate's lock did.
+pub enum RenewRun {
+    /// The order failed; nothing was stored.
+    Failed(crate::issue::Failed),
+    /// A dry run: the staging CA issued a certificate, nothing was stored.
+    DryRun(crate::issue::DryRun),
+    /// A new version was stored, then the certificate's `after_issue` ran;
+    /// `problem` is how that failed, if it did.
+    Issued {
+        issued: crate::issue::Issued,
+        after: crate::config::AfterIssue,
+        problem: Option<(crate::error::ErrorKind, String)>,
+    },
+}
+
+impl RenewRun {
+    /// "version 3 stored, Rollout failed: …", for a renewal whose
+    /// `after_issue` failed.
+    pub fn problem(&self) -> Option<String> {
+        match self {
+            Self::Issued {
+                issued,
+                after,
+                problem: Some((_, e)),
+            } => Some(format!(
+                "version {} stored, {after:?} failed: {e}",
+                issued.stored.version
+            )),
+            _ => None,
+        }
+    }
+}
+
 impl FleetRenewer {
-    async fn renew_now(&self, name: &str) -> Result<Renewed, String> {
+    /// A renewal of the certificate `op` holds the lock of, reporting to
+    /// `progress`: the order (`options` says whether past the rate-limit
+    /// guard, or as a dry run), then, for a stored version, what the
+    /// certificate's `after_issue` says. `certfleet renew` runs this too.
+    pub async fn renew_under(
+        &self,
+        op: &crate::fleet::OperationGuard,
+        progress: &crate::progress::Progress,
+        options: crate::issue::IssueOptions,
+    ) -> RenewRun {
         use crate::config::AfterIssue;
+        use crate::issue::Ordered;
+        let issued = match self.issuer.issue_with(op, progress, options).await {
+            Ok(Ordered::Issued(issued)) => issued,
+            Ok(Ordered::DryRun(dry)) => return RenewRun::DryRun(dry),
+            Err(failed) => return RenewRun::Failed(failed),
+        };
+        let name = op.certificate();
+        let after = self
+            .fleet
+            .spec(name)
+            .map(|s| s.after_issue)
+            .unwrap_or_default();
+        let problem = match after {
+            AfterIssue::None => None,
+            AfterIssue::Distribute => {
+                crate::distribute::distribute(&self.fleet, op, None, &[], progress)
+                    .await
+                    .err()
+                    .map(|e| (e.kind(), e.to_string()))
+            }
+            AfterIssue::Rollout => crate::rollout::rollout(&self.fleet, op, progress)
+                .await
+                .err()
+                .map(|e| (e.kind(), e.to_string())),
+        };
+        if let Some((_, e)) = &problem {
+            tracing::warn!(certificate = name, version = issued.stored.version, error = %e, "renewed, but the after_issue step failed");
+        }
+        RenewRun::Issued {
+            issued,
+            after,
+            problem,
+        }
+    }
+
+    async fn renew_now(&self, name: &str) -> Result<Renewed, String> {
         use crate::fleet::{Holder, Operation};
         let progress = crate::progress::Progress::discard();
         let op = self
@@ -375,48 +611,34 @@ impl FleetRenewer {
             .locks()
             .try_acquire(Holder::new(Operation::Renew, name, None))
             .map_err(|busy| busy.to_string())?;
-        let issued = self
-            .issuer
-            .issue(&op, &progress)
-            .await
-            .map_err(|failed| failed.error.to_string())?;
-        let bundle = &issued.stored.bundle;
-        let validity = Validity {
-            not_before: bundle.not_before,
-            not_after: bundle.not_after,
-        };
-        let after = self
-            .fleet
-            .spec(name)
-            .map(|s| s.after_issue)
-            .unwrap_or_default();
-        let done = match after {
-            AfterIssue::None => Ok(()),
-            AfterIssue::Distribute => {
-                crate::distribute::distribute(&self.fleet, &op, None, &[], &progress)
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string())
+        let options = crate::issue::IssueOptions::default();
+        let run = self.renew_under(&op, &progress, options).await;
+        let problem = run.problem();
+        match run {
+            RenewRun::Failed(failed) => {
+                let why = failed.error.to_string();
+                op.journal().finish(&format!("failed: {why}"));
+                Err(why)
             }
-            AfterIssue::Rollout => crate::rollout::rollout(&self.fleet, &op, &progress)
-                .await
-                .map(drop)
-                .map_err(|e| e.to_string()),
-        };
-        // The new version is stored either way: the next attempt is due by
-        // its lifetime, and the failure is reported, not retried as an order.
-        if let Err(e) = &done {
-            tracing::warn!(certificate = name, version = issued.stored.version, error = %e, "renewed, but the after_issue step failed");
+            RenewRun::DryRun(_) => Err("a dry run stores nothing".into()),
+            // The new version is stored either way: the next attempt is due
+            // by its lifetime, and a failed after_issue is reported, not
+            // retried as an order.
+            RenewRun::Issued { issued, .. } => {
+                match &problem {
+                    None => op.journal().finish("ok"),
+                    Some(p) => op.journal().finish(&format!("failed: {p}")),
+                }
+                let bundle = &issued.stored.bundle;
+                Ok(Renewed {
+                    validity: Validity {
+                        not_before: bundle.not_before,
+                        not_after: bundle.not_after,
+                    },
+                    problem,
+                })
+            }
         }
-        Ok(Renewed {
-            validity,
-            problem: done.err().map(|e| {
-                format!(
-                    "version {} stored, {after:?} failed: {e}",
-                    issued.stored.version
-                )
-            }),
-        })
     }
 }
 
@@ -435,6 +657,30 @@ impl Renew for FleetRenewer {
         Some(Validity {
             not_before: live.bundle.not_before,
             not_after: live.bundle.not_after,
+        })
+    }
+
+    fn window<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Ari> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        Box::pin(async move {
+            let live = match self.fleet.live(name) {
+                Ok(Some(live)) => live,
+                Ok(None) => return Ari::Failed(format!("{name} has no live version")),
+                Err(e) => return Ari::Failed(e.to_string()),
+            };
+            let leaf = match CertificateDer::from_pem_slice(live.bundle.leaf_pem.as_bytes()) {
+                Ok(leaf) => leaf,
+                Err(e) => return Ari::Failed(format!("{name}'s live leaf: {e}")),
+            };
+            match self.issuer.acme().renewal_info(&leaf).await {
+                Ok(Some((info, retry_after))) => Ari::Window {
+                    window: window_from(&info),
+                    retry_after,
+                },
+                Ok(None) => Ari::Unsupported,
+                Err(e) => Ari::Failed(e.to_string()),
+            }
         })
     }
 }
@@ -616,6 +862,212 @@ mod tests {
         assert_eq!(entry.next, *attempts.last().unwrap() + 60 * DAY);
         stop.notify_one();
         run.await.unwrap();
+    }
+
+    /// A recorded `renewalInfo` response: the example of RFC 9773 §4.2, its
+    /// body as the CA sends it...
+    const RECORDED_RENEWAL_INFO: &str = r#"{
+  "suggestedWindow": {
+    "start": "2025-01-02T04:00:00Z",
+    "end": "2025-01-03T04:00:00Z"
+  },
+  "explanationURL": "https://acme.example.com/docs/ari"
+}"#;
+    /// ...and its `Retry-After` header, in seconds.
+    const RECORDED_RETRY_AFTER: u64 = 21_600;
+    /// The recorded window's start and end, Unix seconds.
+    const WINDOW_START: i64 = 1_735_790_400;
+    const WINDOW_END: i64 = 1_735_876_800;
+
+    /// The recorded answer read as the coordinator reads instant-acme's.
+    fn recorded() -> Ari {
+        let info: instant_acme::RenewalInfo = serde_json::from_str(RECORDED_RENEWAL_INFO).unwrap();
+        Ari::Window {
+            window: window_from(&info),
+            retry_after: Duration::from_secs(RECORDED_RETRY_AFTER),
+        }
+    }
+
+    /// Answers every window request with `answer`, counting them.
+    struct AriFake {
+        answer: Ari,
+        asks: AtomicU32,
+    }
+
+    impl Renew for AriFake {
+        fn renew<'a>(&'a self, _name: &'a str) -> BoxFuture<'a, Result<Renewed, String>> {
+            Box::pin(async { Err("not in this test".to_owned()) })
+        }
+
+        fn window<'a>(&'a self, _name: &'a str) -> BoxFuture<'a, Ari> {
+            self.asks.fetch_add(1, Ordering::SeqCst);
+            let answer = self.answer.clone();
+            Box::pin(async move { answer })
+        }
+    }
+
+    /// A scheduler at `now` (Unix seconds) tracking "cn", a 90-day
+    /// certificate issued 30 days before the recorded window starts; jitter
+    /// is always `jitter`.
+    fn ari_scheduler(
+        answer: Ari,
+        now: i64,
+        jitter: f64,
+    ) -> (Arc<Scheduler<AriFake, PausedClock>>, Arc<AriFake>) {
+        let fake = Arc::new(AriFake {
+            answer,
+            asks: AtomicU32::new(0),
+        });
+        let clock = PausedClock {
+            start_unix: now,
+            start: tokio::time::Instant::now(),
+        };
+        let s = Arc::new(Scheduler::new(
+            Arc::clone(&fake),
+            clock,
+            Policy::default(),
+            move || jitter,
+        ));
+        let v = Validity {
+            not_before: WINDOW_START - 30 * DAY,
+            not_after: WINDOW_START + 60 * DAY,
+        };
+        s.track("cn", Some(v), None);
+        (s, fake)
+    }
+
+    #[test]
+    fn the_recorded_renewal_info_reads_as_its_window_in_unix_seconds() {
+        let Ari::Window {
+            window,
+            retry_after,
+        } = recorded()
+        else {
+            panic!("not a window");
+        };
+        assert_eq!(
+            window,
+            Window {
+                start: WINDOW_START,
+                end: WINDOW_END
+            }
+        );
+        assert_eq!(ari_recheck_in(retry_after), Duration::from_secs(6 * 3600));
+        // A CA's Retry-After is clamped both ways.
+        assert_eq!(ari_recheck_in(Duration::ZERO), ARI_MIN_RECHECK);
+        assert_eq!(
+            ari_recheck_in(Duration::from_secs(30 * DAY as u64)),
+            ARI_MAX_RECHECK
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn due_inside_the_cas_window_by_the_jitter_and_asked_again_only_after_retry_after() {
+        let now = WINDOW_START - 10 * DAY;
+        let (s, fake) = ari_scheduler(recorded(), now, 0.25);
+        // By lifetime alone it would be due a month after the CA's window.
+        assert_eq!(s.entries()[0].next, WINDOW_START + 30 * DAY - 900);
+        s.refresh_windows().await;
+        let e = &s.entries()[0];
+        assert_eq!(e.next, WINDOW_START + (WINDOW_END - WINDOW_START) / 4);
+        assert_eq!(e.ari_next_check, now + RECORDED_RETRY_AFTER as i64);
+        // Within the CA's Retry-After, the cached window is used.
+        tokio::time::advance(Duration::from_secs(RECORDED_RETRY_AFTER - 1)).await;
+        s.refresh_windows().await;
+        assert_eq!(fake.asks.load(Ordering::SeqCst), 1);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        s.refresh_windows().await;
+        assert_eq!(fake.asks.load(Ordering::SeqCst), 2);
+        // The same window again: the due time stays where it was.
+        assert_eq!(s.entries()[0].next, e.next);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_window_already_past_means_due_now() {
+        let now = WINDOW_END + 3600;
+        let (s, _fake) = ari_scheduler(recorded(), now, 0.9);
+        s.refresh_windows().await;
+        let e = &s.entries()[0];
+        assert!(e.next <= now, "due at {} but it is {now}", e.next);
+        assert_eq!(s.sleep_for(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ca_without_ari_is_asked_once_and_renewal_falls_back_to_the_lifetime_share() {
+        let now = WINDOW_START - 10 * DAY;
+        let (s, fake) = ari_scheduler(Ari::Unsupported, now, 0.0);
+        let by_lifetime = s.entries()[0].next;
+        for _ in 0..3 {
+            s.refresh_windows().await;
+            tokio::time::advance(Duration::from_secs(2 * DAY as u64)).await;
+        }
+        assert_eq!(fake.asks.load(Ordering::SeqCst), 1);
+        assert!(s.ari_unsupported());
+        assert_eq!(s.entries()[0].next, by_lifetime);
+        assert_eq!(by_lifetime, WINDOW_START + 30 * DAY);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ca_that_fails_to_answer_keeps_the_due_time_and_is_asked_again_in_an_hour() {
+        let now = WINDOW_START - 10 * DAY;
+        let (s, fake) = ari_scheduler(Ari::Failed("connection refused".into()), now, 0.0);
+        let before = s.entries()[0].next;
+        s.refresh_windows().await;
+        let e = &s.entries()[0];
+        assert_eq!(e.next, before);
+        assert_eq!(
+            e.ari_next_check,
+            now + ARI_RETRY_AFTER_FAILURE.as_secs() as i64
+        );
+        s.refresh_windows().await;
+        assert_eq!(fake.asks.load(Ordering::SeqCst), 1);
+    }
+
+    /// Panics on its first call (a bug in the order's code), then renews.
+    struct PanicsOnce {
+        calls: AtomicU32,
+    }
+
+    impl Renew for PanicsOnce {
+        fn renew<'a>(&'a self, _name: &'a str) -> BoxFuture<'a, Result<Renewed, String>> {
+            Box::pin(async move {
+                if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                    panic!("a bug in the renewal");
+                }
+                Ok(Renewed {
+                    validity: ninety_days(),
+                    problem: None,
+                })
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_that_panics_is_a_failure_retried_on_the_schedule() {
+        let clock = PausedClock {
+            start_unix: 1_000_000,
+            start: tokio::time::Instant::now(),
+        };
+        let renewer = Arc::new(PanicsOnce {
+            calls: AtomicU32::new(0),
+        });
+        let s = Arc::new(Scheduler::new(renewer, clock, Policy::default(), || 0.0));
+        s.track("cn", None, None);
+        assert_eq!(s.start_due(), 1);
+        settle().await;
+        let entry = &s.entries()[0];
+        assert!(!entry.running, "a panicked renewal still counts as running");
+        assert!(
+            matches!(&entry.last, Some((_, Outcome::Failed(why))) if why.contains("panicked")),
+            "{entry:?}"
+        );
+        assert_eq!(entry.next, 1_000_000 + 60);
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert_eq!(s.start_due(), 0, "retried before a minute");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(s.start_due(), 1);
+        settle().await;
+        assert_eq!(s.entries()[0].last.as_ref().unwrap().1, Outcome::Renewed);
     }
 
     #[tokio::test(start_paused = true)]

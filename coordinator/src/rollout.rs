@@ -21,6 +21,7 @@ use crate::db::{Db, DbError, RolloutOutcome};
 use crate::distribute::{DistributeError, distribute};
 use crate::error::ErrorKind;
 use crate::fleet::{Fleet, FleetError, OperationGuard};
+use crate::journal::{Journal, JournalError, step};
 use crate::progress::{Progress, Stage};
 use crate::transport::{NodeInstall, RestartReport, TransportError};
 use certfleet_proto::clock::now;
@@ -38,6 +39,12 @@ pub enum RolloutError {
     Registry(#[from] DbError),
     #[error(transparent)]
     Distribute(#[from] DistributeError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(
+        "cannot tell which version to roll back to: {0}; roll back by hand with `certfleet distribute --version N` and `certfleet restart`"
+    )]
+    NoRollbackTarget(String),
     #[error(
         "rollout halted at node {node}: service {service}, step {step}: {detail}\n  rollback: {rollback}\n  untouched: {}",
         if untouched.is_empty() { "none".to_owned() } else { untouched.join(", ") }
@@ -58,7 +65,8 @@ impl RolloutError {
             Self::Fleet(e) => e.kind(),
             Self::Registry(e) => e.kind(),
             Self::Distribute(e) => e.kind(),
-            Self::Halted { .. } => ErrorKind::Rollout,
+            Self::Journal(e) => e.kind(),
+            Self::NoRollbackTarget(_) | Self::Halted { .. } => ErrorKind::Rollout,
         }
     }
 
@@ -67,7 +75,9 @@ impl RolloutError {
         match self {
             Self::Halted { node, .. } => vec![node.as_str()],
             Self::Distribute(e) => e.nodes(),
-            Self::Fleet(_) | Self::Registry(_) => Vec::new(),
+            Self::Fleet(_) | Self::Registry(_) | Self::Journal(_) | Self::NoRollbackTarget(_) => {
+                Vec::new()
+            }
         }
     }
 }
@@ -199,6 +209,21 @@ struct Halt {
     rollback: Rollback,
 }
 
+impl Halt {
+    /// The error a rollout that halted here ends with; `untouched` are the
+    /// nodes it never restarted.
+    fn into_error(self, untouched: Vec<String>) -> RolloutError {
+        RolloutError::Halted {
+            node: self.node,
+            service: self.failure.service,
+            step: self.failure.step,
+            detail: self.failure.detail,
+            rollback: self.rollback,
+            untouched,
+        }
+    }
+}
+
 /// A rollout's row in the database. One dropped without an outcome (the
 /// rollout panicked, or its task was dropped) records
 /// [`RolloutOutcome::Failed`], so no rollout stays "running" for ever.
@@ -254,6 +279,9 @@ struct Run<'a> {
     expected: String,
     progress: &'a Progress,
     record: &'a Record<'a>,
+    /// Each node's restart is journaled before it starts, and its
+    /// verification after (`recovery` resumes after the verified ones).
+    journal: &'a Journal,
 }
 
 impl Run<'_> {
@@ -299,6 +327,17 @@ impl Run<'_> {
     /// Restarts one node; `Err` says where it failed.
     async fn node(&self, n: &FleetNode) -> Result<(), NodeFailure> {
         self.precheck(n).await?;
+        let journal_failed = |e: JournalError| NodeFailure {
+            service: "-".into(),
+            step: "journal".into(),
+            detail: e.to_string(),
+            restarted: false,
+            recorded: false,
+        };
+        let version = format!("version {}", self.version);
+        self.journal
+            .step(step::RESTARTING, &n.node.name, &version)
+            .map_err(journal_failed)?;
         let report = tokio::time::timeout(
             NODE_RESTART_TIMEOUT,
             n.transport
@@ -323,6 +362,9 @@ impl Run<'_> {
             self.record.step(&n.node.name, &step, s.ok, &s.detail);
         }
         if report.ok {
+            if let Err(e) = self.journal.step(step::VERIFIED, &n.node.name, &version) {
+                warn!(error = %e, node = n.node.name, "verified, but the journal does not say so");
+            }
             Ok(())
         } else {
             Err(NodeFailure::from_report(&report))
@@ -389,6 +431,9 @@ impl Run<'_> {
         self.progress
             .node(Stage::Rollback, name, rollback.ok(), &line);
         self.record.step(name, "rollback", rollback.ok(), &line);
+        if let Err(e) = self.journal.step(step::ROLLED_BACK, name, &line) {
+            warn!(error = %e, node = name, "cannot journal the rollback");
+        }
         rollback
     }
 }
@@ -429,10 +474,25 @@ pub async fn restart(
     op: &OperationGuard,
     progress: &Progress,
 ) -> Result<Restarted, RolloutError> {
+    restart_except(fleet, op, progress, &[]).await
+}
+
+/// Restarts like [`restart`], but leaves out the nodes in `verified`: a
+/// rollout resumed after a crash (`recovery`) does not restart again the
+/// nodes it had already proved serve the live version.
+pub async fn restart_except(
+    fleet: &Fleet,
+    op: &OperationGuard,
+    progress: &Progress,
+    verified: &[String],
+) -> Result<Restarted, RolloutError> {
     let name = op.certificate();
     let spec = fleet.spec(name)?;
     let live = fleet.issued(name)?;
-    let nodes = fleet.nodes(spec)?;
+    let mut nodes = fleet.nodes(spec)?;
+    nodes.retain(|n| !verified.contains(&n.node.name));
+    let journal = op.journal();
+    journal.version(live.version)?;
     let record = Record::start(fleet.db(), name, live.version)?;
     let run = Run {
         name,
@@ -440,6 +500,7 @@ pub async fn restart(
         expected: live.bundle.leaf_sha256_hex(),
         progress,
         record: &record,
+        journal,
     };
     let mut done = Vec::with_capacity(nodes.len());
     let mut batches = nodes.chunks(spec.restart_batch);
@@ -450,14 +511,7 @@ pub async fn restart(
             let untouched = batches.flatten().map(|n| n.node.name.clone()).collect();
             record.finish(RolloutOutcome::Halted);
             warn!(certificate = name, node = %halt.node, "rollout halted");
-            return Err(RolloutError::Halted {
-                node: halt.node,
-                service: halt.failure.service,
-                step: halt.failure.step,
-                detail: halt.failure.detail,
-                rollback: halt.rollback,
-                untouched,
-            });
+            return Err(halt.into_error(untouched));
         }
     }
     record.finish(RolloutOutcome::Ok);
@@ -471,6 +525,110 @@ pub async fn restart(
         version: live.version,
         nodes: done,
     })
+}
+
+/// Puts a rollout cut off by a crash back where it started (`recovery`,
+/// with `recovery.rollout = "rollback"`): the version every node served
+/// before is the one the nodes it never restarted still serve. That version
+/// goes back onto every node's disk, and the nodes in `restarted` are
+/// restarted onto it and proved to serve it. Says what it did.
+pub async fn roll_back_nodes(
+    fleet: &Fleet,
+    op: &OperationGuard,
+    progress: &Progress,
+    restarted: &[String],
+) -> Result<String, RolloutError> {
+    let name = op.certificate();
+    let spec = fleet.spec(name)?;
+    let nodes = fleet.nodes(spec)?;
+    let (back, untouched): (Vec<FleetNode>, Vec<FleetNode>) = nodes
+        .into_iter()
+        .partition(|n| restarted.contains(&n.node.name));
+    if untouched.is_empty() {
+        return Ok(
+            "every node had already been restarted onto the live version; nothing to roll back"
+                .to_owned(),
+        );
+    }
+    let (version, expected) = served_before(fleet, name, &untouched).await?;
+    let all: Vec<String> = back
+        .iter()
+        .chain(&untouched)
+        .map(|n| n.node.name.clone())
+        .collect();
+    distribute(fleet, op, Some(version), &all, progress).await?;
+    let record = Record::start(fleet.db(), name, version)?;
+    let run = Run {
+        name,
+        version,
+        expected,
+        progress,
+        record: &record,
+        journal: op.journal(),
+    };
+    let mut done = Vec::new();
+    if let Err(halt) = run.batch(&back, &mut done).await {
+        record.finish(RolloutOutcome::Halted);
+        return Err(halt.into_error(Vec::new()));
+    }
+    record.finish(RolloutOutcome::Ok);
+    for node in &done {
+        let line = format!("serves version {version} again");
+        if let Err(e) = op.journal().step(step::ROLLED_BACK, node, &line) {
+            warn!(error = %e, node, "cannot journal the rollback");
+        }
+    }
+    Ok(format!(
+        "rolled back to version {version}, which the untouched nodes serve: on every node's disk, and {} restarted node(s) serve it again",
+        done.len()
+    ))
+}
+
+/// The version the `untouched` nodes all serve, and its leaf SHA-256,
+/// found among the stored versions by what their endpoints answer.
+async fn served_before(
+    fleet: &Fleet,
+    name: &str,
+    untouched: &[FleetNode],
+) -> Result<(u32, String), RolloutError> {
+    let cannot = |why: String| RolloutError::NoRollbackTarget(why);
+    let mut leaves = std::collections::BTreeSet::new();
+    for n in untouched {
+        let status = n
+            .transport
+            .certificate_status(name, true)
+            .await
+            .map_err(|e| cannot(format!("asking node {}: {e}", n.node.name)))?;
+        for s in status.served {
+            let leaf = s
+                .result
+                .map_err(|e| cannot(format!("node {} {}: {e}", n.node.name, s.address)))?;
+            leaves.insert(leaf);
+        }
+    }
+    let mut leaves = leaves.into_iter();
+    let (Some(leaf), None) = (leaves.next(), leaves.next()) else {
+        return Err(cannot(
+            "the nodes the rollout had not restarted do not all serve one leaf".to_owned(),
+        ));
+    };
+    let live = fleet.issued(name)?.version;
+    for version in (1..=live).rev() {
+        let Some((chain, _)) = fleet
+            .store()
+            .read_version(name, version)
+            .map_err(FleetError::from)?
+        else {
+            continue;
+        };
+        let stored = certfleet_proto::bundle::Bundle::parse(&chain, None, &[]);
+        if stored.is_ok_and(|b| b.leaf_sha256_hex() == leaf) {
+            return Ok((version, leaf));
+        }
+    }
+    Err(cannot(format!(
+        "the untouched nodes serve leaf {leaf}, which is no stored version"
+    )))
 }
 
 /// Distribute the live version, then restart, under one hold of the

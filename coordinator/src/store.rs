@@ -161,15 +161,18 @@ impl Store {
         Ok(Some((version, bundle)))
     }
 
-    /// The highest complete version of `name` in the archive, 0 if none.
+    /// The highest complete version of `name` in the archive, 0 if none;
+    /// after a [`Store::delete`], at least the last version it had, so
+    /// numbering goes on.
     pub fn latest_version(&self, name: &str) -> Result<u32, StoreError> {
+        let deleted = self.deleted_version(name)?;
         let dir = self.archive.join(name);
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(deleted),
             Err(e) => return Err(at(&dir)(e)),
         };
-        let mut latest = 0;
+        let mut latest = deleted;
         for entry in entries {
             let entry = entry.map_err(at(&dir))?;
             let file = entry.file_name();
@@ -323,10 +326,113 @@ impl Store {
     }
 }
 
+/// Deleting a certificate from the store.
+///
+/// The numbering of a deleted certificate goes on where it stopped: nodes
+/// left with its files (a delete without `--from-nodes`) still hold version
+/// N in their agent's archive, and an agent takes a re-sent version N as a
+/// no-op or overwrites its archived copy of it, and rolls back by number.
+/// A fresh version 1 after a delete would be older, to a node, than what it
+/// holds. So the last version is kept in `archive/.<name>.deleted` and
+/// [`Store::latest_version`] counts it.
+impl Store {
+    /// The marker that keeps a deleted certificate's last version number.
+    fn deleted_marker(&self, name: &str) -> PathBuf {
+        self.archive.join(format!(".{name}.deleted"))
+    }
+
+    /// The last version `name` had when it was deleted; 0 if it never was.
+    fn deleted_version(&self, name: &str) -> Result<u32, StoreError> {
+        let marker = self.deleted_marker(name);
+        match std::fs::read_to_string(&marker) {
+            Ok(text) => Ok(text.trim().parse().unwrap_or(0)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(at(&marker)(e)),
+        }
+    }
+
+    /// Removes `live/<name>` and `archive/<name>`; returns the last
+    /// version it had, or `None` when the store held nothing of it.
+    ///
+    /// `live/<name>` goes first, in one rename into a hidden trash entry,
+    /// so a crash at any point never leaves `live/` linking into a half
+    /// removed archive: the certificate is either listed whole or not at
+    /// all. The archive follows the same way; trash a crash left behind is
+    /// removed by the next delete of the name. The version number is
+    /// recorded before anything moves.
+    pub fn delete(&self, name: &str) -> Result<Option<u32>, StoreError> {
+        let (live_dir, archive_dir) = (self.live.join(name), self.archive.join(name));
+        let (live_trash, archive_trash) = (
+            self.live.join(format!(".{name}.trash")),
+            self.archive.join(format!(".{name}.trash")),
+        );
+        for trash in [&live_trash, &archive_trash] {
+            remove_tree(trash)?;
+        }
+        let exists = |p: &Path| std::fs::symlink_metadata(p).is_ok();
+        if !exists(&live_dir) && !exists(&archive_dir) {
+            return Ok(None);
+        }
+        let last = self.latest_version(name)?;
+        let marker = self.deleted_marker(name);
+        write_atomic(&marker, format!("{last}\n").as_bytes(), 0o600).map_err(at(&marker))?;
+        for (dir, trash, parent) in [
+            (&live_dir, &live_trash, &self.live),
+            (&archive_dir, &archive_trash, &self.archive),
+        ] {
+            match std::fs::rename(dir, trash) {
+                Ok(()) => sync_dir(parent).map_err(at(parent))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(at(dir)(e)),
+            }
+            remove_tree(trash)?;
+        }
+        Ok(Some(last))
+    }
+}
+
+/// Removes the tree at `path`, if there is one.
+fn remove_tree(path: &Path) -> Result<(), StoreError> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(at(path)(e)),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn delete_removes_live_and_archive_and_numbering_goes_on() {
+        let state = tempfile::tempdir().unwrap();
+        let store = Store::open(state.path()).unwrap();
+        let (b1, k1) = bundle("a.example.org");
+        store.save("web", &b1, &k1).unwrap();
+        store.save("web", &b1, &k1).unwrap();
+        store.save("other", &b1, &k1).unwrap();
+        assert_eq!(store.delete("web").unwrap(), Some(2));
+        assert!(store.live("web").unwrap().is_none());
+        assert!(!state.path().join("archive/web").exists());
+        let names: Vec<_> = store.list().unwrap().into_iter().map(|s| s.name).collect();
+        assert_eq!(names, ["other"]);
+        assert_eq!(store.delete("web").unwrap(), None, "nothing left to delete");
+        // The next issue is version 3, not 1.
+        assert_eq!(store.save("web", &b1, &k1).unwrap().0, 3);
+        // A crash after live/ went but before the archive did: the next
+        // delete finishes it.
+        std::fs::rename(
+            state.path().join("live/web"),
+            state.path().join("live/.web.trash"),
+        )
+        .unwrap();
+        assert!(store.live("web").unwrap().is_none());
+        assert_eq!(store.delete("web").unwrap(), Some(3));
+        assert!(!state.path().join("archive/web").exists());
+        assert!(!state.path().join("live/.web.trash").exists());
+        assert_eq!(store.live("other").unwrap().unwrap().version, 1);
+    }
 
     fn bundle(name: &str) -> (Bundle, String) {
         let key = rcgen::KeyPair::generate().unwrap();

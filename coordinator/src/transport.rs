@@ -158,6 +158,20 @@ pub trait Transport: Send + Sync {
         certificate: &str,
         probe: bool,
     ) -> Result<NodeCertificate, TransportError>;
+    /// Removes the files the node installed for `certificate` (those
+    /// still as it wrote them) and forgets its versions there.
+    async fn remove_certificate(&self, certificate: &str) -> Result<NodeRemoval, TransportError>;
+}
+
+/// What a node removed for a certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeRemoval {
+    /// The version that was installed; 0 when none was.
+    pub version: u32,
+    /// The target paths removed.
+    pub removed: Vec<String>,
+    /// Targets left in place (changed since the install), each with why.
+    pub kept: Vec<String>,
 }
 
 /// What one endpoint served.
@@ -408,6 +422,24 @@ impl Transport for GrpcAgent {
         })
     }
 
+    async fn remove_certificate(&self, certificate: &str) -> Result<NodeRemoval, TransportError> {
+        let request = pb::RemoveCertificateRequest {
+            certificate: certificate.to_owned(),
+        };
+        let deadline = Deadline::start(CALL_DEADLINE);
+        let answer = self
+            .client
+            .clone()
+            .remove_certificate(deadline.request(request))
+            .await;
+        let r = deadline.answer(answer)?;
+        Ok(NodeRemoval {
+            version: r.version,
+            removed: r.removed,
+            kept: r.kept,
+        })
+    }
+
     async fn remove_tokens(&self, tokens: &[Token]) -> Result<u32, TransportError> {
         let request = pb::RemoveTokensRequest {
             tokens: tokens.iter().map(Token::to_string).collect(),
@@ -435,8 +467,8 @@ pub(crate) mod fake {
     use certfleet_proto::challenge::{Http01Response, Token};
 
     use super::{
-        Connect, ConnectError, NodeCertificate, NodeInstall, RestartReport, ServedReport,
-        ServiceReport, Transport, TransportError,
+        Connect, ConnectError, NodeCertificate, NodeInstall, NodeRemoval, RestartReport,
+        ServedReport, ServiceReport, Transport, TransportError,
     };
     use crate::config::Node;
 
@@ -449,6 +481,7 @@ pub(crate) mod fake {
         Restart { expected: String, keep_going: bool },
         Rollback,
         Status { probe: bool },
+        Remove,
     }
 
     /// How a fake node fails.
@@ -716,6 +749,26 @@ pub(crate) mod fake {
                     problem: String::new(),
                     not_after: 0,
                     served,
+                })
+            })
+        }
+
+        async fn remove_certificate(
+            &self,
+            certificate: &str,
+        ) -> Result<NodeRemoval, TransportError> {
+            let certificate = certificate.to_owned();
+            self.nodes.call(&self.node, Call::Remove, |n| {
+                let (version, _) = n.current();
+                n.versions.clear();
+                Ok(NodeRemoval {
+                    version,
+                    removed: if version == 0 {
+                        Vec::new()
+                    } else {
+                        vec![format!("/etc/ssl/{certificate}.pem")]
+                    },
+                    kept: Vec::new(),
                 })
             })
         }

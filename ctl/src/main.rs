@@ -8,6 +8,7 @@
 //! ([`socket`] for the admin socket; the coordinator adds its own).
 #![forbid(unsafe_code)]
 
+mod certbot;
 mod output;
 mod render;
 mod socket;
@@ -273,15 +274,64 @@ async fn dispatch(client: AdminClient<Channel>, command: &Command, json: bool) -
             };
             issue(client, request, json).await
         }
-        Command::Renew { .. }
-        | Command::History { .. }
-        | Command::Revoke { .. }
-        | Command::Delete { .. }
-        | Command::Account(_)
-        | Command::Import { .. } => {
-            errln!("certfleet: not built yet");
-            Outcome::Failed
+        Command::History { certificate, limit } => history(client, certificate, *limit, json).await,
+        Command::Renew {
+            certificates,
+            force,
+            dry_run,
+            wait,
+        } => {
+            let request = pb::RenewCertificatesRequest {
+                certificates: certificates.clone(),
+                force: *force,
+                dry_run: *dry_run,
+                wait: wait.wait,
+            };
+            renew(client, request, json).await
         }
+        Command::Import {
+            certbot,
+            lineage,
+            certificate,
+        } => {
+            import(
+                client,
+                certbot,
+                lineage.as_deref(),
+                certificate.as_deref(),
+                json,
+            )
+            .await
+        }
+        Command::Revoke {
+            certificate,
+            version,
+            reason,
+        } => {
+            let request = pb::RevokeRequest {
+                certificate: certificate.clone(),
+                version: version.unwrap_or(0),
+                reason: reason.clone().unwrap_or_default(),
+            };
+            revoke(client, request, json).await
+        }
+        Command::Delete {
+            certificate,
+            yes,
+            from_nodes,
+            wait,
+        } => {
+            if !*yes && !confirm_delete(certificate, *from_nodes) {
+                return Outcome::Usage;
+            }
+            let request = pb::DeleteRequest {
+                certificate: certificate.clone(),
+                from_nodes: *from_nodes,
+                wait: wait.wait,
+            };
+            operation(client.clone().delete(request).await, json).await
+        }
+        Command::Account(command) => account(client, command, json).await,
         Command::Certificates => certificates(client, json).await,
         Command::Distribute {
             certificate,
@@ -318,6 +368,178 @@ async fn dispatch(client: AdminClient<Channel>, command: &Command, json: bool) -
 /// `certfleet issue`.
 async fn issue(mut client: AdminClient<Channel>, request: pb::IssueRequest, json: bool) -> Outcome {
     operation(client.issue(request).await, json).await
+}
+
+/// `certfleet import --certbot DIR`: reads the lineage here, as the admin,
+/// and sends it; the coordinator checks and stores it.
+async fn import(
+    mut client: AdminClient<Channel>,
+    dir: &std::path::Path,
+    lineage: Option<&str>,
+    certificate: Option<&str>,
+    json: bool,
+) -> Outcome {
+    let read = match certbot::read_lineage(dir, lineage) {
+        Ok(read) => read,
+        Err(e) => {
+            errln!("certfleet: {}", cause_chain::Chain(&e));
+            return Outcome::Usage;
+        }
+    };
+    let conf = certbot::conf_path(dir, &read.name);
+    let domains_from = read.domains_from.describe(&conf);
+    let request = pb::ImportRequest {
+        certificate: certificate.unwrap_or_default().to_owned(),
+        lineage: read.name.clone(),
+        fullchain_pem: read.fullchain_pem,
+        privkey_pem: read.privkey_pem,
+        domains: read.domains,
+    };
+    match client.import(request).await {
+        Ok(r) => {
+            render::imported(&read.name, &domains_from, r.into_inner().imported, json);
+            Outcome::Ok
+        }
+        Err(status) => refused(&status),
+    }
+}
+
+/// `certfleet revoke`.
+async fn revoke(
+    mut client: AdminClient<Channel>,
+    request: pb::RevokeRequest,
+    json: bool,
+) -> Outcome {
+    let name = request.certificate.clone();
+    let reason = request.reason.clone();
+    match client.revoke(request).await {
+        Ok(r) => {
+            render::revoked(&name, &reason, &r.into_inner(), json);
+            Outcome::Ok
+        }
+        Err(status) => refused(&status),
+    }
+}
+
+/// Asks on the terminal whether to delete `certificate`; `false` (after
+/// saying why) when the answer is not yes, or when there is no terminal to
+/// ask on: a script must say `--yes`.
+fn confirm_delete(certificate: &str, from_nodes: bool) -> bool {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        errln!(
+            "certfleet delete {certificate}: not confirmed: standard input is not a terminal to ask on; pass --yes to delete without asking"
+        );
+        return false;
+    }
+    let nodes = if from_nodes {
+        "and remove its files from every node serving it"
+    } else {
+        "(files on nodes stay; --from-nodes removes them)"
+    };
+    let mut stderr = std::io::stderr();
+    let _ = write!(
+        stderr,
+        "Delete certificate {certificate} from the store {nodes}? Type yes to confirm: "
+    );
+    let _ = stderr.flush();
+    let mut answer = String::new();
+    if std::io::stdin().lock().read_line(&mut answer).is_err() || answer.trim() != "yes" {
+        errln!("certfleet delete {certificate}: not confirmed; nothing was deleted");
+        return false;
+    }
+    true
+}
+
+/// `certfleet account show|update|rollover`.
+async fn account(
+    mut client: AdminClient<Channel>,
+    command: &AccountCommand,
+    json: bool,
+) -> Outcome {
+    let (answer, done) = match command {
+        AccountCommand::Show => (client.get_account(pb::GetAccountRequest {}).await, None),
+        AccountCommand::Update { contacts } => {
+            let request = pb::UpdateAccountRequest {
+                contacts: contacts.clone(),
+            };
+            (
+                client.update_account(request).await,
+                Some("updated the contacts"),
+            )
+        }
+        AccountCommand::Rollover => (
+            client.rollover_account(pb::RolloverAccountRequest {}).await,
+            Some("rolled the key over; the new credentials are stored"),
+        ),
+    };
+    match answer {
+        Ok(r) => {
+            render::account(&r.into_inner(), done, json);
+            Outcome::Ok
+        }
+        Err(status) => refused(&status),
+    }
+}
+
+/// `certfleet history`.
+async fn history(
+    mut client: AdminClient<Channel>,
+    certificate: &str,
+    limit: u32,
+    json: bool,
+) -> Outcome {
+    let request = pb::HistoryRequest {
+        certificate: certificate.to_owned(),
+        limit,
+    };
+    match client.history(request).await {
+        Ok(r) => {
+            render::history(certificate, &r.into_inner().operations, json);
+            Outcome::Ok
+        }
+        Err(status) => refused(&status),
+    }
+}
+
+/// `certfleet renew`: one stream for every certificate, each part ending
+/// with its own DONE or FAILED event. Exits 0 when none failed; else 1, or
+/// 2 when every failure was a config error.
+async fn renew(
+    mut client: AdminClient<Channel>,
+    request: pb::RenewCertificatesRequest,
+    json: bool,
+) -> Outcome {
+    let mut stream = match client.renew(request).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => return refused(&status),
+    };
+    let mut view = render::IssueView::new(json);
+    let (mut failures, mut config_failures) = (0, 0);
+    loop {
+        match stream.message().await {
+            Ok(Some(event)) => {
+                if event.stage() == pb::Stage::Failed {
+                    failures += 1;
+                    if matches!(failed(&event), Outcome::Usage) {
+                        config_failures += 1;
+                    }
+                }
+                view.event(&event);
+            }
+            Ok(None) => break,
+            Err(status) => {
+                view.finish();
+                return refused(&status);
+            }
+        }
+    }
+    view.finish();
+    match (failures, config_failures) {
+        (0, _) => Outcome::Ok,
+        (f, c) if f == c => Outcome::Usage,
+        _ => Outcome::Failed,
+    }
 }
 
 /// `certfleet certificates`.

@@ -163,9 +163,8 @@ fn event_json(e: &pb::IssueEvent) -> serde_json::Value {
     v
 }
 
-/// The certificate an order issued.
-fn issued_text(c: &pb::Certificate) {
-    outln!("issued {} version {}", c.name, c.version);
+/// Where a stored version lives and what it is, one line each.
+fn certificate_lines(c: &pb::Certificate) {
     outln!("  live:     {}", c.live_dir);
     outln!("  names:    {}", c.sans.join(", "));
     outln!("  serial:   {}", c.serial);
@@ -175,6 +174,12 @@ fn issued_text(c: &pb::Certificate) {
         c.days_left
     );
     outln!("  sha256:   {}", c.sha256);
+}
+
+/// The certificate an order issued.
+fn issued_text(c: &pb::Certificate) {
+    outln!("issued {} version {}", c.name, c.version);
+    certificate_lines(c);
     if let Some(t) = &c.timings {
         outln!(
             "  took:     {} ms (CA {} ms, placement+self-check {} ms, cleanup {} ms)",
@@ -382,10 +387,12 @@ fn node_status_json(s: &pb::StatusResponse, n: &pb::NodeCertificateStatus) -> se
 }
 
 fn status_text(s: &pb::StatusResponse) {
+    let live = match s.live_version {
+        0 => "not issued (no live version in the store)".to_owned(),
+        v => format!("live version {v} (sha256 {})", short(&s.live_sha256)),
+    };
     outln!(
-        "live version {} (sha256 {}); last rollout: {}",
-        s.live_version,
-        short(&s.live_sha256),
+        "{live}; last rollout: {}",
         if s.last_rollout.is_empty() {
             "none"
         } else {
@@ -493,6 +500,160 @@ fn one_line(text: &str) -> String {
 
 fn short(sha: &str) -> &str {
     &sha[..sha.len().min(16)]
+}
+
+/// What `certfleet revoke` revoked.
+pub(crate) fn revoked(name: &str, reason: &str, r: &pb::RevokeResponse, json: bool) {
+    let reason = if reason.is_empty() {
+        "unspecified"
+    } else {
+        reason
+    };
+    if json {
+        outln!(
+            "{}",
+            json!({
+                "revoked": name,
+                "version": r.version,
+                "serial": r.serial,
+                "reason": reason,
+            })
+        );
+        return;
+    }
+    outln!(
+        "revoked {name} version {} (serial {}) at the CA, reason {reason}",
+        r.version,
+        r.serial
+    );
+}
+
+/// The ACME account; `done` says what was just changed, if anything.
+pub(crate) fn account(a: &pb::AccountInfo, done: Option<&str>, json: bool) {
+    if json {
+        let mut v = json!({
+            "url": a.url,
+            "directory": a.directory,
+            "contacts": a.contacts,
+            "status": a.status,
+            "key_thumbprint": a.key_thumbprint,
+        });
+        if let Some(done) = done {
+            v["done"] = json!(done);
+        }
+        outln!("{v}");
+        return;
+    }
+    if let Some(done) = done {
+        outln!("{done}");
+    }
+    outln!("account:        {}", a.url);
+    outln!("directory:      {}", a.directory);
+    let contacts = if a.contacts.is_empty() {
+        "none".to_owned()
+    } else {
+        a.contacts.join(", ")
+    };
+    outln!("contacts:       {contacts}");
+    outln!("status:         {}", a.status);
+    outln!("key thumbprint: {}", a.key_thumbprint);
+}
+
+/// What `certfleet import` brought in: certbot lineage `lineage`, whose
+/// domains came from `domains_from`, as `imported`.
+pub(crate) fn imported(
+    lineage: &str,
+    domains_from: &str,
+    imported: Option<pb::Certificate>,
+    json: bool,
+) {
+    let c = imported.unwrap_or_default();
+    if json {
+        let mut v = certificate_json(&c);
+        v["lineage"] = json!(lineage);
+        v["domains_from"] = json!(domains_from);
+        outln!("{v}");
+        return;
+    }
+    outln!(
+        "imported certbot lineage {lineage} as {} version {}",
+        c.name,
+        c.version
+    );
+    outln!("  domains:  from {domains_from}");
+    certificate_lines(&c);
+    outln!(
+        "next: `certfleet distribute {0}`, then `certfleet rollout {0}`",
+        c.name
+    );
+}
+
+/// `certfleet history`: one block per operation, newest first, each with
+/// who ran it, when, how it ended, and its journaled steps.
+pub(crate) fn history(certificate: &str, operations: &[pb::Operation], json: bool) {
+    let when = |t: i64| if t == 0 { "-".to_owned() } else { date(t) };
+    if json {
+        let list: Vec<_> = operations
+            .iter()
+            .map(|o| {
+                json!({
+                    "id": o.id,
+                    "kind": o.kind,
+                    "by": o.by,
+                    "started": date(o.started_unix),
+                    "finished": (o.finished_unix != 0).then(|| date(o.finished_unix)),
+                    "outcome": o.outcome,
+                    "version": (o.version != 0).then_some(o.version),
+                    "order_url": (!o.order_url.is_empty()).then_some(&o.order_url),
+                    "steps": o.steps.iter().map(|s| json!({
+                        "at": date(s.at_unix),
+                        "step": s.step,
+                        "node": (!s.node.is_empty()).then_some(&s.node),
+                        "detail": s.detail,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        outln!("{}", json!(list));
+        return;
+    }
+    if operations.is_empty() {
+        outln!("nothing has run on {certificate} yet");
+        return;
+    }
+    for o in operations {
+        let version = if o.version == 0 {
+            String::new()
+        } else {
+            format!(" version {}", o.version)
+        };
+        outln!(
+            "#{} {}{} by {}: started {}, ended {}: {}",
+            o.id,
+            o.kind,
+            version,
+            o.by,
+            when(o.started_unix),
+            when(o.finished_unix),
+            o.outcome
+        );
+        if !o.order_url.is_empty() {
+            outln!("    order {}", o.order_url);
+        }
+        for s in &o.steps {
+            let node = if s.node.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", s.node)
+            };
+            let detail = if s.detail.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", s.detail)
+            };
+            outln!("    {} {}{}{}", date(s.at_unix), s.step, node, detail);
+        }
+    }
 }
 
 #[cfg(test)]

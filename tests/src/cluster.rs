@@ -311,6 +311,9 @@ pub struct Cluster {
     pub enrollment: SocketAddr,
     /// The port every node's TLS services (the tests' nginx) listen on.
     pub tls_port: u16,
+    /// Environment the coordinator is started with from now on (crash
+    /// tests set the journal's pause point).
+    pub coordinator_env: Vec<(String, String)>,
     spec: ClusterSpec,
 }
 
@@ -424,6 +427,7 @@ listen = "{enrollment}"
             pebble,
             nodes: Vec::with_capacity(spec.nodes),
             coordinator: None,
+            coordinator_env: Vec::new(),
             socket,
             state_dir,
             config_path,
@@ -531,6 +535,7 @@ listen = "{enrollment}"
     async fn start_coordinator_once(&mut self) -> anyhow::Result<()> {
         let mut cmd = Command::new(bin("certfleet-coordinator"));
         cmd.arg("--config").arg(&self.config_path);
+        cmd.envs(self.coordinator_env.iter().map(|(k, v)| (k, v)));
         let log = self.dir.path().join("coordinator/coordinator.log");
         let mut proc = Proc::spawn("certfleet-coordinator", cmd, &log)?;
         let socket = self.socket.clone();
@@ -748,4 +753,20 @@ async fn prepare_node(cluster: &Cluster, i: usize) -> anyhow::Result<Node> {
         nginx,
         coordinator: Arc::new(coordinator),
     })
+}
+
+impl Cluster {
+    /// The node `self.sans[k]` resolves to, as [`Cluster::start`] told
+    /// challtestsrv's DNS: the shared name to `shared_node`, the others
+    /// round-robin. Another ACME client (certbot in the import test)
+    /// answers a name's challenge there.
+    pub fn node_for_san(&self, k: usize) -> &Node {
+        let n = self.nodes.len();
+        let i = if k == 0 {
+            self.spec.shared_node % n
+        } else {
+            (k - 1) % n
+        };
+        &self.nodes[i]
+    }
 }

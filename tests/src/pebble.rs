@@ -178,6 +178,27 @@ impl Pebble {
     pub fn log(&self) -> String {
         self.pebble.log_text()
     }
+
+    /// Whether Pebble's management API says the certificate with `serial`
+    /// (hex, as `certfleet` prints it) is revoked: its
+    /// `GET /cert-status-by-serial/<serial>` answers `{"Status": "Revoked",
+    /// ...}` or `"Valid"`. Returns the answer's JSON with the verdict.
+    pub async fn revoked(&self, serial: &str) -> anyhow::Result<(bool, serde_json::Value)> {
+        let ca = std::fs::read(&self.listener_ca)?;
+        let url = format!(
+            "https://127.0.0.1:{}/cert-status-by-serial/{serial}",
+            self.mgmt_port
+        );
+        let text = https_get(&url, &ca).await?;
+        let status: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("GET {url}: {text}"))?;
+        let revoked = match status["Status"].as_str() {
+            Some("Revoked") => true,
+            Some("Valid") => false,
+            _ => bail!("GET {url}: no Status I know in {text}"),
+        };
+        Ok((revoked, status))
+    }
 }
 
 /// Writes a listener CA and a leaf for localhost/127.0.0.1 signed by it;

@@ -32,6 +32,7 @@ pub(super) fn kind_name(kind: ErrorKind) -> &'static str {
         ErrorKind::Store => "store",
         ErrorKind::Rollout => "rollout",
         ErrorKind::Internal => "internal",
+        ErrorKind::RateLimited => "rate_limited",
     }
 }
 
@@ -46,6 +47,7 @@ pub(super) fn refusal(kind: ErrorKind, error: impl Display) -> Status {
             tonic::Code::Unavailable
         }
         ErrorKind::Store | ErrorKind::Internal => tonic::Code::Internal,
+        ErrorKind::RateLimited => tonic::Code::ResourceExhausted,
     };
     Status::new(code, error.to_string())
 }
@@ -295,6 +297,58 @@ pub(super) fn renewal_to_pb(c: &mut pb::Certificate, e: &crate::renewal::Entry) 
     }
 }
 
+/// The last event of a delete.
+pub(super) fn deleted_to_pb(
+    name: &str,
+    result: Result<crate::manage::Deleted, crate::manage::ManageError>,
+) -> pb::IssueEvent {
+    match result {
+        Ok(d) => {
+            let store = match d.last_version {
+                Some(v) => format!("deleted {name} (versions up to {v}) from the store"),
+                None => format!("the store held nothing of {name}"),
+            };
+            let nodes = if d.nodes.is_empty() {
+                "; files on nodes were left in place".to_owned()
+            } else {
+                let kept: usize = d.nodes.iter().map(|(_, r)| r.kept.len()).sum();
+                format!(
+                    "; removed its files from {} nodes{}",
+                    d.nodes.len(),
+                    match kept {
+                        0 => String::new(),
+                        k => format!(" ({k} changed files kept, see above)"),
+                    }
+                )
+            };
+            done_event(format!("{store}{nodes}"))
+        }
+        Err(e) => failure_event(e.kind(), &e.nodes(), e.to_string()),
+    }
+}
+
+/// The ACME account as `certfleet account` shows it. Never the key.
+pub(super) fn account_to_pb(a: crate::acme::AccountSummary) -> pb::AccountInfo {
+    pb::AccountInfo {
+        url: a.url,
+        directory: a.directory,
+        contacts: a.contacts,
+        status: a.status,
+        key_thumbprint: a.key_thumbprint,
+    }
+}
+
+/// The last event of a dry run: what the staging CA issued, and that
+/// nothing was kept.
+pub(super) fn dry_run_to_pb(name: &str, dry: &crate::issue::DryRun) -> pb::IssueEvent {
+    done_event(format!(
+        "dry run of {name} succeeded: the staging CA issued serial {} (order {}) and the chain checks out; nothing was stored, distributed or made live ({} ms)",
+        dry.bundle.serial,
+        dry.order_url,
+        dry.timings.total.as_millis()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
@@ -319,6 +373,7 @@ mod tests {
             (ErrorKind::Store, "store"),
             (ErrorKind::Rollout, "rollout"),
             (ErrorKind::Internal, "internal"),
+            (ErrorKind::RateLimited, "rate_limited"),
         ] {
             assert_eq!(kind_name(kind), name);
         }

@@ -51,6 +51,7 @@ where
             return;
         };
         let what = op.holder().clone();
+        let journal = op.journal().clone();
         let (progress, mut events) = Progress::channel();
         let task = tokio::spawn(operation(op, progress));
         while let Some(event) = events.recv().await {
@@ -58,9 +59,20 @@ where
             let _ = tx.send(Ok(event_to_pb(event))).await;
         }
         let last = task.await.unwrap_or_else(|e| ended_abnormally(&what, e));
+        journal.finish(&outcome(&last));
         let _ = tx.send(Ok(last)).await;
     });
     ReceiverStream::new(rx)
+}
+
+/// The journal's outcome for an operation that ended with `last`: "ok",
+/// or "failed: " and why.
+fn outcome(last: &pb::IssueEvent) -> String {
+    match (&last.failure, last.stage()) {
+        (_, pb::Stage::Done) => "ok".to_owned(),
+        (Some(f), _) => format!("failed: {}", f.message),
+        (None, _) => format!("failed: {}", last.message),
+    }
 }
 
 /// Takes the certificate's lock for `holder`, waiting for it with `wait`.

@@ -1,0 +1,326 @@
+//! A coordinator killed with `kill -9` at any step of an order, a
+//! distribution or a rollout heals at its next start: no token stays on any
+//! node, exactly one new version is live, every node serves one consistent
+//! version, and `certfleet history` tells what happened.
+//!
+//! Each test stops the real coordinator at one journaled step (the
+//! journal's crash-test pause point, `CERTFLEET_CRASH_TEST_PAUSE_AT`), kills
+//! it there with SIGKILL, starts it again without the pause, and checks
+//! what an admin would. Each point runs more than once: the second run
+//! starts from what the first one's recovery left.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use certfleet_tests::cluster::{CERT, Cluster, ClusterSpec, NGINX_TARGETS, shared_name};
+use certfleet_tests::process::eventually;
+use certfleet_tests::verify::served_leaf_sha256;
+use serde_json::Value;
+
+/// Runs of each crash point.
+const RUNS: usize = 2;
+const PAUSE_ENV: &str = "CERTFLEET_CRASH_TEST_PAUSE_AT";
+
+/// What the admin does when the coordinator is killed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Command {
+    Issue,
+    Distribute,
+    Rollout,
+}
+
+impl Command {
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Self::Issue => &["issue", CERT],
+            Self::Distribute => &["distribute", CERT],
+            Self::Rollout => &["rollout", CERT],
+        }
+    }
+}
+
+async fn cluster(extra: &str) -> Cluster {
+    let (cluster, nginx) = Cluster::serving_version_1(ClusterSpec {
+        nodes: 3,
+        agent_certificates: NGINX_TARGETS.to_owned(),
+        coordinator_extra: format!("after_issue = \"none\"\n{extra}"),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // The nginx processes live as long as the cluster's directory.
+    std::mem::forget(nginx);
+    cluster
+}
+
+fn live_version(cluster: &Cluster) -> u32 {
+    let target = std::fs::read_link(cluster.live_dir().join("cert.pem")).unwrap();
+    let name = target.file_name().unwrap().to_string_lossy().into_owned();
+    name.trim_start_matches("cert")
+        .trim_end_matches(".pem")
+        .parse()
+        .unwrap()
+}
+
+/// The versions in the store's archive.
+fn archived(cluster: &Cluster) -> usize {
+    std::fs::read_dir(cluster.state_dir.join("archive").join(CERT))
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("cert") && name.ends_with(".pem")
+        })
+        .count()
+}
+
+/// Restarts the coordinator with the pause at `point`, runs `command`,
+/// waits until the coordinator says it paused, and kills it with SIGKILL.
+async fn kill_at(cluster: &mut Cluster, point: &str, command: Command) {
+    cluster.coordinator.as_mut().unwrap().kill();
+    cluster.coordinator_env = vec![(PAUSE_ENV.to_owned(), point.to_owned())];
+    let before = cluster.coordinator_log().len();
+    cluster.start_coordinator().await.unwrap();
+    cluster.coordinator_env.clear();
+    let mut ctl = tokio::process::Command::new(certfleet_tests::process::bin("certfleet"))
+        .arg("--socket")
+        .arg(&cluster.socket)
+        .args(command.args())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(
+        &format!("the coordinator to pause at {point}"),
+        Duration::from_secs(60),
+        || async {
+            let log = cluster.coordinator_log();
+            log.get(before..)?
+                .contains("crash test: paused")
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.coordinator_log()));
+    cluster.coordinator.as_mut().unwrap().kill();
+    // The admin's command loses its coordinator and ends.
+    let _ = tokio::time::timeout(Duration::from_secs(10), ctl.wait()).await;
+    let _ = ctl.kill().await;
+}
+
+/// The id of the newest operation in the history (0: none).
+async fn newest_operation(cluster: &Cluster) -> i64 {
+    let out = cluster.ctl(&["--json", "history", CERT]).await.unwrap();
+    out.last_json()[0]["id"].as_i64().unwrap_or(0)
+}
+
+/// Starts the coordinator again and waits for a recovery newer than
+/// `newest_before` to end; returns the history, newest first.
+async fn restart_and_recover(cluster: &mut Cluster, newest_before: i64) -> Vec<Value> {
+    cluster.start_coordinator().await.unwrap();
+    eventually("the recovery to end", Duration::from_secs(120), || async {
+        let out = cluster.ctl(&["--json", "history", CERT]).await.ok()?;
+        let ops = out.last_json().as_array()?.clone();
+        let recovery = ops.iter().find(|o| o["kind"] == "recovery")?;
+        let new = recovery["id"].as_i64()? > newest_before;
+        (new && recovery["outcome"] != "running").then_some(ops)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.coordinator_log()))
+}
+
+/// No node holds a token, in its agent or in a webroot.
+async fn no_tokens_left(cluster: &Cluster) {
+    for node in &cluster.nodes {
+        let tokens = node.tokens().await.unwrap();
+        assert!(
+            tokens.is_empty(),
+            "node {}: tokens left: {tokens:?}",
+            node.name
+        );
+        assert!(
+            node.webroot_files().is_empty(),
+            "node {}: webroot files left: {:?}",
+            node.name,
+            node.webroot_files()
+        );
+    }
+}
+
+/// The one leaf every node serves, checked by handshakes.
+async fn one_served_leaf(cluster: &Cluster) -> String {
+    let mut seen = BTreeSet::new();
+    for node in &cluster.nodes {
+        let addr = std::net::SocketAddr::new(node.ip, cluster.tls_port);
+        seen.insert(served_leaf_sha256(addr, &shared_name()).await.unwrap());
+    }
+    assert_eq!(seen.len(), 1, "nodes serve different leaves: {seen:?}");
+    seen.into_iter().next().unwrap()
+}
+
+/// The leaf SHA-256 of the live version, and of the version on each node's
+/// disk, from `certfleet status`.
+async fn status(cluster: &Cluster) -> Value {
+    cluster
+        .ctl(&["--json", "status", CERT])
+        .await
+        .unwrap()
+        .last_json()
+}
+
+/// The interrupted operation in `history` (newest first): the one just
+/// before the newest recovery.
+fn interrupted(history: &[Value]) -> &Value {
+    let at = history
+        .iter()
+        .position(|o| o["kind"] == "recovery")
+        .unwrap();
+    &history[at + 1]
+}
+
+fn steps(op: &Value) -> Vec<String> {
+    op["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// An order killed at `point`: after recovery, exactly one new version is
+/// live, no token is left, the nodes serve one leaf, and history says it.
+async fn order_killed_at(point: &str) {
+    let mut cluster = cluster("").await;
+    for run in 0..RUNS {
+        let version = live_version(&cluster);
+        let archive = archived(&cluster);
+        let newest = newest_operation(&cluster).await;
+        kill_at(&mut cluster, point, Command::Issue).await;
+        let history = restart_and_recover(&mut cluster, newest).await;
+        let recovery = &history[0];
+        let context = format!("run {run}, point {point}: {history:#?}");
+        assert_eq!(recovery["outcome"], "ok", "{context}");
+        let cut = interrupted(&history);
+        assert_eq!(cut["kind"], "issue", "{context}");
+        let outcome = cut["outcome"].as_str().unwrap();
+        assert!(
+            outcome.starts_with(&format!("interrupted after step \"{point}\"")),
+            "{context}"
+        );
+        assert!(steps(cut).contains(&point.to_owned()), "{context}");
+        assert_eq!(live_version(&cluster), version + 1, "{context}");
+        assert_eq!(archived(&cluster), archive + 1, "{context}");
+        no_tokens_left(&cluster).await;
+        one_served_leaf(&cluster).await;
+        // What recovery did is in its own steps.
+        let text = cluster.ctl(&["history", CERT]).await.unwrap().stdout;
+        assert!(text.contains("recovered"), "{text}");
+        assert!(text.contains(&format!("version {}", version + 1)), "{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_killed_with_tokens_placed_is_finished_at_restart() {
+    order_killed_at("placed").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_killed_with_challenges_answered_is_finished_at_restart() {
+    order_killed_at("answered").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_killed_once_finalized_is_fetched_again_from_its_url() {
+    order_killed_at("finalized").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_killed_once_stored_only_has_its_tokens_removed() {
+    order_killed_at("stored").await;
+}
+
+/// Issues a new version, then runs `command` killed at `point`; returns the
+/// history after recovery.
+async fn new_version_then_killed(
+    cluster: &mut Cluster,
+    point: &str,
+    command: Command,
+) -> Vec<Value> {
+    let out = cluster.issue().await.unwrap();
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let newest = newest_operation(cluster).await;
+    kill_at(cluster, point, command).await;
+    restart_and_recover(cluster, newest).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_distribution_killed_mid_way_is_run_again_at_restart() {
+    let mut cluster = cluster("").await;
+    for run in 0..RUNS {
+        let history = new_version_then_killed(&mut cluster, "installed", Command::Distribute).await;
+        let context = format!("run {run}: {history:#?}");
+        assert_eq!(history[0]["outcome"], "ok", "{context}");
+        assert_eq!(interrupted(&history)["kind"], "distribute", "{context}");
+        // Every node has the live version on disk; none was restarted, so
+        // they all still serve the same (older) leaf.
+        let s = status(&cluster).await;
+        let live = s["live_sha256"].as_str().unwrap();
+        for n in s["nodes"].as_array().unwrap() {
+            assert_eq!(n["sha256"], live, "{context}\n{s:#}");
+            assert_eq!(n["intact"], true, "{context}\n{s:#}");
+        }
+        let served = one_served_leaf(&cluster).await;
+        assert_ne!(served, live, "{context}");
+        no_tokens_left(&cluster).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollout_killed_mid_way_is_resumed_at_restart() {
+    let mut cluster = cluster("").await;
+    for run in 0..RUNS {
+        let history = new_version_then_killed(&mut cluster, "verified", Command::Rollout).await;
+        let context = format!("run {run}: {history:#?}");
+        assert_eq!(history[0]["outcome"], "ok", "{context}");
+        assert_eq!(interrupted(&history)["kind"], "rollout", "{context}");
+        let text = cluster.ctl(&["history", CERT]).await.unwrap().stdout;
+        assert!(text.contains("resumed the rollout"), "{text}");
+        // Every node serves the live version.
+        let s = status(&cluster).await;
+        assert_eq!(s["all_serving_live"], true, "{context}\n{s:#}");
+        assert_eq!(
+            one_served_leaf(&cluster).await,
+            s["live_sha256"],
+            "{context}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollout_killed_mid_way_is_rolled_back_when_the_config_says_so() {
+    let mut cluster = cluster("\n[recovery]\nrollout = \"rollback\"\n").await;
+    for run in 0..RUNS {
+        let before = one_served_leaf(&cluster).await;
+        let history = new_version_then_killed(&mut cluster, "verified", Command::Rollout).await;
+        let context = format!("run {run}: {history:#?}");
+        assert_eq!(history[0]["outcome"], "ok", "{context}");
+        let text = cluster.ctl(&["history", CERT]).await.unwrap().stdout;
+        assert!(text.contains("rolled back"), "{text}");
+        // Every node is back on the leaf it served before the rollout.
+        let s = status(&cluster).await;
+        if s["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["served"][0]["sha256"] != before)
+        {
+            panic!("{text}\n{s:#}\n{}", cluster.coordinator_log());
+        }
+        assert_eq!(
+            one_served_leaf(&cluster).await,
+            before,
+            "{text}\n{s:#}\n{}",
+            cluster.coordinator_log()
+        );
+    }
+}
