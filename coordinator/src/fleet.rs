@@ -25,6 +25,7 @@ use crate::config::{CertificateSpec, Config, Node};
 use crate::db::{Db, DbError, NodeState};
 use crate::error::ErrorKind;
 use crate::journal::Journal;
+use crate::notify::Notifier;
 use crate::store::{Store, StoreError, Stored};
 use crate::transport::{Connect, ConnectError};
 
@@ -86,6 +87,8 @@ pub struct Fleet {
     /// registry's address for the node changes, dropped when it is removed.
     transports: Mutex<HashMap<String, FleetNode>>,
     locks: OperationLocks,
+    /// Where mail to the administrators goes.
+    notifier: Notifier,
 }
 
 impl Fleet {
@@ -97,6 +100,7 @@ impl Fleet {
             store: Arc::new(store),
             connect,
             transports: Mutex::default(),
+            notifier: Notifier::default(),
         }
     }
 
@@ -114,6 +118,11 @@ impl Fleet {
 
     pub fn locks(&self) -> &OperationLocks {
         &self.locks
+    }
+
+    /// Mail to the administrators.
+    pub fn notifier(&self) -> &Notifier {
+        &self.notifier
     }
 
     /// The config, for a context that keeps its own handle (the issuer).

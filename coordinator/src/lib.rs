@@ -50,6 +50,7 @@ pub mod fleet;
 pub mod import;
 pub mod issue;
 pub mod journal;
+pub mod notify;
 pub mod manage;
 pub mod pki;
 pub mod progress;

@@ -18,7 +18,7 @@ use certfleet_tests::verify::served_leaf_sha256;
 use serde_json::Value;
 
 /// Runs of each crash point.
-const RUNS: usize = 2;
+const RUNS: usize = 3;
 const PAUSE_ENV: &str = "CERTFLEET_CRASH_TEST_PAUSE_AT";
 
 /// What the admin does when the coordinator is killed.

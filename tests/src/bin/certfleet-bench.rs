@@ -14,6 +14,13 @@
 //! `--nonce-reject P` it runs only `--issues` orders in a row on a 4-node
 //! cluster whose Pebble rejects P% of nonces, and counts those that succeed.
 //!
+//! With `--scheduler N` it measures only the renewal scheduler
+//! (`certfleet_coordinator::renewal::Scheduler`, the daemon's own) tracking
+//! N certificates stored in a real store, with a renewer that reads their
+//! validity from it as the daemon's does but renews nothing: one wake-up's
+//! pass, the next wake-up's computation, memory per entry, and the CPU an
+//! idle scheduler uses.
+//!
 //! Results are printed as a Markdown table for BENCHMARKS.md.
 
 use std::time::{Duration, Instant};
@@ -54,6 +61,12 @@ struct Args {
     /// Orders to run for `--nonce-reject`.
     #[arg(long, default_value_t = 100)]
     issues: usize,
+    /// Measure only the renewal scheduler tracking this many certificates.
+    #[arg(long)]
+    scheduler: Option<usize>,
+    /// Seconds `--scheduler` leaves the scheduler running idle.
+    #[arg(long, default_value_t = 10)]
+    idle_secs: u64,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -117,6 +130,9 @@ async fn measure(cluster: &Cluster, runs: usize) -> anyhow::Result<Sample> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(certificates) = args.scheduler {
+        return scheduler::bench(certificates, Duration::from_secs(args.idle_secs)).await;
+    }
     if args.split || args.nonce_reject.is_some() {
         if args.split {
             split(args.runs).await?;
@@ -486,4 +502,292 @@ fn run(mut cmd: std::process::Command, what: &str) -> anyhow::Result<Duration> {
         );
     }
     Ok(start.elapsed())
+}
+
+/// `--scheduler`: the renewal scheduler's own cost, apart from any order.
+mod scheduler {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+
+    use anyhow::{Context, bail};
+    use certfleet_coordinator::renewal::{
+        BoxFuture, Entry, MAX_SLEEP, Outcome, Policy, Renew, Renewed, Scheduler, SystemClock,
+        Validity,
+    };
+    use certfleet_coordinator::store::Store;
+    use certfleet_proto::bundle::Bundle;
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+
+    use super::{median, rss_kib};
+
+    /// Passes timed for each per-pass figure (the median and the slowest
+    /// are reported).
+    const PASSES: usize = 1001;
+    /// Entries tracked to measure memory per entry: enough that the heap's
+    /// growth shows in the RSS above its noise.
+    const MEMORY_ENTRIES: usize = 100_000;
+    /// Names on each benchmark certificate (the shared name and one per
+    /// node of a 4-node cluster).
+    const SANS: usize = 5;
+    /// Lifetime of the benchmark certificates, as Let's Encrypt's today.
+    const LIFETIME_DAYS: i64 = 90;
+    const DAY: i64 = 86_400;
+
+    /// Renews nothing: reads each certificate's validity from the store as
+    /// the daemon's `FleetRenewer` does, and fails every renewal at once
+    /// (as one with a node down fails); counts the scheduler's wake-ups.
+    struct StoreOnly {
+        store: Store,
+        names: Vec<String>,
+        wakeups: AtomicU64,
+    }
+
+    impl Renew for StoreOnly {
+        fn renew<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Renewed, String>> {
+            Box::pin(async move { Err(format!("benchmark: {name} is not renewed")) })
+        }
+
+        fn current(&self, name: &str) -> Option<Validity> {
+            let live = self.store.live(name).ok()??;
+            Some(Validity {
+                not_before: live.bundle.not_before,
+                not_after: live.bundle.not_after,
+            })
+        }
+
+        fn names(&self) -> Vec<String> {
+            // `Scheduler::run` calls this once per wake-up.
+            self.wakeups.fetch_add(1, Ordering::Relaxed);
+            self.names.clone()
+        }
+    }
+
+    /// A store under `dir` holding `count` certificates of [`SANS`] names,
+    /// each a leaf and its issuer (as a CA's fullchain), issued `age_days`
+    /// ago for [`LIFETIME_DAYS`].
+    fn store_with(dir: &std::path::Path, count: usize, age_days: i64) -> anyhow::Result<StoreOnly> {
+        let store = Store::open(dir)?;
+        let ca_key = KeyPair::generate()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "certfleet bench CA");
+        let ca = ca_params.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca_params, &ca_key);
+        let now = time::OffsetDateTime::now_utc();
+        let mut names = Vec::with_capacity(count);
+        for i in 0..count {
+            let name = format!("cert-{i:03}");
+            let mut sans = vec![format!("{name}.dataone.test")];
+            sans.extend((1..SANS).map(|k| format!("node-{k}.{name}.dataone.test")));
+            let key = KeyPair::generate()?;
+            let mut params = CertificateParams::new(sans.clone())?;
+            params.distinguished_name.push(DnType::CommonName, &sans[0]);
+            params.not_before = now - time::Duration::days(age_days);
+            params.not_after = params.not_before + time::Duration::days(LIFETIME_DAYS);
+            let leaf = params.signed_by(&key, &issuer)?;
+            let key_pem = key.serialize_pem();
+            let bundle = Bundle::parse(
+                &format!("{}{}", leaf.pem(), ca.pem()),
+                Some(&key_pem),
+                &sans,
+            )
+            .with_context(|| format!("benchmark certificate {name}"))?;
+            store.save(&name, &bundle, &key_pem)?;
+            names.push(name);
+        }
+        Ok(StoreOnly {
+            store,
+            names,
+            wakeups: AtomicU64::new(0),
+        })
+    }
+
+    type Bench = Scheduler<StoreOnly, SystemClock>;
+
+    fn scheduler(renewer: Arc<StoreOnly>) -> Arc<Bench> {
+        Arc::new(Scheduler::new(
+            renewer,
+            SystemClock,
+            Policy::default(),
+            || 0.5,
+        ))
+    }
+
+    /// Median and 99th percentile of `PASSES` runs of `f`, in
+    /// microseconds (the slowest is mostly the machine's other work).
+    fn micros(mut f: impl FnMut()) -> (f64, f64) {
+        let mut ns: Vec<u64> = (0..PASSES)
+            .map(|_| {
+                let start = Instant::now();
+                f();
+                start.elapsed().as_nanos() as u64
+            })
+            .collect();
+        ns.sort_unstable();
+        let p99 = ns[ns.len() * 99 / 100];
+        (median(ns) as f64 / 1000.0, p99 as f64 / 1000.0)
+    }
+
+    /// This process's CPU time (user + system) so far, in clock ticks
+    /// (`/proc/self/stat` fields 14 and 15; 100 a second on Linux).
+    fn cpu_ticks() -> anyhow::Result<u64> {
+        let stat = std::fs::read_to_string("/proc/self/stat")?;
+        // The command name may hold spaces: count fields after its ')'.
+        let rest = stat
+            .rsplit_once(')')
+            .context("reading /proc/self/stat: no ')' after the command name")?
+            .1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field = |i: usize| -> anyhow::Result<u64> {
+            Ok(fields
+                .get(i)
+                .with_context(|| format!("/proc/self/stat has no field {}", i + 3))?
+                .parse()?)
+        };
+        // Field 3 (state) is rest's first: utime (14) and stime (15).
+        Ok(field(11)? + field(12)?)
+    }
+
+    pub(super) async fn bench(count: usize, idle: Duration) -> anyhow::Result<()> {
+        let dir = tempfile::Builder::new()
+            .prefix("certfleet-bench-scheduler-")
+            .tempdir()?;
+        // Issued a day ago: none due for 59 days.
+        let fresh = Arc::new(store_with(&dir.path().join("fresh"), count, 1)?);
+        let s = scheduler(Arc::clone(&fresh));
+
+        // The daemon's first pass tracks every certificate.
+        let start = Instant::now();
+        s.refresh();
+        let first = start.elapsed();
+        if s.entries().len() != count {
+            bail!("tracked {} of {count} certificates", s.entries().len());
+        }
+        let (pass, pass_p99) = micros(|| {
+            s.refresh();
+            assert_eq!(s.start_due(), 0, "a fresh certificate came due");
+        });
+        // Of which reading each live certificate, as the daemon's renewer
+        // does at every pass.
+        let (reads, reads_p99) = micros(|| {
+            for name in &fresh.names {
+                std::hint::black_box(fresh.current(name));
+            }
+        });
+        let (wake, wake_p99) = micros(|| {
+            std::hint::black_box(s.sleep_for());
+        });
+
+        // Left alone: the daemon's loop, until `idle` has passed.
+        let idle_renewer = Arc::new(store_with(&dir.path().join("idle"), count, 1)?);
+        let idle_s = scheduler(Arc::clone(&idle_renewer));
+        idle_s.refresh();
+        let wakeups_before = idle_renewer.wakeups.load(Ordering::Relaxed);
+        let cpu_before = cpu_ticks()?;
+        let wall = Instant::now();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(Arc::clone(&idle_s).run(async {
+            let _ = stop_rx.await;
+        }));
+        tokio::time::sleep(idle).await;
+        let _ = stop_tx.send(());
+        run.await?;
+        let idle_wall = wall.elapsed();
+        let idle_ticks = cpu_ticks()? - cpu_before;
+        let wakeups = idle_renewer.wakeups.load(Ordering::Relaxed) - wakeups_before;
+
+        // All due at once (issued 80 days ago), and every renewal failing.
+        let due = scheduler(Arc::new(store_with(&dir.path().join("due"), count, 80)?));
+        due.refresh();
+        let start = Instant::now();
+        let started = due.start_due();
+        let start_all = start.elapsed();
+        let settled = loop {
+            let entries = due.entries();
+            if entries.iter().all(|e| !e.running) {
+                break start.elapsed();
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("{count} failing renewals did not settle within 30 s");
+            }
+            tokio::task::yield_now().await;
+        };
+        let failed = due
+            .entries()
+            .iter()
+            .filter(|e| matches!(e.last, Some((_, Outcome::Failed(_)))))
+            .count();
+        let retry_in = due.sleep_for();
+
+        // Memory: many entries, so the heap's growth shows in the RSS.
+        let pid = std::process::id();
+        let empty = StoreOnly {
+            store: Store::open(&dir.path().join("memory"))?,
+            names: Vec::new(),
+            wakeups: AtomicU64::new(0),
+        };
+        let memory = scheduler(Arc::new(empty));
+        let rss_before = rss_kib(pid).context("reading VmRSS from /proc/self/status")?;
+        let validity = Validity {
+            not_before: 1_800_000_000,
+            not_after: 1_800_000_000 + LIFETIME_DAYS * DAY,
+        };
+        for i in 0..MEMORY_ENTRIES {
+            memory.track(&format!("cert-{i:06}"), Some(validity), None);
+        }
+        let rss_after = rss_kib(pid).context("reading VmRSS from /proc/self/status")?;
+        let per_entry =
+            (rss_after.saturating_sub(rss_before) * 1024) as f64 / MEMORY_ENTRIES as f64;
+
+        println!();
+        println!(
+            "| renewal scheduler, {count} certificates ({SANS} names, leaf + issuer) in a real store | |"
+        );
+        println!("|---|---:|");
+        println!(
+            "| first pass: every certificate read from the store and tracked | {:.2} ms |",
+            first.as_secs_f64() * 1000.0
+        );
+        println!(
+            "| one wake-up's pass, nothing due (`refresh` + `start_due`), median / p99 of {PASSES} | {pass:.0} / {pass_p99:.0} µs |"
+        );
+        println!(
+            "| of which reading the {count} live certificates from the store, median / p99 | {reads:.0} / {reads_p99:.0} µs |"
+        );
+        println!(
+            "| next wake-up (`sleep_for`), median / p99 of {PASSES} | {wake:.1} / {wake_p99:.1} µs |"
+        );
+        println!(
+            "| idle {} s in `Scheduler::run`: wake-ups / CPU time (10 ms ticks) | {} / {} ms |",
+            idle_wall.as_secs(),
+            wakeups,
+            idle_ticks * 10
+        );
+        let per_day = 86_400 / MAX_SLEEP.as_secs();
+        println!(
+            "| idle a whole day: at most a pass every `MAX_SLEEP` ({per_day} a day) | {:.0} ms of CPU a day |",
+            per_day as f64 * pass / 1000.0
+        );
+        println!(
+            "| all {count} due at once: `start_due` / until all {failed} failed renewals recorded | {:.2} / {:.2} ms ({started} started) |",
+            start_all.as_secs_f64() * 1000.0,
+            settled.as_secs_f64() * 1000.0
+        );
+        println!(
+            "| after they failed, next wake-up in | {} s |",
+            retry_in.as_secs()
+        );
+        println!(
+            "| memory per tracked entry (RSS growth over {MEMORY_ENTRIES} entries) | {per_entry:.0} bytes |"
+        );
+        println!(
+            "| so for {count} certificates (`Entry` itself: {} bytes) | {:.1} KiB |",
+            std::mem::size_of::<Entry>(),
+            per_entry * count as f64 / 1024.0
+        );
+        Ok(())
+    }
 }
