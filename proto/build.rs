@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "certfleet.v1.InstallCertificateRequest",
             "certfleet.v1.JoinRequest",
             "certfleet.v1.AddNodeResponse",
+            "certfleet.v1.ImportRequest",
         ])
         .compile_with_config(
             config,

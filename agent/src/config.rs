@@ -8,6 +8,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use certfleet_proto::node_spec::{self, FileSpec, RawCertificate, SpecError};
+pub use certfleet_proto::node_spec::{
+    Content, DEFAULT_LIVE_ROOT, DEFAULT_SERVICE_TIMEOUT, Endpoint, Protocol, Service,
+};
 use serde::Deserialize;
 
 use crate::dir::{Dir, DirError, Trust};
@@ -51,47 +55,7 @@ struct RawConfig {
     http01: RawHttp01,
     #[serde(default)]
     certificates: Vec<RawCertificate>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawCertificate {
-    name: String,
-    live_dir: Option<PathBuf>,
-    #[serde(default)]
-    files: Vec<RawFile>,
-    #[serde(default)]
-    services: Vec<RawService>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawService {
-    name: String,
-    check: Option<Vec<String>>,
-    restart: Vec<String>,
-    timeout_secs: Option<u64>,
-    #[serde(default)]
-    verify: Vec<RawEndpoint>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawEndpoint {
-    address: String,
-    sni: Option<String>,
-    protocol: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFile {
-    content: String,
-    path: PathBuf,
-    owner: Option<String>,
-    group: Option<String>,
-    mode: Option<String>,
-    dir_owner: Option<String>,
+    metrics: Option<crate::metrics::RawMetricsConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,34 +88,8 @@ pub struct Config {
     pub http01: Http01Config,
     /// Where each certificate's files go on this node, by certificate name.
     pub certificates: Vec<CertificateTargets>,
-}
-
-/// What a target file holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Content {
-    Cert,
-    Chain,
-    Fullchain,
-    Privkey,
-    /// The key followed by the full chain, in one file (haproxy, some mail servers).
-    KeyFullchain,
-}
-
-impl Content {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Cert => "cert",
-            Self::Chain => "chain",
-            Self::Fullchain => "fullchain",
-            Self::Privkey => "privkey",
-            Self::KeyFullchain => "key+fullchain",
-        }
-    }
-
-    /// Whether the file holds the private key.
-    pub fn has_key(self) -> bool {
-        matches!(self, Self::Privkey | Self::KeyFullchain)
-    }
+    /// `[metrics]`: where the agent's `/metrics` is served; `None`: not.
+    pub metrics: Option<crate::metrics::MetricsConfig>,
 }
 
 /// One file the agent writes for a certificate.
@@ -186,45 +124,6 @@ pub struct CertificateTargets {
     /// Restarted in this order after an install.
     pub services: Vec<Service>,
 }
-
-/// How long a service's check, restart and verify may each take by default.
-pub const DEFAULT_SERVICE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A service that serves the certificate. Its commands are argv, run
-/// without a shell; only services in this config can ever be run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Service {
-    pub name: String,
-    /// Validates the service's config before a restart (`apache2ctl -t`).
-    pub check: Option<Vec<String>>,
-    /// Restarts or reloads it (`systemctl reload apache2`).
-    pub restart: Vec<String>,
-    pub timeout: Duration,
-    /// Where it serves the certificate; each must serve the new leaf.
-    pub verify: Vec<Endpoint>,
-}
-
-/// How a verify endpoint speaks TLS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    /// TLS from the first byte (HTTPS, LDAPS, ...).
-    Tls,
-    /// PostgreSQL's SSLRequest, then TLS.
-    Postgres,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
-    /// `host:port`.
-    pub address: String,
-    /// The server name sent in the handshake.
-    pub sni: String,
-    pub protocol: Protocol,
-}
-
-/// Where a certificate goes when the config names no files: certbot's
-/// layout, so service configs pointing at /etc/letsencrypt/live keep working.
-pub const DEFAULT_LIVE_ROOT: &str = "/etc/letsencrypt/live";
 
 #[derive(Debug, Clone)]
 pub struct Http01Config {
@@ -380,8 +279,14 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
     let limits = validate_limits(&raw.http01, &invalid)?;
     let mode = validate_mode(raw.http01, &invalid)?;
     let certificates = validate_certificates(raw.certificates, origin)?;
+    let metrics = raw
+        .metrics
+        .map(crate::metrics::validate_config)
+        .transpose()
+        .map_err(|(key, reason)| invalid(key, reason))?;
     Ok(Config {
         certificates,
+        metrics,
         node: raw.node,
         state_dir,
         grpc_listen,
@@ -482,217 +387,68 @@ fn validate_limits(
     })
 }
 
-/// Builds a [`ConfigError::Invalid`] for a key, naming the file.
-type Invalid<'a> = &'a dyn Fn(String, String) -> ConfigError;
-
-/// `[[certificates]]`: each one's name, files and services, no name
-/// twice, and no path the target of two files.
+/// `[[certificates]]`: checked as every node's description is
+/// ([`certfleet_proto::node_spec`]), with each file's users and group
+/// looked up on this node.
 fn validate_certificates(
     raw: Vec<RawCertificate>,
     origin: &str,
 ) -> Result<Vec<CertificateTargets>, ConfigError> {
-    let invalid = |key: String, reason: String| ConfigError::Invalid {
-        origin: origin.to_owned(),
-        key,
-        reason,
-    };
-    let mut out: Vec<CertificateTargets> = Vec::with_capacity(raw.len());
-    let mut all_paths: Vec<PathBuf> = Vec::new();
-    for (i, c) in raw.into_iter().enumerate() {
-        let RawCertificate {
-            name,
-            live_dir,
-            files,
-            services,
-        } = c;
-        certfleet_proto::names::check_certificate_name(&name)
-            .map_err(|e| invalid(format!("certificates[{i}].name"), e))?;
-        if out.iter().any(|t| t.name == name) {
-            return Err(invalid(
-                format!("certificates[{i}].name"),
-                format!("{name:?} is listed twice"),
-            ));
+    let specs = node_spec::validate_certificates_with(raw, resolve_file).map_err(|e| {
+        ConfigError::Invalid {
+            origin: origin.to_owned(),
+            key: e.key,
+            reason: e.reason,
         }
-        let raw_files = raw_files(i, &name, live_dir, files, &invalid)?;
-        let files = validate_files(i, raw_files, &mut all_paths, &invalid)?;
-        let services = validate_services(services, i, &invalid)?;
-        if !files.iter().any(|f| f.content.has_key()) {
-            return Err(invalid(
-                format!("certificates[{i}].files"),
-                "no file holds the private key (\"privkey\" or \"key+fullchain\"): the certificate would be unusable".into(),
-            ));
-        }
-        out.push(CertificateTargets {
-            name,
-            files,
-            services,
-        });
-    }
-    Ok(out)
-}
-
-/// The files `certificates[i]` lists, or else certbot's four under its
-/// `live_dir` (default: [`DEFAULT_LIVE_ROOT`]`/<name>`).
-fn raw_files(
-    i: usize,
-    name: &str,
-    live_dir: Option<PathBuf>,
-    files: Vec<RawFile>,
-    invalid: Invalid<'_>,
-) -> Result<Vec<RawFile>, ConfigError> {
-    if !files.is_empty() {
-        if live_dir.is_some() {
-            return Err(invalid(
-                format!("certificates[{i}].live_dir"),
-                "only applies when no [[certificates.files]] are listed".into(),
-            ));
-        }
-        return Ok(files);
-    }
-    let dir = live_dir.unwrap_or_else(|| Path::new(DEFAULT_LIVE_ROOT).join(name));
-    Ok(["cert", "chain", "fullchain", "privkey"]
+    })?;
+    Ok(specs
         .into_iter()
-        .map(|content| RawFile {
-            content: content.to_owned(),
-            path: dir.join(format!("{content}.pem")),
-            owner: None,
-            group: None,
-            mode: None,
-            dir_owner: None,
+        .map(|c| CertificateTargets {
+            name: c.name,
+            files: c.files,
+            services: c.services,
         })
         .collect())
 }
 
-/// `certificates[i].files`. No path may be the target of two files of any
-/// certificate: `all_paths` holds those seen so far.
-fn validate_files(
-    i: usize,
-    raw: Vec<RawFile>,
-    all_paths: &mut Vec<PathBuf>,
-    invalid: Invalid<'_>,
-) -> Result<Vec<TargetFile>, ConfigError> {
-    let mut files = Vec::with_capacity(raw.len());
-    for (j, f) in raw.into_iter().enumerate() {
-        let key = |field: &str| format!("certificates[{i}].files[{j}].{field}");
-        files.push(validate_file(f, &key, all_paths, invalid)?);
-    }
-    Ok(files)
-}
-
-/// One target file; `key` names its fields.
-fn validate_file(
-    f: RawFile,
-    key: &dyn Fn(&str) -> String,
-    all_paths: &mut Vec<PathBuf>,
-    invalid: Invalid<'_>,
-) -> Result<TargetFile, ConfigError> {
-    let content = match f.content.as_str() {
-        "cert" => Content::Cert,
-        "chain" => Content::Chain,
-        "fullchain" => Content::Fullchain,
-        "privkey" => Content::Privkey,
-        "key+fullchain" => Content::KeyFullchain,
-        other => {
-            return Err(invalid(
-                key("content"),
-                format!(
-                    "{other:?} is not one of \"cert\", \"chain\", \"fullchain\", \"privkey\", \"key+fullchain\""
-                ),
-            ));
-        }
-    };
-    if !f.path.is_absolute()
-        || f.path
-            .components()
-            .any(|c| matches!(c, std::path::Component::ParentDir))
-        || f.path.file_name().is_none()
-    {
-        return Err(invalid(
-            key("path"),
-            format!(
-                "{} must be an absolute file path without ..",
-                f.path.display()
-            ),
-        ));
-    }
-    if all_paths.contains(&f.path) {
-        return Err(invalid(
-            key("path"),
-            format!("{} is the target of two files", f.path.display()),
-        ));
-    }
-    all_paths.push(f.path.clone());
-    let (owner, uid) = user(
-        f.owner.unwrap_or_else(|| "root".into()),
-        &key("owner"),
-        invalid,
-    )?;
+/// One target file with its owner, group and directory owner looked up
+/// on this node; `key` names its fields.
+fn resolve_file(f: FileSpec, key: &dyn Fn(&str) -> String) -> Result<TargetFile, SpecError> {
+    let (owner, uid) = user(f.owner, &key("owner"))?;
     let dir_owner = match f.dir_owner {
         None => None,
-        Some(name) => Some(user(name, &key("dir_owner"), invalid)?),
+        Some(name) => Some(user(name, &key("dir_owner"))?),
     };
-    let group = f.group.unwrap_or_else(|| "root".into());
+    let group = f.group;
     let gid = nix::unistd::Group::from_name(&group)
         .ok()
         .flatten()
         .map(|g| g.gid.as_raw())
-        .ok_or_else(|| {
-            invalid(
-                key("group"),
-                format!("no group named {group:?} on this node"),
-            )
+        .ok_or_else(|| SpecError {
+            key: key("group"),
+            reason: format!("no group named {group:?} on this node"),
         })?;
     Ok(TargetFile {
-        mode: file_mode(content, f.mode, &key("mode"), invalid)?,
-        content,
+        content: f.content,
         path: f.path,
         owner,
         uid,
         group,
         gid,
+        mode: f.mode,
         dir_owner,
     })
 }
 
 /// The user `name` and its uid; `key` is the config key that names it.
-fn user(name: String, key: &str, invalid: Invalid<'_>) -> Result<(String, u32), ConfigError> {
+fn user(name: String, key: &str) -> Result<(String, u32), SpecError> {
     match user_uid(&name) {
         Some(uid) => Ok((name, uid)),
-        None => Err(invalid(
-            key.to_owned(),
-            format!("no user named {name:?} on this node"),
-        )),
+        None => Err(SpecError {
+            key: key.to_owned(),
+            reason: format!("no user named {name:?} on this node"),
+        }),
     }
-}
-
-/// A file's mode (default: 0600 for a key, else 0644). A key is never
-/// readable or writable by every user.
-fn file_mode(
-    content: Content,
-    mode: Option<String>,
-    key: &str,
-    invalid: Invalid<'_>,
-) -> Result<u32, ConfigError> {
-    let default_mode = if content.has_key() { "0600" } else { "0644" };
-    let mode_text = mode.unwrap_or_else(|| default_mode.into());
-    let mode = u32::from_str_radix(mode_text.trim_start_matches("0o"), 8)
-        .ok()
-        .filter(|m| *m <= 0o777)
-        .ok_or_else(|| {
-            invalid(
-                key.to_owned(),
-                format!("{mode_text:?} is not an octal mode like \"0640\""),
-            )
-        })?;
-    if content.has_key() && mode & 0o007 != 0 {
-        return Err(invalid(
-            key.to_owned(),
-            format!(
-                "{mode_text} would let every user read or change the private key; use 0600 or 0640"
-            ),
-        ));
-    }
-    Ok(mode)
 }
 
 fn user_uid(name: &str) -> Option<u32> {
@@ -700,101 +456,6 @@ fn user_uid(name: &str) -> Option<u32> {
         .ok()
         .flatten()
         .map(|u| u.uid.as_raw())
-}
-
-/// `certificates[i].services`: each name once, argv commands, and the
-/// endpoints that must serve the new certificate.
-fn validate_services(
-    raw: Vec<RawService>,
-    i: usize,
-    invalid: Invalid<'_>,
-) -> Result<Vec<Service>, ConfigError> {
-    let mut services: Vec<Service> = Vec::with_capacity(raw.len());
-    for (j, s) in raw.into_iter().enumerate() {
-        let key = |field: &str| format!("certificates[{i}].services[{j}].{field}");
-        if s.name.is_empty() || services.iter().any(|other| other.name == s.name) {
-            return Err(invalid(
-                key("name"),
-                format!("{:?} must be non-empty and unique", s.name),
-            ));
-        }
-        let argv_ok = |argv: &[String]| {
-            !argv.is_empty() && Path::new(&argv[0]).components().count() > 0 && !argv[0].is_empty()
-        };
-        if !argv_ok(&s.restart) {
-            return Err(invalid(
-                key("restart"),
-                "must be a non-empty argv, e.g. [\"systemctl\", \"reload\", \"apache2\"]".into(),
-            ));
-        }
-        if let Some(check) = &s.check
-            && !argv_ok(check)
-        {
-            return Err(invalid(
-                key("check"),
-                "must be a non-empty argv, e.g. [\"apache2ctl\", \"-t\"]".into(),
-            ));
-        }
-        let timeout = match s.timeout_secs {
-            None => DEFAULT_SERVICE_TIMEOUT,
-            Some(t) if (1..=600).contains(&t) => Duration::from_secs(t),
-            Some(t) => {
-                return Err(invalid(
-                    key("timeout_secs"),
-                    format!("{t} must be between 1 and 600"),
-                ));
-            }
-        };
-        let mut verify = Vec::with_capacity(s.verify.len());
-        for (k, e) in s.verify.into_iter().enumerate() {
-            let key = |field: &str| format!("certificates[{i}].services[{j}].verify[{k}].{field}");
-            verify.push(validate_endpoint(e, &key, invalid)?);
-        }
-        services.push(Service {
-            name: s.name,
-            check: s.check,
-            restart: s.restart,
-            timeout,
-            verify,
-        });
-    }
-    Ok(services)
-}
-
-/// One verify endpoint; `key` names its fields. The SNI defaults to the
-/// address's host.
-fn validate_endpoint(
-    e: RawEndpoint,
-    key: &dyn Fn(&str) -> String,
-    invalid: Invalid<'_>,
-) -> Result<Endpoint, ConfigError> {
-    let host = match e.address.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => host,
-        _ => {
-            return Err(invalid(
-                key("address"),
-                format!("{:?} must be host:port", e.address),
-            ));
-        }
-    };
-    let protocol = match e.protocol.as_deref().unwrap_or("tls") {
-        "tls" => Protocol::Tls,
-        "postgres" => Protocol::Postgres,
-        other => {
-            return Err(invalid(
-                key("protocol"),
-                format!("{other:?} is not one of \"tls\", \"postgres\""),
-            ));
-        }
-    };
-    let sni = e
-        .sni
-        .unwrap_or_else(|| host.trim_matches(['[', ']']).to_owned());
-    Ok(Endpoint {
-        address: e.address,
-        sni,
-        protocol,
-    })
 }
 
 #[cfg(test)]

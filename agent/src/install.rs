@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use certfleet_proto::bundle::{Bundle, InvalidBundle, hex};
 use serde::{Deserialize, Serialize};
@@ -118,7 +119,9 @@ struct Journal {
 /// Installs certificates; one install at a time on this node.
 pub struct Installer {
     root: PathBuf,
-    targets: HashMap<String, CertificateTargets>,
+    /// Replaced whole when the config is reloaded (SIGHUP); an install
+    /// already running keeps the targets it started with.
+    targets: RwLock<HashMap<String, Arc<CertificateTargets>>>,
     lock: std::sync::Mutex<()>,
 }
 
@@ -128,10 +131,7 @@ impl Installer {
     pub fn open(state_dir: &Path, targets: &[CertificateTargets]) -> Result<Self, InstallError> {
         let this = Self {
             root: state_dir.join("certs"),
-            targets: targets
-                .iter()
-                .map(|t| (t.name.clone(), t.clone()))
-                .collect(),
+            targets: RwLock::new(by_name(targets)),
             lock: std::sync::Mutex::new(()),
         };
         for t in targets {
@@ -145,10 +145,36 @@ impl Installer {
     }
 
     /// The configured targets and services of `name`.
-    pub fn targets(&self, name: &str) -> Result<&CertificateTargets, InstallError> {
+    pub fn targets(&self, name: &str) -> Result<Arc<CertificateTargets>, InstallError> {
         self.targets
+            .read()
+            .expect("targets lock poisoned")
             .get(name)
+            .cloned()
             .ok_or_else(|| InstallError::Unknown(name.to_owned()))
+    }
+
+    /// Replaces every certificate's targets and services with `targets`
+    /// (a reloaded config's), and finishes any interrupted install of the
+    /// certificates it adds; if that fails, the old targets stay (blocking:
+    /// call from a blocking thread).
+    /// Waits for an install in progress, so none straddles the change.
+    /// Installed versions stay; a target that moved is written at the next
+    /// install, and `status` reports it as not intact until then.
+    pub fn replace_targets(&self, targets: &[CertificateTargets]) -> Result<(), InstallError> {
+        let _guard = self.lock.lock().expect("install lock poisoned");
+        // Recovery finds a target's trust rule in the map: the new one.
+        let old = std::mem::replace(
+            &mut *self.targets.write().expect("targets lock poisoned"),
+            by_name(targets),
+        );
+        for t in targets {
+            if let Err(e) = self.recover(t) {
+                *self.targets.write().expect("targets lock poisoned") = old;
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// Installs `version` (blocking: call from a blocking thread).
@@ -172,7 +198,7 @@ impl Installer {
             }
         })?;
         let _guard = self.lock.lock().expect("install lock poisoned");
-        let contents = contents(&bundle, key_pem, targets);
+        let contents = contents(&bundle, key_pem, &targets);
         if self.current(name)? == version && self.differs(&contents).is_none() {
             return Ok(self.report(version, &bundle, &contents, false));
         }
@@ -260,7 +286,7 @@ impl Installer {
                 version,
                 source,
             })?;
-        for (target, data) in contents(&bundle, &key, targets) {
+        for (target, data) in contents(&bundle, &key, &targets) {
             let path = target.path.display().to_string();
             let found = open_parent(&target, false)
                 .and_then(|(dir, file)| Ok((dir.read_regular(&file, data.len())?, dir, file)));
@@ -337,7 +363,7 @@ impl Installer {
                 ..Status::default()
             });
         };
-        let problem = self.differs(&contents(&bundle, &key, targets));
+        let problem = self.differs(&contents(&bundle, &key, &targets));
         Ok(Status {
             version,
             leaf_sha256: bundle.leaf_sha256_hex(),
@@ -458,6 +484,8 @@ impl Installer {
     /// name a target the config no longer has: the default rule then).
     fn trust_of(&self, path: &Path) -> Trust {
         self.targets
+            .read()
+            .expect("targets lock poisoned")
             .values()
             .flat_map(|t| &t.files)
             .find(|f| f.path == path)
@@ -531,6 +559,14 @@ impl Installer {
 }
 
 /// The bytes each target gets.
+/// `targets` keyed by certificate name.
+fn by_name(targets: &[CertificateTargets]) -> HashMap<String, Arc<CertificateTargets>> {
+    targets
+        .iter()
+        .map(|t| (t.name.clone(), Arc::new(t.clone())))
+        .collect()
+}
+
 fn contents(
     bundle: &Bundle,
     key_pem: &str,
@@ -766,5 +802,43 @@ mod tests {
         let status = installer.status("web").unwrap();
         assert_eq!((status.version, status.intact), (2, true));
         assert!(!state.join("certs/web/journal.json").exists());
+    }
+
+    #[test]
+    fn replaced_targets_apply_to_the_next_install() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = targets(dir.path());
+        let installer =
+            Installer::open(&dir.path().join("state"), std::slice::from_ref(&t)).unwrap();
+        let (chain, key) = bundle("a.example.org");
+        installer.install("web", 1, &chain, &key, &[]).unwrap();
+        // The reloaded config moves web's chain and adds a certificate.
+        let mut moved = t.clone();
+        moved.files[0].path = dir.path().join("moved/fullchain.pem");
+        let mail = CertificateTargets {
+            name: "mail".into(),
+            ..t.clone()
+        };
+        installer.replace_targets(&[moved.clone(), mail]).unwrap();
+        assert_eq!(*installer.targets("web").unwrap(), moved);
+        assert!(installer.targets("mail").is_ok());
+        // Installed where it was, not where the config now says.
+        assert!(!installer.status("web").unwrap().intact);
+        assert!(
+            installer
+                .install("web", 1, &chain, &key, &[])
+                .unwrap()
+                .changed
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("moved/fullchain.pem")).unwrap(),
+            chain
+        );
+        // A certificate the config dropped is unknown from then on.
+        installer.replace_targets(&[]).unwrap();
+        assert!(matches!(
+            installer.targets("web"),
+            Err(InstallError::Unknown(_))
+        ));
     }
 }

@@ -22,6 +22,10 @@
 //!   one-time token and a pinned CA, then a certificate renewed over mutual
 //!   TLS. The gRPC service accepts only the coordinator's identity.
 //! - [`config`] is the agent's own config, validated before anything starts.
+//! - [`metrics`] is the agent's own health for Prometheus, when
+//!   `[metrics] listen` is set.
+//! - [`snippet`] prints the nginx or apache2 config that answers HTTP-01
+//!   for the agent behind a web server that owns port 80.
 //!
 //! Everything the agent may do on its node comes from its own config: the
 //! coordinator names tokens and certificates, never paths or commands.
@@ -33,8 +37,10 @@ pub mod error;
 pub mod http01;
 pub mod identity;
 pub mod install;
+pub mod metrics;
 pub mod service;
 pub mod services;
+pub mod snippet;
 pub mod tokens;
 
 use std::future::Future;
@@ -76,6 +82,19 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // Finish any install a crash interrupted before serving anything.
     let installer = Arc::new(Installer::open(&config.state_dir, &config.certificates)?);
+    run_with_installer(config, identity, installer, listeners, shutdown).await
+}
+
+/// [`run`] with an installer the caller opened, and keeps, to apply a
+/// reloaded config's certificates ([`Installer::replace_targets`]).
+/// `shutdown` is first polled once everything serves.
+pub async fn run_with_installer(
+    config: Config,
+    identity: Arc<Identity>,
+    installer: Arc<Installer>,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let tokens = Arc::new(Tokens::new(&config.http01, &config.state_dir));
     // Token files a killed run left would be served for ever otherwise.
     tokens.recover().await?;
@@ -113,6 +132,19 @@ pub async fn run(
         stop.clone().cancelled_owned(),
     ));
     let renewal = tokio::spawn(Arc::clone(&identity).renew_until(stop.clone().cancelled_owned()));
+    let metrics = match config.metrics {
+        Some(m) => {
+            let listener = TcpListener::bind(m.listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("binding metrics.listen {}: {e}", m.listen))?;
+            info!(addr = %m.listen, "metrics listening");
+            Some(tokio::spawn(metrics::serve(
+                listener,
+                stop.clone().cancelled_owned(),
+            )))
+        }
+        None => None,
+    };
 
     shutdown.await;
     info!("shutting down");
@@ -127,6 +159,9 @@ pub async fn run(
     }
     within_grace("token sweeper", sweeper, deadline).await?;
     within_grace("certificate renewal", renewal, deadline).await?;
+    if let Some(metrics) = metrics {
+        within_grace("metrics", metrics, deadline).await?;
+    }
     Ok(())
 }
 

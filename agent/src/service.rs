@@ -157,6 +157,7 @@ impl Agent for AgentService {
                 .await
                 .map_err(|e| to_status(e.kind(), e.to_string()))?;
             info!(placed, "placed tokens");
+            crate::metrics::AGENT.placed(placed);
             Ok(Response::new(pb::PlaceTokensResponse {
                 placed: placed as u32,
             }))
@@ -220,6 +221,7 @@ impl Agent for AgentService {
             .await
             .map_err(|e| Status::internal(format!("install task: {e}")))?
             .map_err(install_status)?;
+            crate::metrics::AGENT.installed(installed.changed);
             Ok(Response::new(installed_to_pb(installed)))
         })
         .await
@@ -285,6 +287,7 @@ impl Agent for AgentService {
         // `timeout_secs`, and the caller's `grpc-timeout` bounds the whole.
         let (ok, outcomes) =
             services::restart_all(&targets.services, &expected, r.keep_going).await;
+        crate::metrics::AGENT.restarted(ok);
         for o in &outcomes {
             info!(
                 service = %o.service,

@@ -14,22 +14,15 @@
 //! services' own timeouts, and the gRPC server adds no limit of its own.
 
 use std::process::Stdio;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use certfleet_proto::bundle::hex;
-use certfleet_proto::identity::FingerprintOnly;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use rustls::pki_types::ServerName;
-use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tracing::warn;
 
-use crate::config::{Endpoint, Protocol, Service};
+use crate::config::Service;
 
 /// Bytes of a failed command's output kept for the report.
 const OUTPUT_TAIL: usize = 800;
@@ -44,8 +37,6 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 const VERIFY_CONSECUTIVE: u32 = 3;
 /// Longest one probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-/// PostgreSQL's SSLRequest: length 8, code 80877103 (protocol docs, 53.2.10).
-const PG_SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
 /// What one endpoint served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -303,10 +294,7 @@ impl Drop for ProcessGroup {
 /// What every endpoint of `service` serves now.
 pub async fn probe_all(service: &Service) -> Vec<Served> {
     let probes = service.verify.iter().map(|e| async move {
-        let result = match tokio::time::timeout(PROBE_TIMEOUT, probe(e)).await {
-            Ok(r) => r,
-            Err(_) => Err(format!("no TLS handshake within {PROBE_TIMEOUT:?}")),
-        };
+        let result = certfleet_proto::node_spec::served_leaf(e, PROBE_TIMEOUT).await;
         Served {
             service: service.name.clone(),
             address: e.address.clone(),
@@ -314,46 +302,6 @@ pub async fn probe_all(service: &Service) -> Vec<Served> {
         }
     });
     futures::future::join_all(probes).await
-}
-
-/// The SHA-256 of the leaf `endpoint` serves.
-async fn probe(endpoint: &Endpoint) -> Result<String, String> {
-    let mut tcp = TcpStream::connect(&endpoint.address)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    if endpoint.protocol == Protocol::Postgres {
-        tcp.write_all(&PG_SSL_REQUEST)
-            .await
-            .map_err(|e| format!("SSLRequest: {e}"))?;
-        let mut answer = [0u8; 1];
-        tcp.read_exact(&mut answer)
-            .await
-            .map_err(|e| format!("SSLRequest: {e}"))?;
-        if answer[0] != b'S' {
-            return Err(format!(
-                "server refused TLS (answered {:?})",
-                answer[0] as char
-            ));
-        }
-    }
-    let config = rustls::ClientConfig::builder_with_provider(certfleet_proto::identity::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(FingerprintOnly::new()))
-        .with_no_client_auth();
-    let name = ServerName::try_from(endpoint.sni.clone())
-        .map_err(|e| format!("SNI {:?}: {e}", endpoint.sni))?;
-    let tls = TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("TLS: {e}"))?;
-    let (_, session) = tls.get_ref();
-    let leaf = session
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .ok_or("no certificate served")?;
-    Ok(hex(&Sha256::digest(leaf)))
 }
 
 #[cfg(test)]

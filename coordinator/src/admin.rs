@@ -11,6 +11,7 @@
 //! - `convert`: results as protobuf, and the one place an error's kind
 //!   becomes the wire's failure kind or a status code.
 
+mod approvals;
 mod convert;
 mod history;
 mod renew;
@@ -38,6 +39,7 @@ use crate::enrollment;
 use crate::fleet::{Fleet, Holder, Operation};
 use crate::issue::Issuer;
 use crate::manage;
+use crate::notify;
 use crate::rollout;
 use crate::status;
 use certfleet_proto::clock::now;
@@ -90,18 +92,31 @@ fn agent_config_path(given: &str) -> Result<String, Status> {
     Ok(given.to_owned())
 }
 
+/// A registry record as `certfleet nodes` shows it.
+pub(crate) fn node_info(record: NodeRecord) -> pb::NodeInfo {
+    convert::node_to_pb(record)
+}
+
 /// The node `node add` registers, checked: its name, the agent's address
 /// and the HTTP-01 address (default: the agent's IP); and the agent's
 /// config path for the join command.
 fn node_to_add(r: &pb::AddNodeRequest) -> Result<(NodeRecord, String), Status> {
     check_node_name(&r.name).map_err(Status::invalid_argument)?;
     let agent_config = agent_config_path(&r.agent_config)?;
-    let agent: SocketAddr = r.agent.parse().map_err(|e| {
-        Status::invalid_argument(format!(
-            "--agent {:?}: not an address like 10.0.0.2:7443: {e}",
-            r.agent
-        ))
-    })?;
+    let reach = crate::ssh::admin_api::reach_to_add(r)?;
+    // A node reached over SSH only has no agent: its errors name its sshd.
+    let agent: SocketAddr = if r.agent.is_empty() {
+        crate::ssh::agent_address("", &reach).map_err(|e| {
+            Status::invalid_argument(format!("--ssh: {e}; give --http01 and --agent too"))
+        })?
+    } else {
+        r.agent.parse().map_err(|e| {
+            Status::invalid_argument(format!(
+                "--agent {:?}: not an address like 10.0.0.2:7443: {e}",
+                r.agent
+            ))
+        })?
+    };
     let http01: IpAddr = if r.http01.is_empty() {
         agent.ip()
     } else {
@@ -111,11 +126,16 @@ fn node_to_add(r: &pb::AddNodeRequest) -> Result<(NodeRecord, String), Status> {
     };
     let record = NodeRecord {
         name: r.name.clone(),
-        agent: agent.to_string(),
+        agent: if r.agent.is_empty() {
+            String::new()
+        } else {
+            agent.to_string()
+        },
         http01: http01.to_string(),
         state: NodeState::Pending,
         cert_not_after: 0,
         last_contact: 0,
+        reach,
     };
     Ok((record, agent_config))
 }
@@ -169,6 +189,10 @@ impl AdminService {
                 } else {
                     rollout::restart(&fleet, &op, &progress).await
                 };
+                match &result {
+                    Ok(done) => notify::rolled_out(&fleet, op.certificate(), operation, done),
+                    Err(e) => notify::rollout_failed(&fleet, op.certificate(), operation, e),
+                }
                 convert::restarted_to_pb(op.certificate(), result)
             },
         )))
@@ -192,6 +216,31 @@ impl Admin for AdminService {
     type RolloutStream = EventStream;
     type RenewStream = EventStream;
     type DeleteStream = EventStream;
+    type ApproveStream = EventStream;
+
+    async fn list_approvals(
+        &self,
+        request: Request<pb::ListApprovalsRequest>,
+    ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
+        approvals::list(&self.fleet, request.get_ref().recent).map(Response::new)
+    }
+
+    /// Audited by `approval::decide`, with who decided.
+    async fn approve(
+        &self,
+        request: Request<pb::DecideApprovalRequest>,
+    ) -> Result<Response<Self::ApproveStream>, Status> {
+        let uid = caller_uid(&request);
+        approvals::approve(Arc::clone(&self.fleet), request.into_inner(), uid).map(Response::new)
+    }
+
+    async fn reject(
+        &self,
+        request: Request<pb::DecideApprovalRequest>,
+    ) -> Result<Response<pb::DecideApprovalResponse>, Status> {
+        let uid = caller_uid(&request);
+        approvals::reject(&self.fleet, request.into_inner(), uid).map(Response::new)
+    }
 
     async fn renew(
         &self,
@@ -365,6 +414,35 @@ impl Admin for AdminService {
         Ok(Response::new(convert::account_to_pb(summary)))
     }
 
+    async fn outbox(
+        &self,
+        _request: Request<pb::OutboxRequest>,
+    ) -> Result<Response<pb::OutboxResponse>, Status> {
+        // Envelopes and delivery state only: bodies stay in the database.
+        let mails = self
+            .fleet
+            .db()
+            .outbox(crate::mail::LISTED_SENT)
+            .map_err(|e| refusal(e.kind(), e))?
+            .into_iter()
+            .map(|m| pb::OutboxMail {
+                id: m.id,
+                certificate: m.certificate,
+                subject: m.subject,
+                recipients: m.recipients,
+                created_unix: m.created,
+                attempts: m.attempts,
+                next_attempt_unix: if m.sent.is_some() { 0 } else { m.next_attempt },
+                last_error: m.last_error,
+                sent_unix: m.sent.unwrap_or(0),
+            })
+            .collect();
+        Ok(Response::new(pb::OutboxResponse {
+            configured: self.fleet.config().mail.is_some(),
+            mails,
+        }))
+    }
+
     async fn import(
         &self,
         request: Request<pb::ImportRequest>,
@@ -394,6 +472,11 @@ impl Admin for AdminService {
             .try_acquire(Holder::new(Operation::Import, &spec.name, uid))
             .map_err(|busy| refusal(busy.kind(), busy))?;
         let stored = crate::import::import(&self.fleet, &op, &lineage, now());
+        if let Ok(stored) = &stored
+            && let Err(e) = op.journal().version(stored.version)
+        {
+            tracing::warn!(error = %e, "imported, but the journal does not say which version");
+        }
         op.journal().finish_with(&stored);
         let stored = stored.map_err(|e| refusal(e.kind(), e))?;
         drop(op);
@@ -477,6 +560,7 @@ impl Admin for AdminService {
         self.known(&r.certificate)?;
         let options = renew::options(&self.fleet, r.force, r.dry_run)?;
         let issuer = Arc::clone(&self.issuer);
+        let fleet = Arc::clone(&self.fleet);
         let renewals = self.renewals.clone();
         let operation = renew::operation(options, Operation::Issue);
         let holder = Holder::new(operation, &r.certificate, uid);
@@ -487,16 +571,29 @@ impl Admin for AdminService {
             move |op, progress| async move {
                 match issuer.issue_with(&op, &progress, options).await {
                     Ok(crate::issue::Ordered::Issued(issued)) => {
+                        notify::issued(&fleet, Operation::Issue, &issued.stored);
                         // The new version sets the next renewal.
                         if let Some(s) = renewals {
                             s.wake();
+                        }
+                        // A certificate with an approval policy goes on as
+                        // its renewal would, up to the step that waits.
+                        if let Some(failed) =
+                            approvals::after_issue(&fleet, &op, &progress, &issued.stored).await
+                        {
+                            return failed;
                         }
                         convert::issued_to_pb(&issued)
                     }
                     Ok(crate::issue::Ordered::DryRun(dry)) => {
                         convert::dry_run_to_pb(op.certificate(), &dry)
                     }
-                    Err(failed) => convert::issue_failed_to_pb(&failed),
+                    Err(failed) => {
+                        if operation == Operation::Issue {
+                            notify::issue_failed(&fleet, op.certificate(), operation, &failed);
+                        }
+                        convert::issue_failed_to_pb(&failed)
+                    }
                 }
             },
         )))
@@ -536,6 +633,20 @@ impl Admin for AdminService {
         let uid = caller_uid(&request);
         let r = request.into_inner();
         let (record, agent_config) = node_to_add(&r)?;
+        if record.reach.transport == crate::ssh::NodeTransport::Ssh {
+            // No agent, so no join: the node is used once its host key is trusted.
+            self.fleet
+                .db()
+                .add_ssh_node(&record, now())
+                .map_err(|e| refusal(e.kind(), e))?;
+            self.fleet.forget_node(&record.name);
+            self.audit(
+                uid,
+                "node add",
+                &format!("node {} ssh {}", record.name, record.reach.ssh_column()),
+            );
+            return Ok(Response::new(pb::AddNodeResponse::default()));
+        }
         let enrollment = &self.fleet.config().enrollment;
         let ttl = match r.token_ttl_seconds {
             0 => enrollment.join_token_ttl,
@@ -564,6 +675,39 @@ impl Admin for AdminService {
             ca_pin,
             expires_unix: token.expires,
         }))
+    }
+
+    async fn set_node(
+        &self,
+        request: Request<pb::SetNodeRequest>,
+    ) -> Result<Response<pb::SetNodeResponse>, Status> {
+        let uid = caller_uid(&request);
+        let r = request.into_inner();
+        self.audit(
+            uid,
+            "node set",
+            &format!(
+                "node {:?} transport {:?} ssh {:?}",
+                r.name, r.transport, r.ssh
+            ),
+        );
+        let node = crate::ssh::admin_api::set_node(&self.fleet, &r)?;
+        Ok(Response::new(pb::SetNodeResponse { node: Some(node) }))
+    }
+
+    async fn trust_host(
+        &self,
+        request: Request<pb::TrustHostRequest>,
+    ) -> Result<Response<pb::TrustHostResponse>, Status> {
+        let uid = caller_uid(&request);
+        let r = request.into_inner();
+        self.audit(
+            uid,
+            "node trust-host",
+            &format!("node {:?} fingerprint {:?}", r.name, r.fingerprint),
+        );
+        let answer = crate::ssh::admin_api::trust_host(&self.fleet, &r).await?;
+        Ok(Response::new(answer))
     }
 
     async fn remove_node(

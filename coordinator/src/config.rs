@@ -91,6 +91,12 @@ struct RawConfig {
     recovery: RecoveryConfig,
     #[serde(default)]
     certificates: Vec<RawCertificate>,
+    #[serde(default)]
+    approval: crate::approval::RawApprovalConfig,
+    web: Option<crate::web::RawWebConfig>,
+    mail: Option<crate::mail::RawMail>,
+    ssh: Option<crate::ssh::RawSsh>,
+    metrics: Option<crate::metrics::RawMetricsConfig>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -161,6 +167,9 @@ struct RawCertificate {
     key: Option<String>,
     restart_batch: Option<usize>,
     after_issue: Option<String>,
+    approval: Option<String>,
+    #[serde(default)]
+    mail: Vec<String>,
 }
 
 /// The validated config.
@@ -177,6 +186,17 @@ pub struct Config {
     /// What a coordinator that was stopped mid-operation does at its next start.
     pub recovery: RecoveryConfig,
     pub certificates: Vec<CertificateSpec>,
+    /// `[approval]`: how long approval requests wait (`crate::approval`).
+    pub approval: crate::approval::ApprovalConfig,
+    /// `[web]`: the one-click approval page; `None`: no page, and approval
+    /// mails carry no link.
+    pub web: Option<crate::web::WebConfig>,
+    /// `[mail]`: where mail to the administrators goes; `None`: none is sent.
+    pub mail: Option<crate::mail::MailConfig>,
+    /// `[ssh]`: how nodes without a reachable agent are reached.
+    pub ssh: crate::ssh::SshConfig,
+    /// `[metrics]`: the Prometheus endpoint; `None`: not served.
+    pub metrics: Option<crate::metrics::MetricsConfig>,
 }
 
 /// Where nodes join and renew their identities.
@@ -269,6 +289,10 @@ pub struct Node {
     /// The address the CA's HTTP-01 fetch reaches this node on (port:
     /// `acme.validation_port`). Self-checks go here directly, bypassing DNS.
     pub http01: IpAddr,
+    /// Through its agent, over SSH, or both (`crate::ssh`).
+    pub transport: crate::ssh::NodeTransport,
+    /// Where its sshd is, for `ssh` and `auto`.
+    pub ssh: Option<crate::ssh::SshDestination>,
 }
 
 /// The key a certificate is issued for.
@@ -338,6 +362,10 @@ pub struct CertificateSpec {
     pub restart_batch: usize,
     /// What an automatic renewal does once the new version is stored.
     pub after_issue: AfterIssue,
+    /// Which step of a new version waits for a person (`crate::approval`).
+    pub approval: crate::approval::Policy,
+    /// Who gets this certificate's mail besides `mail.admins`.
+    pub mail: Vec<String>,
 }
 
 impl Config {
@@ -372,6 +400,13 @@ impl Config {
                     mode,
                 });
             }
+        }
+        if let Some(mail) = &config.mail {
+            mail.check_files().map_err(|e| ConfigError::Invalid {
+                origin: path.display().to_string(),
+                key: "mail".into(),
+                reason: e.to_string(),
+            })?;
         }
         Ok(config)
     }
@@ -435,7 +470,10 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         "admin_socket",
         &invalid,
     )?;
+    let ssh = crate::ssh::validate_config(raw.ssh, &state_dir, Some(Path::new(origin)))
+        .map_err(|(k, r)| invalid(k, r))?;
     Ok(Config {
+        ssh,
         state_dir,
         admin_socket,
         acme: validate_acme(raw.acme, &invalid)?,
@@ -444,6 +482,21 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         renewal: validate_renewal(raw.renewal, &invalid)?,
         recovery: raw.recovery,
         certificates: validate_certificates(raw.certificates, &invalid)?,
+        approval: crate::approval::validate_config(raw.approval).map_err(|(k, r)| invalid(k, r))?,
+        web: raw
+            .web
+            .map(crate::web::validate_config)
+            .transpose()
+            .map_err(|(k, r)| invalid(k, r))?,
+        mail: raw
+            .mail
+            .map(|m| crate::mail::validate(m, &invalid))
+            .transpose()?,
+        metrics: raw
+            .metrics
+            .map(crate::metrics::validate_config)
+            .transpose()
+            .map_err(|(k, r)| invalid(k, r))?,
     })
 }
 
@@ -769,13 +822,25 @@ fn validate_certificate(
             ));
         }
     };
+    for (j, to) in c.mail.iter().enumerate() {
+        if to.parse::<lettre::message::Mailbox>().is_err() {
+            return Err(invalid(
+                format!("certificates[{i}].mail[{j}]"),
+                format!("{to:?} is not a mail address"),
+            ));
+        }
+    }
+    let approval = crate::approval::Policy::parse(c.approval.as_deref(), after_issue)
+        .map_err(|reason| invalid(format!("certificates[{i}].approval"), reason))?;
     Ok(CertificateSpec {
+        approval,
         name: c.name,
         sans,
         nodes: c.nodes,
         key,
         restart_batch,
         after_issue,
+        mail: c.mail,
     })
 }
 

@@ -16,9 +16,13 @@ use subtle::ConstantTimeEq;
 
 use crate::error::ErrorKind;
 
+mod approvals;
 mod journal;
+mod metrics;
+mod outbox;
 
 pub use self::journal::{JournalStep, OperationRecord};
+pub use self::outbox::{NewMail, OutboxMail};
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS nodes (
@@ -90,6 +94,27 @@ CREATE TABLE IF NOT EXISTS audit (
     action TEXT NOT NULL,
     detail TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS approvals (
+    id TEXT PRIMARY KEY,
+    certificate TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    serial TEXT NOT NULL,
+    names TEXT NOT NULL,
+    not_after INTEGER NOT NULL,
+    step TEXT NOT NULL CHECK (step IN ('distribute', 'rollout', 'restart')),
+    plan TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    reminded INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'approved', 'rejected', 'expired', 'superseded')),
+    decided_by TEXT NOT NULL DEFAULT '',
+    decided INTEGER NOT NULL DEFAULT 0,
+    comment TEXT NOT NULL DEFAULT '',
+    outcome TEXT NOT NULL DEFAULT '',
+    secret_sha256 BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS approvals_by_state ON approvals (state, certificate);
+-- The outbox (`outbox::SCHEMA`) follows.
 "#;
 
 #[derive(Debug, thiserror::Error)]
@@ -226,6 +251,8 @@ pub struct NodeRecord {
     pub state: NodeState,
     pub cert_not_after: i64,
     pub last_contact: i64,
+    /// How the coordinator reaches it (`nodes.transport`, `nodes.ssh`).
+    pub reach: crate::ssh::NodeReach,
 }
 
 /// How a rollout ended.
@@ -331,6 +358,8 @@ impl Db {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
+        conn.execute_batch(outbox::SCHEMA).map_err(err)?;
+        add_reach_columns(&conn).map_err(err)?;
         // WAL mode keeps recent writes (join token hashes, the audit log) in
         // -wal and -shm beside the database: as private as the database.
         for suffix in ["-wal", "-shm"] {
@@ -360,6 +389,8 @@ impl Db {
         };
         let conn = Connection::open_in_memory().map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
+        conn.execute_batch(outbox::SCHEMA).map_err(err)?;
+        add_reach_columns(&conn).map_err(err)?;
         Ok(Self {
             path,
             conn: Mutex::new(conn),
@@ -398,10 +429,19 @@ impl Db {
         self.with(|c| {
             let tx = c.transaction()?;
             tx.execute(
-                "INSERT INTO nodes (name, agent, http01, state, created) VALUES (?1, ?2, ?3, ?5, ?4)
+                "INSERT INTO nodes (name, agent, http01, state, created, transport, ssh)
+                 VALUES (?1, ?2, ?3, ?5, ?4, ?6, ?7)
                  ON CONFLICT(name) DO UPDATE SET agent = ?2, http01 = ?3, state = ?5,
-                     cert_serial = NULL, cert_not_after = 0",
-                params![node.name, node.agent, node.http01, now, NodeState::Pending],
+                     cert_serial = NULL, cert_not_after = 0, transport = ?6, ssh = ?7",
+                params![
+                    node.name,
+                    node.agent,
+                    node.http01,
+                    now,
+                    NodeState::Pending,
+                    node.reach.transport.as_str(),
+                    node.reach.ssh_column()
+                ],
             )?;
             // Earlier unused tokens for the node stop working.
             tx.execute(
@@ -544,10 +584,51 @@ impl Db {
         Ok(())
     }
 
+    /// Registers a node reached over SSH only: it has no agent to join, so
+    /// it is active at once (it is used once its host key is trusted).
+    pub fn add_ssh_node(&self, node: &NodeRecord, now: i64) -> Result<(), DbError> {
+        let existing = self.node(&node.name)?;
+        if existing.is_some_and(|n| n.state == NodeState::Active) {
+            return Err(DbError::Active(node.name.clone()));
+        }
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO nodes (name, agent, http01, state, created, transport, ssh)
+                 VALUES (?1, ?2, ?3, ?5, ?4, ?6, ?7)
+                 ON CONFLICT(name) DO UPDATE SET agent = ?2, http01 = ?3, state = ?5,
+                     cert_serial = NULL, cert_not_after = 0, transport = ?6, ssh = ?7",
+                params![
+                    node.name,
+                    node.agent,
+                    node.http01,
+                    now,
+                    NodeState::Active,
+                    node.reach.transport.as_str(),
+                    node.reach.ssh_column()
+                ],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Changes how `node` is reached.
+    pub fn set_reach(&self, node: &str, reach: &crate::ssh::NodeReach) -> Result<(), DbError> {
+        let changed = self.with(|c| {
+            c.execute(
+                "UPDATE nodes SET transport = ?2, ssh = ?3 WHERE name = ?1",
+                params![node, reach.transport.as_str(), reach.ssh_column()],
+            )
+        })?;
+        if changed == 0 {
+            return Err(DbError::UnknownNode(node.to_owned()));
+        }
+        Ok(())
+    }
+
     pub fn node(&self, name: &str) -> Result<Option<NodeRecord>, DbError> {
         self.with(|c| {
             c.query_row(
-                "SELECT name, agent, http01, state, cert_not_after, last_contact FROM nodes WHERE name = ?1",
+                "SELECT name, agent, http01, state, cert_not_after, last_contact, transport, ssh FROM nodes WHERE name = ?1",
                 params![name],
                 row_to_node,
             )
@@ -691,7 +772,7 @@ impl Db {
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, DbError> {
         self.with(|c| {
             let mut stmt = c.prepare(
-                "SELECT name, agent, http01, state, cert_not_after, last_contact FROM nodes ORDER BY rowid",
+                "SELECT name, agent, http01, state, cert_not_after, last_contact, transport, ssh FROM nodes ORDER BY rowid",
             )?;
             let rows = stmt.query_map([], row_to_node)?;
             rows.collect()
@@ -752,7 +833,30 @@ fn row_to_node(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRecord> {
         state: r.get(3)?,
         cert_not_after: r.get(4)?,
         last_contact: r.get(5)?,
+        reach: crate::ssh::NodeReach::from_columns(
+            &r.get::<_, String>(6)?,
+            &r.get::<_, String>(7)?,
+        )
+        .map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(6, rusqlite::types::Type::Text, e.into())
+        })?,
     })
+}
+
+/// Adds `nodes.transport` and `nodes.ssh` to a database made before nodes
+/// could be reached over SSH; a new one gets them the same way.
+fn add_reach_columns(c: &Connection) -> rusqlite::Result<()> {
+    let mut stmt = c.prepare("SELECT name FROM pragma_table_info('nodes')")?;
+    let columns: Vec<String> = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    if !columns.iter().any(|c| c == "transport") {
+        c.execute_batch("ALTER TABLE nodes ADD COLUMN transport TEXT NOT NULL DEFAULT 'agent'")?;
+    }
+    if !columns.iter().any(|c| c == "ssh") {
+        c.execute_batch("ALTER TABLE nodes ADD COLUMN ssh TEXT NOT NULL DEFAULT ''")?;
+    }
+    Ok(())
 }
 
 /// Why `node` may not renew with the certificate of serial `presented`, if
@@ -810,6 +914,7 @@ mod tests {
             state: NodeState::Pending,
             cert_not_after: 0,
             last_contact: 0,
+            reach: Default::default(),
         }
     }
 

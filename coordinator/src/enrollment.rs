@@ -356,6 +356,7 @@ mod tests {
             state: NodeState::Pending,
             cert_not_after: 0,
             last_contact: 0,
+            reach: Default::default(),
         }
     }
 

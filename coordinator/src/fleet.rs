@@ -94,13 +94,13 @@ pub struct Fleet {
 impl Fleet {
     pub fn new(config: Arc<Config>, db: Arc<Db>, store: Store, connect: Box<dyn Connect>) -> Self {
         Self {
+            notifier: Notifier::new(&config, Arc::clone(&db)),
             config,
             locks: OperationLocks::journaled(Arc::clone(&db)),
             db,
             store: Arc::new(store),
             connect,
             transports: Mutex::default(),
-            notifier: Notifier::default(),
         }
     }
 
@@ -211,14 +211,14 @@ impl Fleet {
             };
             let node = Node {
                 name: name.to_owned(),
-                agent: record
-                    .agent
-                    .parse()
+                agent: crate::ssh::agent_address(&record.agent, &record.reach)
                     .map_err(|e| address(format!("{}: {e}", record.agent)))?,
                 http01: record
                     .http01
                     .parse()
                     .map_err(|e| address(format!("{}: {e}", record.http01)))?,
+                transport: record.reach.transport,
+                ssh: record.reach.ssh.clone(),
             };
             if let Some(known) = transports.get(name)
                 && known.node == node
@@ -287,6 +287,9 @@ pub struct Holder {
     pub started: i64,
     /// The admin's uid (the socket's SO_PEERCRED), when known.
     pub uid: Option<u32>,
+    /// Who asked when it was no local user: e.g. "the one-time link (from
+    /// 192.0.2.7:51234)".
+    pub by: Option<String>,
 }
 
 impl Holder {
@@ -297,7 +300,14 @@ impl Holder {
             certificate: certificate.to_owned(),
             started: clock::now(),
             uid,
+            by: None,
         }
+    }
+
+    /// The same operation, asked for by `by` rather than a local user.
+    pub fn by(mut self, by: impl Into<String>) -> Self {
+        self.by = Some(by.into());
+        self
     }
 }
 
@@ -311,6 +321,9 @@ impl std::fmt::Display for Holder {
         }
         match (self.uid, self.operation) {
             (Some(uid), _) => write!(f, " by uid {uid})"),
+            (None, _) if self.by.is_some() => {
+                write!(f, " by {})", self.by.as_deref().unwrap_or_default())
+            }
             (None, Operation::Renew) => f.write_str(" by the renewal schedule)"),
             (None, Operation::Recover) => f.write_str(" by the coordinator at start)"),
             (None, _) => f.write_str(" by an unknown user)"),
@@ -519,6 +532,7 @@ pub(crate) mod testing {
                     state: NodeState::Pending,
                     cert_not_after: 0,
                     last_contact: 0,
+                    reach: Default::default(),
                 };
                 db.add_node(&record, &format!("t{i}"), "secret", i64::MAX, 0)
                     .unwrap();
@@ -592,6 +606,7 @@ mod tests {
             certificate: certificate.into(),
             started: STARTED,
             uid: Some(1000),
+            by: None,
         }
     }
 

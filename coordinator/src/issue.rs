@@ -330,6 +330,12 @@ impl Issuer {
             .await;
         timings.cleanup = order.cleanup().instrument(span.clone()).await;
         timings.total = began.elapsed();
+        // The key saved for a CSR is stored with its certificate, kept in
+        // the rescue directory, or of no use: only a crash leaves it for
+        // recovery.
+        if let Some(id) = op.journal().id() {
+            let _ = std::fs::remove_file(pending_key_path(&self.config.state_dir, id));
+        }
         let _enter = span.enter();
         match result {
             Ok((Kept::Checked(bundle), reused)) => {

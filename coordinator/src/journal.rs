@@ -100,6 +100,7 @@ impl Journal {
     pub fn begin(db: &Arc<Db>, holder: &Holder) -> Self {
         let by = match (holder.uid, holder.operation) {
             (Some(uid), _) => format!("uid {uid}"),
+            (None, _) if holder.by.is_some() => holder.by.clone().unwrap_or_default(),
             (None, Operation::Renew) => "renewal scheduler".to_owned(),
             (None, Operation::Recover) => "recovery".to_owned(),
             (None, _) => "unknown".to_owned(),

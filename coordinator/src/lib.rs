@@ -29,6 +29,12 @@
 //! - [`journal`]: every operation's steps, written before each is taken.
 //! - [`recovery`]: at start, heals what an operation the coordinator was
 //!   stopped in left (tokens, orders, distributions, rollouts).
+//! - [`notify`] and [`mail`]: mail to the administrators, queued in a
+//!   durable outbox and delivered over SMTP; expiry warnings.
+//! - [`approval`]: where a new version waits for a person, the stored
+//!   requests, their decisions, reminders and expiry.
+//! - [`web`]: the optional HTTPS page an approval mail links to.
+//! - [`metrics`]: the optional Prometheus endpoint (`[metrics] listen`).
 //! - [`admin`]: the admin API on a Unix socket, with a progress stream.
 //! - [`progress`]: the events an operation reports.
 //! - [`error`]: the one family of failure kinds every error maps to, which
@@ -40,6 +46,7 @@
 
 pub mod acme;
 pub mod admin;
+pub mod approval;
 pub mod challenge;
 pub mod config;
 pub mod db;
@@ -50,7 +57,9 @@ pub mod fleet;
 pub mod import;
 pub mod issue;
 pub mod journal;
+pub mod mail;
 pub mod manage;
+pub mod metrics;
 pub mod notify;
 pub mod pki;
 pub mod progress;
@@ -58,9 +67,11 @@ pub mod ratelimit;
 pub mod recovery;
 pub mod renewal;
 pub mod rollout;
+pub mod ssh;
 pub mod status;
 pub mod store;
 pub mod transport;
+pub mod web;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -93,6 +104,13 @@ pub enum SetupError {
     Db(#[from] DbError),
     #[error("coordinator identity: {0}")]
     Identity(String),
+    #[error(transparent)]
+    Mail(#[from] mail::MailSetupError),
+    #[error("ssh state {path}: {source}")]
+    Ssh {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl SetupError {
@@ -101,8 +119,10 @@ impl SetupError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Self::Acme(_) | Self::Pki(PkiError::Missing(_)) => ErrorKind::Config,
+            Self::Mail(e) => e.kind(),
             Self::Store(_) | Self::Db(_) => ErrorKind::Store,
             Self::Pki(_) | Self::Identity(_) => ErrorKind::Internal,
+            Self::Ssh { .. } => ErrorKind::Store,
         }
     }
 }
@@ -119,6 +139,8 @@ pub struct Coordinator {
     pub ca: Arc<ClusterCa>,
     /// How long each of the coordinator's own certificates lives.
     pub identity_lifetime: std::time::Duration,
+    /// The SMTP client the outbox is delivered with; `None`: no `[mail]`.
+    pub mail: Option<mail::Sender>,
 }
 
 /// Loads the cluster CA (made by `init`), the registry, the store and the
@@ -136,12 +158,26 @@ pub fn build(config: Config) -> Result<Coordinator, SetupError> {
         identity: Arc::new(identity),
     };
     let enrollment = EnrollmentService::new(Arc::clone(&db), Arc::clone(&ca), &config.enrollment);
-    let fleet = Arc::new(Fleet::new(
-        Arc::new(config),
-        db,
-        store,
-        Box::new(trust.clone()),
-    ));
+    let mail = config.mail.as_ref().map(mail::Sender::new).transpose()?;
+    // Masters a killed coordinator left are ended before any new one starts.
+    let ended = config.ssh.prepare().map_err(|source| SetupError::Ssh {
+        path: config.ssh.control_dir.clone(),
+        source,
+    })?;
+    if ended > 0 {
+        info!(
+            masters = ended,
+            "ended ssh master connections left by the last run"
+        );
+    }
+    let reach = ssh::Reach {
+        trust: trust.clone(),
+        ssh: Arc::new(ssh::SshContext {
+            config: config.ssh.clone(),
+            store: Store::open(&config.state_dir)?,
+        }),
+    };
+    let fleet = Arc::new(Fleet::new(Arc::new(config), db, store, Box::new(reach)));
     let issuer = Arc::new(Issuer::new(Arc::clone(&fleet), acme));
     Ok(Coordinator {
         fleet,
@@ -151,6 +187,7 @@ pub fn build(config: Config) -> Result<Coordinator, SetupError> {
         trust,
         ca,
         identity_lifetime,
+        mail,
     })
 }
 
@@ -228,6 +265,37 @@ pub async fn run(
             }
         })
     };
+    // Mail: the outbox is delivered, and what the nodes serve is probed
+    // for certificates about to expire.
+    let mail = match (
+        coordinator.mail.clone(),
+        coordinator.fleet.notifier().wake(),
+    ) {
+        (Some(sender), Some(wake)) => {
+            let db = Arc::clone(coordinator.fleet.db());
+            let delivery = tokio::spawn(mail::deliver_until(db, sender, wake, stop.clone()));
+            let expiry = coordinator.fleet.config().mail.as_ref().map(|m| {
+                tokio::spawn(mail::warn_expiry_until(
+                    Arc::clone(&coordinator.fleet),
+                    m.expiry_check,
+                    m.expiry_warning_days,
+                    stop.clone(),
+                ))
+            });
+            vec![Some(delivery), expiry]
+        }
+        _ => Vec::new(),
+    };
+    let approvals = tokio::spawn(approval::watch(
+        Arc::clone(&coordinator.fleet),
+        stop.clone().cancelled_owned(),
+    ));
+    let web = spawn_web(
+        &coordinator.fleet,
+        Arc::clone(&coordinator.trust.identity),
+        stop.clone(),
+    );
+    let metrics = spawn_metrics(&coordinator.fleet, scheduler.clone(), stop.clone());
     let admin = tokio::spawn(admin::serve(
         listeners.admin,
         admin::AdminService::new(coordinator.fleet, coordinator.issuer, coordinator.ca_pin)
@@ -239,6 +307,75 @@ pub async fn run(
     stop.cancel();
     let _ = renewal.await;
     let _ = renewals.await;
+    let _ = approvals.await;
+    if let Some(web) = web {
+        let _ = web.await;
+    }
+    if let Some(metrics) = metrics {
+        let _ = metrics.await;
+    }
+    for task in mail.into_iter().flatten() {
+        let _ = task.await;
+    }
     admin.await.expect("admin task")?;
     enrollment.await.expect("enrollment task")
+}
+
+/// Binds and serves the approval page when `[web]` is configured. A page
+/// that cannot start is logged as an error and the rest of the coordinator
+/// runs on: approvals still work from the CLI.
+fn spawn_web(
+    fleet: &Arc<Fleet>,
+    cluster: Arc<LiveIdentity>,
+    stop: tokio_util::sync::CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let config = fleet.config().web.clone()?;
+    let fleet = Arc::clone(fleet);
+    Some(tokio::spawn(async move {
+        let identity = match web::identity(&config, cluster) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::error!(error = %e, "approval page not started");
+                return;
+            }
+        };
+        let listener = match TcpListener::bind(config.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(listen = %config.listen, error = %e, "approval page not started: binding web.listen");
+                return;
+            }
+        };
+        info!(addr = %config.listen, base_url = config.base_url, "approval page listening");
+        if let Err(e) = web::serve(listener, fleet, identity, stop.cancelled_owned()).await {
+            tracing::error!(error = %e, "approval page stopped");
+        }
+    }))
+}
+
+/// Binds and serves `/metrics` when `[metrics]` is configured. Like the
+/// approval page, an endpoint that cannot bind is logged as an error and
+/// the coordinator runs on: monitoring must not stop renewals.
+fn spawn_metrics(
+    fleet: &Arc<Fleet>,
+    renewals: Option<Arc<renewal::FleetScheduler>>,
+    stop: tokio_util::sync::CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let config = fleet.config().metrics?;
+    let source = metrics::Source {
+        fleet: Arc::clone(fleet),
+        renewals,
+        probed: Arc::default(),
+    };
+    Some(tokio::spawn(async move {
+        let listener = match TcpListener::bind(config.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(listen = %config.listen, error = %e, "metrics not served: binding metrics.listen");
+                return;
+            }
+        };
+        info!(addr = %config.listen, probe = ?config.probe, "metrics listening");
+        metrics::serve(listener, source, config, stop).await;
+    }))
 }

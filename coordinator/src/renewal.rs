@@ -215,6 +215,24 @@ pub trait Renew: Send + Sync + 'static {
     fn window<'a>(&'a self, _name: &'a str) -> BoxFuture<'a, Ari> {
         Box::pin(async { Ari::Unsupported })
     }
+
+    /// The renewals of `name` that failed in a row before this scheduler
+    /// started, as recorded elsewhere (the journal): how many, when the
+    /// last one started and why it failed. A restarted coordinator keeps
+    /// its backoff instead of ordering again at once.
+    fn past_failures(&self, _name: &str) -> Option<PastFailures> {
+        None
+    }
+}
+
+/// Renewals of one certificate that failed in a row, as a restarted
+/// scheduler finds them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PastFailures {
+    pub count: u32,
+    /// When the last one started (Unix seconds).
+    pub last: i64,
+    pub reason: String,
 }
 
 /// The wall clock, seconds since the Unix epoch.
@@ -300,6 +318,9 @@ impl<R: Renew, C: Clock> Scheduler<R, C> {
                 .contains_key(&name);
             if !tracked && let Some(v) = self.renewer.current(&name) {
                 self.track(&name, Some(v), None);
+                if let Some(past) = self.renewer.past_failures(&name) {
+                    self.resume_backoff(&name, past);
+                }
             }
         }
         let names: Vec<String> = {
@@ -308,6 +329,12 @@ impl<R: Renew, C: Clock> Scheduler<R, C> {
         };
         for name in names {
             let Some(v) = self.renewer.current(&name) else {
+                // Deleted from the store (or from the config) since: there
+                // is nothing to renew until it is issued again.
+                let mut entries = self.entries.lock().expect("renewal entries poisoned");
+                if entries.get(&name).is_some_and(|e| !e.running) {
+                    entries.remove(&name);
+                }
                 continue;
             };
             let mut entries = self.entries.lock().expect("renewal entries poisoned");
@@ -325,6 +352,23 @@ impl<R: Renew, C: Clock> Scheduler<R, C> {
             }
             e.validity = Some(v);
         }
+    }
+
+    /// Picks up the backoff of renewals that failed before this scheduler
+    /// started: the next attempt waits as it would have.
+    fn resume_backoff(&self, name: &str, past: PastFailures) {
+        let mut entries = self.entries.lock().expect("renewal entries poisoned");
+        let Some(e) = entries.get_mut(name) else {
+            return;
+        };
+        if past.count == 0 || e.running {
+            return;
+        }
+        e.failures = past.count;
+        e.next = e
+            .next
+            .max(past.last + retry_delay(past.count).as_secs() as i64);
+        e.last = Some((past.last, Outcome::Failed(past.reason)));
     }
 
     /// Asks the CA for the renewal window of every certificate whose cached
@@ -458,7 +502,13 @@ impl<R: Renew, C: Clock> Scheduler<R, C> {
             Ok(renewed) => {
                 entry.failures = 0;
                 entry.validity = Some(renewed.validity);
-                entry.next = self.policy.due_at(renewed.validity, None, (self.jitter)());
+                // Never back to back, even for a certificate that is due
+                // as soon as it is issued.
+                let soonest = now + RETRY_DELAYS[0].as_secs() as i64;
+                entry.next = self
+                    .policy
+                    .due_at(renewed.validity, None, (self.jitter)())
+                    .max(soonest);
                 entry.ari = None;
                 entry.ari_next_check = 0;
                 let outcome = match renewed.problem {
@@ -568,30 +618,59 @@ impl FleetRenewer {
         options: crate::issue::IssueOptions,
     ) -> RenewRun {
         use crate::config::AfterIssue;
+        use crate::fleet::Operation;
         use crate::issue::Ordered;
+        let name = op.certificate();
         let issued = match self.issuer.issue_with(op, progress, options).await {
             Ok(Ordered::Issued(issued)) => issued,
             Ok(Ordered::DryRun(dry)) => return RenewRun::DryRun(dry),
-            Err(failed) => return RenewRun::Failed(failed),
+            Err(failed) => {
+                crate::notify::issue_failed(&self.fleet, name, Operation::Renew, &failed);
+                return RenewRun::Failed(failed);
+            }
         };
-        let name = op.certificate();
+        crate::notify::issued(&self.fleet, Operation::Renew, &issued.stored);
         let after = self
             .fleet
             .spec(name)
             .map(|s| s.after_issue)
             .unwrap_or_default();
-        let problem = match after {
-            AfterIssue::None => None,
-            AfterIssue::Distribute => {
-                crate::distribute::distribute(&self.fleet, op, None, &[], progress)
+        // A certificate with an approval policy stops here, at the step
+        // its policy holds back, until a person decides (`approval`).
+        let held = self
+            .fleet
+            .spec(name)
+            .ok()
+            .and_then(crate::approval::held_back);
+        let problem = match (held, after) {
+            (Some(step), _) => {
+                crate::approval::request(&self.fleet, op, progress, &issued.stored, step)
                     .await
                     .err()
                     .map(|e| (e.kind(), e.to_string()))
             }
-            AfterIssue::Rollout => crate::rollout::rollout(&self.fleet, op, progress)
-                .await
-                .err()
-                .map(|e| (e.kind(), e.to_string())),
+            (None, AfterIssue::None) => None,
+            (None, AfterIssue::Distribute) => {
+                crate::distribute::distribute(&self.fleet, op, None, &[], progress)
+                    .await
+                    .err()
+                    .map(|e| {
+                        crate::notify::distribute_failed(&self.fleet, name, &e);
+                        (e.kind(), e.to_string())
+                    })
+            }
+            (None, AfterIssue::Rollout) => {
+                match crate::rollout::rollout(&self.fleet, op, progress).await {
+                    Ok(done) => {
+                        crate::notify::rolled_out(&self.fleet, name, Operation::Rollout, &done);
+                        None
+                    }
+                    Err(e) => {
+                        crate::notify::rollout_failed(&self.fleet, name, Operation::Rollout, &e);
+                        Some((e.kind(), e.to_string()))
+                    }
+                }
+            }
         };
         if let Some((_, e)) = &problem {
             tracing::warn!(certificate = name, version = issued.stored.version, error = %e, "renewed, but the after_issue step failed");
@@ -645,6 +724,34 @@ impl FleetRenewer {
 impl Renew for FleetRenewer {
     fn renew<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Renewed, String>> {
         Box::pin(self.renew_now(name))
+    }
+
+    /// From the journal: the scheduler's renewals of `name` that failed
+    /// since the last version was stored, newest first.
+    fn past_failures(&self, name: &str) -> Option<PastFailures> {
+        let ops = self.fleet.db().operations(name, 100).ok()?;
+        let mut past: Option<PastFailures> = None;
+        for op in ops {
+            let failed = op
+                .outcome
+                .as_deref()
+                .and_then(|o| o.strip_prefix("failed: "));
+            match (op.kind.as_str(), failed) {
+                // A version was stored: the backoff starts over after it.
+                ("renewal" | "issue" | "import", _) if op.version > 0 => break,
+                ("renewal", Some(reason)) => {
+                    let p = past.get_or_insert_with(|| PastFailures {
+                        count: 0,
+                        last: op.started,
+                        reason: reason.to_owned(),
+                    });
+                    p.count += 1;
+                }
+                ("renewal", None) => break,
+                _ => {}
+            }
+        }
+        past
     }
 
     fn names(&self) -> Vec<String> {
@@ -778,6 +885,8 @@ mod tests {
     struct Fake {
         calls: AtomicU32,
         fail: u32,
+        /// The live certificate's validity, as the store would say.
+        live: Mutex<Option<Validity>>,
         attempts: Mutex<Vec<i64>>,
         clock: PausedClock,
         takes: Duration,
@@ -793,14 +902,20 @@ mod tests {
                     return Err(format!("node cn-unm-1 down (attempt {n})"));
                 }
                 let now = self.clock.now();
+                let validity = Validity {
+                    not_before: now,
+                    not_after: now + 90 * DAY,
+                };
+                *self.live.lock().unwrap() = Some(validity);
                 Ok(Renewed {
-                    validity: Validity {
-                        not_before: now,
-                        not_after: now + 90 * DAY,
-                    },
+                    validity,
                     problem: None,
                 })
             })
+        }
+
+        fn current(&self, _name: &str) -> Option<Validity> {
+            *self.live.lock().unwrap()
         }
     }
 
@@ -812,6 +927,7 @@ mod tests {
         let fake = Arc::new(Fake {
             calls: AtomicU32::new(0),
             fail,
+            live: Mutex::new(None),
             attempts: Mutex::new(Vec::new()),
             clock: clock(),
             takes,
@@ -839,6 +955,7 @@ mod tests {
             not_before: 1_000_000 - 60 * DAY + 10,
             not_after: 1_000_000 + 30 * DAY + 10,
         };
+        *fake.live.lock().unwrap() = Some(v);
         s.track("cn", Some(v), None);
         let stop = Arc::new(Notify::new());
         let run = tokio::spawn({
@@ -862,6 +979,127 @@ mod tests {
         assert_eq!(entry.next, *attempts.last().unwrap() + 60 * DAY);
         stop.notify_one();
         run.await.unwrap();
+    }
+
+    /// A certificate the store holds (or not: `live` is `None` once it is
+    /// deleted), with failures a previous run recorded, renewing into an
+    /// already-due certificate.
+    struct Restarted {
+        live: Mutex<Option<Validity>>,
+        past: Option<PastFailures>,
+        attempts: Mutex<Vec<i64>>,
+        clock: PausedClock,
+    }
+
+    impl Renew for Restarted {
+        fn renew<'a>(&'a self, _name: &'a str) -> BoxFuture<'a, Result<Renewed, String>> {
+            Box::pin(async move {
+                let now = self.clock.now();
+                self.attempts.lock().unwrap().push(now);
+                // A certificate due the moment it is issued.
+                let validity = Validity {
+                    not_before: now - 100,
+                    not_after: now + 10,
+                };
+                *self.live.lock().unwrap() = Some(validity);
+                Ok(Renewed {
+                    validity,
+                    problem: None,
+                })
+            })
+        }
+
+        fn names(&self) -> Vec<String> {
+            vec!["cn".to_owned()]
+        }
+
+        fn current(&self, _name: &str) -> Option<Validity> {
+            *self.live.lock().unwrap()
+        }
+
+        fn past_failures(&self, _name: &str) -> Option<PastFailures> {
+            self.past.clone()
+        }
+    }
+
+    fn restarted(
+        past: Option<PastFailures>,
+    ) -> (Arc<Scheduler<Restarted, PausedClock>>, Arc<Restarted>) {
+        let clock = || PausedClock {
+            start_unix: 1_000_000,
+            start: tokio::time::Instant::now(),
+        };
+        // Due long ago: only the backoff can hold it back.
+        let live = Validity {
+            not_before: 1_000_000 - 80 * DAY,
+            not_after: 1_000_000 + 10 * DAY,
+        };
+        let fake = Arc::new(Restarted {
+            live: Mutex::new(Some(live)),
+            past,
+            attempts: Mutex::new(Vec::new()),
+            clock: clock(),
+        });
+        let s = Arc::new(Scheduler::new(
+            Arc::clone(&fake),
+            clock(),
+            Policy::default(),
+            || 0.0,
+        ));
+        (s, fake)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restarted_scheduler_keeps_the_backoff_of_the_failures_it_finds() {
+        // Two failures in a row, the last 5 minutes before this start: the
+        // next attempt waits the 10 minutes a second failure earns.
+        let (s, fake) = restarted(Some(PastFailures {
+            count: 2,
+            last: 1_000_000 - 300,
+            reason: "node cn-unm-1 down".into(),
+        }));
+        s.refresh();
+        let entry = &s.entries()[0];
+        assert_eq!((entry.failures, entry.next), (2, 1_000_000 + 300));
+        assert!(matches!(&entry.last, Some((_, Outcome::Failed(r))) if r.contains("cn-unm-1")));
+        assert_eq!(s.start_due(), 0, "not before the backoff ends");
+        tokio::time::advance(Duration::from_secs(300)).await;
+        assert_eq!(s.start_due(), 1);
+        settle().await;
+        assert_eq!(*fake.attempts.lock().unwrap(), [1_000_300]);
+        // Without past failures, a certificate that is due renews at once.
+        let (s, _) = restarted(None);
+        s.refresh();
+        assert_eq!(s.start_due(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_certificate_deleted_from_the_store_is_no_longer_renewed() {
+        let (s, fake) = restarted(Some(PastFailures {
+            count: 1,
+            last: 1_000_000,
+            reason: "x".into(),
+        }));
+        s.refresh();
+        assert_eq!(s.entries().len(), 1);
+        *fake.live.lock().unwrap() = None;
+        s.refresh();
+        assert!(s.entries().is_empty(), "{:?}", s.entries());
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert_eq!(s.start_due(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_certificate_due_as_soon_as_it_is_issued_is_not_renewed_back_to_back() {
+        let (s, fake) = restarted(None);
+        s.refresh();
+        assert_eq!(s.start_due(), 1);
+        settle().await;
+        let entry = &s.entries()[0];
+        assert_eq!(entry.last.as_ref().unwrap().1, Outcome::Renewed);
+        assert_eq!(entry.next, 1_000_000 + 60, "at least a minute after");
+        assert_eq!(s.start_due(), 0);
+        assert_eq!(fake.attempts.lock().unwrap().len(), 1);
     }
 
     /// A recorded `renewalInfo` response: the example of RFC 9773 §4.2, its

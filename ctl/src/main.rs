@@ -11,6 +11,7 @@
 mod certbot;
 mod output;
 mod render;
+mod snippet;
 mod socket;
 
 use std::path::PathBuf;
@@ -41,6 +42,10 @@ struct Cli {
     /// Print machine-readable JSON (one object per line for streams).
     #[arg(long, global = true)]
     json: bool,
+    /// Show every step of every node, with full fingerprints, instead of
+    /// a counter per stage and only what needs your eye.
+    #[arg(long, short, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -126,6 +131,32 @@ enum Command {
     },
     /// List the certificates in the store: names, serial, expiry, days left.
     Certificates,
+    /// Approval requests: every pending one, then the latest decided ones.
+    Approvals {
+        /// How many decided requests to show.
+        #[arg(long, default_value_t = 10)]
+        recent: u32,
+    },
+    /// Approve a pending request and run the step it holds back
+    /// (distribute, rollout or restart), showing each step.
+    Approve {
+        /// The request's id, as `certfleet approvals` shows it.
+        id: String,
+        /// Why, for the audit trail.
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// Reject a pending request: nothing is distributed or restarted; the
+    /// version stays stored.
+    Reject {
+        /// The request's id, as `certfleet approvals` shows it.
+        id: String,
+        /// Why, for the audit trail.
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// The mail outbox: what waits to be sent and why, then what was sent.
+    Outbox,
     /// Send a stored version to every node serving it (or the ones named).
     Distribute {
         /// The certificate's name as configured in [[certificates]].
@@ -165,6 +196,15 @@ enum Command {
     Node(NodeCommand),
     /// List the registered nodes: state, certificate expiry, last contact.
     Nodes,
+    /// Print the nginx or apache2 config for port 80 that answers HTTP-01
+    /// for a node's agent (from its webroot, or by proxying to its
+    /// responder) and redirects every other request to HTTPS. Needs no
+    /// coordinator; on a node, `certfleet-agent snippet` reads the agent's
+    /// config instead of flags.
+    Snippet(snippet::Args),
+    /// Completions and man pages (hidden; `deploy/assets.sh` runs them).
+    #[command(flatten)]
+    Docs(certfleet_proto::cli_docs::Docs),
 }
 
 #[derive(Subcommand)]
@@ -196,9 +236,17 @@ enum NodeCommand {
     Add {
         /// The node's name (a-z 0-9 -).
         name: String,
-        /// The agent's gRPC address, ip:port.
-        #[arg(long)]
+        /// The agent's gRPC address, ip:port (not needed with --transport ssh).
+        #[arg(long, default_value = "")]
         agent: String,
+        /// The node's sshd, user@host[:port], for --transport ssh or auto.
+        #[arg(long, default_value = "")]
+        ssh: String,
+        /// How the coordinator reaches the node: agent, ssh, or auto (the
+        /// agent, and SSH when the agent is unreachable). Default: ssh when
+        /// only --ssh is given, else agent.
+        #[arg(long, default_value = "")]
+        transport: String,
         /// The IP the CA reaches the node on for HTTP-01 (default: the agent's).
         #[arg(long, default_value = "")]
         http01: String,
@@ -208,6 +256,29 @@ enum NodeCommand {
         /// The agent's config path on the node, for the printed join command.
         #[arg(long, default_value = "/etc/certfleet/agent.toml")]
         agent_config: String,
+    },
+    /// Change how the coordinator reaches a node.
+    Set {
+        /// The node's name.
+        name: String,
+        /// agent, ssh or auto.
+        #[arg(long, default_value = "")]
+        transport: String,
+        /// The node's sshd, user@host[:port].
+        #[arg(long, default_value = "")]
+        ssh: String,
+    },
+    /// Show a node's SSH host key fingerprint and, once confirmed, record
+    /// it in certfleet's known_hosts.
+    TrustHost {
+        /// The node's name.
+        name: String,
+        /// Record without asking (the fingerprint shown is trusted as is).
+        #[arg(long)]
+        yes: bool,
+        /// Record only this key, SHA256:..., without asking.
+        #[arg(long)]
+        fingerprint: Option<String>,
     },
     /// Remove a node: its certificate is refused from now on.
     Remove {
@@ -235,6 +306,19 @@ fn main() -> ExitCode {
 
 /// Finds the admin socket, connects and runs the command.
 fn run(cli: &Cli, matches: &ArgMatches) -> Outcome {
+    if let Command::Snippet(args) = &cli.command {
+        return snippet::run(args, cli.config.as_deref(), cli.json);
+    }
+    if let Command::Docs(docs) = &cli.command {
+        return match docs.run(Cli::command()) {
+            Ok(()) => Outcome::Ok,
+            Err(e) => {
+                errln!("certfleet: {e}");
+                Outcome::Failed
+            }
+        };
+    }
+    render::set_verbose(cli.verbose);
     let socket = match admin_socket(cli, matches) {
         Ok(socket) => socket,
         Err(e) => {
@@ -333,6 +417,16 @@ async fn dispatch(client: AdminClient<Channel>, command: &Command, json: bool) -
         }
         Command::Account(command) => account(client, command, json).await,
         Command::Certificates => certificates(client, json).await,
+        Command::Approvals { recent } => approvals(client, *recent, json).await,
+        Command::Approve { id, comment } => {
+            let request = pb::DecideApprovalRequest {
+                id: id.clone(),
+                comment: comment.clone(),
+            };
+            operation(client.clone().approve(request).await, json).await
+        }
+        Command::Reject { id, comment } => reject(client, id, comment, json).await,
+        Command::Outbox => outbox(client, json).await,
         Command::Distribute {
             certificate,
             version,
@@ -347,6 +441,8 @@ async fn dispatch(client: AdminClient<Channel>, command: &Command, json: bool) -
         Command::Node(NodeCommand::Add {
             name,
             agent,
+            ssh,
+            transport,
             http01,
             token_ttl,
             agent_config,
@@ -357,11 +453,32 @@ async fn dispatch(client: AdminClient<Channel>, command: &Command, json: bool) -
                 http01: http01.clone(),
                 token_ttl_seconds: *token_ttl,
                 agent_config: agent_config.clone(),
+                ssh: ssh.clone(),
+                transport: transport.clone(),
             };
             node_add(client, request, json).await
         }
+        Command::Node(NodeCommand::Set {
+            name,
+            transport,
+            ssh,
+        }) => {
+            let request = pb::SetNodeRequest {
+                name: name.clone(),
+                transport: transport.clone(),
+                ssh: ssh.clone(),
+            };
+            node_set(client, request, json).await
+        }
+        Command::Node(NodeCommand::TrustHost {
+            name,
+            yes,
+            fingerprint,
+        }) => node_trust_host(client, name, *yes, fingerprint.as_deref(), json).await,
         Command::Node(NodeCommand::Remove { name }) => node_remove(client, name, json).await,
         Command::Nodes => nodes(client, json).await,
+        Command::Snippet(_) => unreachable!("run prints a snippet without the coordinator"),
+        Command::Docs(_) => unreachable!("run prints completions and man pages itself"),
     }
 }
 
@@ -482,6 +599,17 @@ async fn account(
     }
 }
 
+/// `certfleet outbox`.
+async fn outbox(mut client: AdminClient<Channel>, json: bool) -> Outcome {
+    match client.outbox(pb::OutboxRequest {}).await {
+        Ok(r) => {
+            render::outbox(&r.into_inner(), json);
+            Outcome::Ok
+        }
+        Err(status) => refused(&status),
+    }
+}
+
 /// `certfleet history`.
 async fn history(
     mut client: AdminClient<Channel>,
@@ -539,6 +667,37 @@ async fn renew(
         (0, _) => Outcome::Ok,
         (f, c) if f == c => Outcome::Usage,
         _ => Outcome::Failed,
+    }
+}
+
+/// `certfleet approvals`.
+async fn approvals(mut client: AdminClient<Channel>, recent: u32, json: bool) -> Outcome {
+    match client
+        .list_approvals(pb::ListApprovalsRequest { recent })
+        .await
+    {
+        Ok(r) => {
+            render::approvals(&r.into_inner().approvals, json);
+            Outcome::Ok
+        }
+        Err(status) => refused(&status),
+    }
+}
+
+/// `certfleet reject`.
+async fn reject(mut client: AdminClient<Channel>, id: &str, comment: &str, json: bool) -> Outcome {
+    let request = pb::DecideApprovalRequest {
+        id: id.to_owned(),
+        comment: comment.to_owned(),
+    };
+    match client.reject(request).await {
+        Ok(r) => {
+            if let Some(a) = r.into_inner().approval {
+                render::rejected(&a, json);
+            }
+            Outcome::Ok
+        }
+        Err(status) => refused(&status),
     }
 }
 
@@ -620,6 +779,84 @@ async fn node_add(
         }
         Err(status) => refused(&status),
     }
+}
+
+/// `certfleet node set`.
+async fn node_set(
+    mut client: AdminClient<Channel>,
+    request: pb::SetNodeRequest,
+    json: bool,
+) -> Outcome {
+    match client.set_node(request).await {
+        Ok(r) => {
+            if let Some(node) = r.into_inner().node {
+                render::node_set(&node, json);
+            }
+            Outcome::Ok
+        }
+        Err(status) => refused(&status),
+    }
+}
+
+/// `certfleet node trust-host`: reads the key, shows its fingerprint, and
+/// records it once the admin confirmed (on a terminal), said `--yes`, or
+/// named the fingerprint. The coordinator records only a key the node
+/// still presents with the confirmed fingerprint.
+async fn node_trust_host(
+    mut client: AdminClient<Channel>,
+    name: &str,
+    yes: bool,
+    pinned: Option<&str>,
+    json: bool,
+) -> Outcome {
+    let ask = |fingerprint: &str| pb::TrustHostRequest {
+        name: name.to_owned(),
+        fingerprint: fingerprint.to_owned(),
+    };
+    let wanted = match pinned {
+        Some(f) => f.to_owned(),
+        None => {
+            let shown = match client.trust_host(ask("")).await {
+                Ok(r) => r.into_inner(),
+                Err(status) => return refused(&status),
+            };
+            render::host_keys(name, &shown, json);
+            let Some(first) = shown.keys.first() else {
+                return Outcome::Failed;
+            };
+            if !yes && !confirm_host_key(name, &shown.host, &first.fingerprint) {
+                return Outcome::Usage;
+            }
+            first.fingerprint.clone()
+        }
+    };
+    match client.trust_host(ask(&wanted)).await {
+        Ok(r) => {
+            render::host_trusted(name, &r.into_inner(), &wanted, json);
+            Outcome::Ok
+        }
+        Err(status) => refused(&status),
+    }
+}
+
+/// Asks on the terminal whether the key with `fingerprint` is `name`'s.
+fn confirm_host_key(name: &str, host: &str, fingerprint: &str) -> bool {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        errln!(
+            "certfleet node trust-host {name}: not recorded: standard input is not a terminal to ask on; check the fingerprint, then pass --fingerprint {fingerprint} (or --yes)"
+        );
+        return false;
+    }
+    let mut stderr = std::io::stderr();
+    let _ = write!(
+        stderr,
+        "Is {fingerprint} the host key of {name} ({host})? Compare it with `ssh-keygen -lf` on the node's console. Type yes to trust it: "
+    );
+    let _ = stderr.flush();
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    line.trim() == "yes"
 }
 
 /// `certfleet node remove`.

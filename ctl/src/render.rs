@@ -66,23 +66,52 @@ fn date(unix: i64) -> String {
     certfleet_proto::clock::rfc3339(unix)
 }
 
-/// Shows an `issue` stream as it arrives.
+/// `--verbose`: every event on its own line with full fingerprints. Set
+/// once by `main` from the global flag, before any stream is shown.
+static VERBOSE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub(crate) fn set_verbose(on: bool) {
+    VERBOSE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// How many hex digits of a SHA-256 fingerprint are shown without
+/// `--verbose`: enough to tell versions apart at a glance, as git's short
+/// hashes are.
+pub(crate) const SHORT_FINGERPRINT: usize = 12;
+
+/// Shows an operation's stream as it arrives:
+/// - `--json`: every event as one object per line;
+/// - on a terminal: one counter line per stage, updated in place
+///   (`restart: 212 nodes, 1 failed`), and a line only for what needs the
+///   admin's eye: failures, rollbacks, waits and the outcome, so a
+///   1,000-node rollout prints a few lines rather than thousands;
+/// - otherwise (piped, `--verbose`): one line per event, as logs and
+///   scripts read them; fingerprints are cut to [`SHORT_FINGERPRINT`]
+///   digits unless `--verbose`.
 pub(crate) struct IssueView {
     json: bool,
-    spinner: Option<ProgressBar>,
+    verbose: bool,
+    /// The compact view, on a terminal.
+    compact: Option<(ProgressBar, Compact)>,
 }
 
 impl IssueView {
     pub(crate) fn new(json: bool) -> Self {
-        let spinner = (!json && std::io::stderr().is_terminal()).then(|| {
+        let verbose = VERBOSE.load(std::sync::atomic::Ordering::Relaxed);
+        let terminal = std::io::stdout().is_terminal() && std::io::stderr().is_terminal();
+        let compact = (!json && !verbose && terminal).then(|| {
             let pb = ProgressBar::new_spinner();
             pb.set_style(
                 ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("static template"),
             );
             pb.enable_steady_tick(std::time::Duration::from_millis(100));
-            pb
+            (pb, Compact::default())
         });
-        Self { json, spinner }
+        Self {
+            json,
+            verbose,
+            compact,
+        }
     }
 
     pub(crate) fn event(&mut self, e: &pb::IssueEvent) {
@@ -112,28 +141,137 @@ impl IssueView {
                     }
                 }
             }
-            _ => {
-                let mark = if e.ok { "ok " } else { "ERR" };
-                let line = if e.node.is_empty() {
-                    format!("[{}] {mark} {}", stage_name(stage), e.message)
-                } else {
-                    format!("[{}] {mark} {}: {}", stage_name(stage), e.node, e.message)
-                };
-                match &self.spinner {
-                    Some(pb) => {
+            _ => match &mut self.compact {
+                Some((pb, compact)) => {
+                    for line in compact.event(e) {
                         pb.println(line);
-                        pb.set_message(format!("{}…", stage_name(stage)));
                     }
-                    None => outln!("{line}"),
+                    pb.set_message(compact.status());
                 }
-            }
+                None => outln!("{}", event_line(e, self.verbose)),
+            },
         }
     }
 
     pub(crate) fn finish(&mut self) {
-        if let Some(pb) = self.spinner.take() {
+        if let Some((pb, compact)) = self.compact.take() {
+            if let Some(line) = compact.summary() {
+                pb.println(line);
+            }
             pb.finish_and_clear();
         }
+    }
+}
+
+/// One event as a line: `[restart] ok cn-unm-1: serves version 2`.
+fn event_line(e: &pb::IssueEvent, verbose: bool) -> String {
+    let mark = if e.ok { "ok " } else { "ERR" };
+    let message = if verbose {
+        std::borrow::Cow::Borrowed(e.message.as_str())
+    } else {
+        short_fingerprints(&e.message)
+    };
+    let stage = stage_name(e.stage());
+    if e.node.is_empty() {
+        format!("[{stage}] {mark} {message}")
+    } else {
+        format!("[{stage}] {mark} {}: {message}", e.node)
+    }
+}
+
+/// `text` with every 64-hex-digit SHA-256 cut to its first
+/// [`SHORT_FINGERPRINT`] digits.
+fn short_fingerprints(text: &str) -> std::borrow::Cow<'_, str> {
+    const LEN: usize = 64;
+    let bytes = text.as_bytes();
+    let mut out = String::new();
+    let (mut copied, mut i) = (0, 0);
+    while i < bytes.len() {
+        let run = bytes[i..]
+            .iter()
+            .take_while(|b| b.is_ascii_hexdigit())
+            .count();
+        if run == LEN {
+            out.push_str(&text[copied..i + SHORT_FINGERPRINT]);
+            copied = i + LEN;
+        }
+        i += run.max(1);
+    }
+    if copied == 0 {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    out.push_str(&text[copied..]);
+    std::borrow::Cow::Owned(out)
+}
+
+/// The terminal's view of a stream: a tally per stage, and the lines that
+/// need the admin's eye. Kept apart from the terminal so a test can count
+/// what it prints.
+#[derive(Default)]
+struct Compact {
+    /// The stage being counted, if it concerns nodes.
+    current: Option<Tally>,
+    /// The latest step message of the stage (no node).
+    step: String,
+}
+
+/// Nodes heard from in one stage, and which of them failed.
+struct Tally {
+    stage: pb::Stage,
+    nodes: std::collections::HashSet<String>,
+    failed: std::collections::HashSet<String>,
+}
+
+impl Tally {
+    fn line(&self) -> String {
+        let mut line = format!("{}: {} nodes", stage_name(self.stage), self.nodes.len());
+        if !self.failed.is_empty() {
+            line.push_str(&format!(", {} failed", self.failed.len()));
+        }
+        line
+    }
+}
+
+impl Compact {
+    /// Takes one event; returns the lines to print above the status line.
+    fn event(&mut self, e: &pb::IssueEvent) -> Vec<String> {
+        let stage = e.stage();
+        let mut lines = Vec::new();
+        if self.current.as_ref().is_some_and(|t| t.stage != stage) {
+            lines.extend(self.summary());
+            self.current = None;
+        }
+        let eye = !e.ok || matches!(stage, pb::Stage::Rollback | pb::Stage::Waiting);
+        if e.node.is_empty() {
+            self.step = short_fingerprints(&e.message).into_owned();
+        } else {
+            let tally = self.current.get_or_insert_with(|| Tally {
+                stage,
+                nodes: Default::default(),
+                failed: Default::default(),
+            });
+            tally.nodes.insert(e.node.clone());
+            if !e.ok {
+                tally.failed.insert(e.node.clone());
+            }
+        }
+        if eye {
+            lines.push(event_line(e, false));
+        }
+        lines
+    }
+
+    /// The status line: the stage's tally, or its latest step.
+    fn status(&self) -> String {
+        match &self.current {
+            Some(t) => t.line(),
+            None => self.step.clone(),
+        }
+    }
+
+    /// The line a finished stage leaves behind.
+    fn summary(&self) -> Option<String> {
+        self.current.as_ref().map(Tally::line)
     }
 }
 
@@ -256,6 +394,11 @@ pub(crate) fn node_added(name: &str, r: &pb::AddNodeResponse, json: bool) {
                 "join_command": r.join_command,
             })
         );
+        return;
+    }
+    if r.token.is_empty() {
+        outln!("registered node {name}, reached over SSH (no agent to join)");
+        outln!("next: `certfleet node trust-host {name}` to check and record its host key");
         return;
     }
     outln!("registered node {name}");
@@ -656,9 +799,289 @@ pub(crate) fn history(certificate: &str, operations: &[pb::Operation], json: boo
     }
 }
 
+/// `certfleet outbox`: each waiting mail with its attempts and last error,
+/// then recently sent mail. Envelopes only: the API never sends bodies.
+pub(crate) fn outbox(r: &pb::OutboxResponse, json: bool) {
+    let when = |t: i64| (t != 0).then(|| date(t));
+    if json {
+        for m in &r.mails {
+            outln!(
+                "{}",
+                json!({
+                    "id": m.id,
+                    "state": if m.sent_unix == 0 { "waiting" } else { "sent" },
+                    "certificate": m.certificate,
+                    "subject": m.subject,
+                    "recipients": m.recipients,
+                    "created": date(m.created_unix),
+                    "attempts": m.attempts,
+                    "next_attempt": when(m.next_attempt_unix),
+                    "last_error": (!m.last_error.is_empty()).then_some(&m.last_error),
+                    "sent": when(m.sent_unix),
+                })
+            );
+        }
+        return;
+    }
+    if !r.configured {
+        outln!("no [mail] section in the coordinator's config: no mail is sent");
+    }
+    if r.mails.is_empty() {
+        outln!("the outbox is empty");
+        return;
+    }
+    for m in &r.mails {
+        let state = match when(m.sent_unix) {
+            Some(sent) => format!("sent {sent}"),
+            None => format!(
+                "WAITING, {} failed attempt(s), next {}",
+                m.attempts,
+                date(m.next_attempt_unix)
+            ),
+        };
+        outln!("#{} {}: {state}", m.id, m.subject);
+        outln!(
+            "    to {} (queued {})",
+            m.recipients.join(", "),
+            date(m.created_unix)
+        );
+        if !m.last_error.is_empty() {
+            outln!("    last error: {}", m.last_error);
+        }
+    }
+}
+
+/// One approval request as JSON.
+fn approval_json(a: &pb::Approval) -> serde_json::Value {
+    json!({
+        "id": a.id,
+        "state": a.state,
+        "certificate": a.certificate,
+        "version": a.version,
+        "serial": a.serial,
+        "names": a.names,
+        "not_after": date(a.not_after_unix),
+        "step": a.step,
+        "batches": a.batches.iter().map(|b| &b.nodes).collect::<Vec<_>>(),
+        "created": date(a.created_unix),
+        "expires": date(a.expires_unix),
+        "reminded": a.reminded,
+        "decided_by": (!a.decided_by.is_empty()).then_some(&a.decided_by),
+        "decided": (a.decided_unix != 0).then(|| date(a.decided_unix)),
+        "comment": (!a.comment.is_empty()).then_some(&a.comment),
+        "outcome": (!a.outcome.is_empty()).then_some(&a.outcome),
+    })
+}
+
+/// `certfleet approvals`: pending requests with their plan and how to
+/// decide, then decided ones in a line each.
+pub(crate) fn approvals(list: &[pb::Approval], json: bool) {
+    if json {
+        for a in list {
+            outln!("{}", approval_json(a));
+        }
+        return;
+    }
+    if list.is_empty() {
+        outln!("no approval requests");
+        return;
+    }
+    for a in list {
+        if a.state == "pending" {
+            outln!(
+                "{}  PENDING  {} version {} ({}), serial {}, expires {}",
+                a.id,
+                a.certificate,
+                a.version,
+                a.step,
+                a.serial,
+                date(a.expires_unix)
+            );
+            outln!("    names: {}", a.names.join(", "));
+            outln!("    not after: {}", date(a.not_after_unix));
+            for (i, b) in a.batches.iter().enumerate() {
+                outln!("    {}. {}", i + 1, b.nodes.join(", "));
+            }
+            outln!("    certfleet approve {0}   |   certfleet reject {0}", a.id);
+        } else {
+            let comment = if a.comment.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", one_line(&a.comment))
+            };
+            let outcome = if a.outcome.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", one_line(&a.outcome))
+            };
+            outln!(
+                "{}  {}  {} version {} ({}) by {} at {}{comment}{outcome}",
+                a.id,
+                a.state,
+                a.certificate,
+                a.version,
+                a.step,
+                a.decided_by,
+                date(a.decided_unix)
+            );
+        }
+    }
+}
+
+/// `certfleet reject`.
+pub(crate) fn rejected(a: &pb::Approval, json: bool) {
+    if json {
+        outln!("{}", approval_json(a));
+    } else {
+        outln!(
+            "rejected request {}: {} version {} is not distributed or restarted; it stays stored",
+            a.id,
+            a.certificate,
+            a.version
+        );
+    }
+}
+
+/// `certfleet node set`.
+pub(crate) fn node_set(n: &pb::NodeInfo, json: bool) {
+    if json {
+        outln!(
+            "{}",
+            json!({ "node": n.name, "transport": n.transport, "ssh": n.ssh, "agent": n.agent })
+        );
+        return;
+    }
+    let ssh = if n.ssh.is_empty() { "none" } else { &n.ssh };
+    outln!("node {}: transport {}, ssh {ssh}", n.name, n.transport);
+}
+
+/// The host keys `certfleet node trust-host` read, before confirming.
+pub(crate) fn host_keys(name: &str, r: &pb::TrustHostResponse, json: bool) {
+    if json {
+        let keys: Vec<_> = r
+            .keys
+            .iter()
+            .map(|k| json!({ "type": k.key_type, "fingerprint": k.fingerprint }))
+            .collect();
+        outln!("{}", json!({ "node": name, "host": r.host, "keys": keys }));
+        return;
+    }
+    outln!("node {name} ({}) presents:", r.host);
+    for k in &r.keys {
+        outln!("  {} {}", k.key_type, k.fingerprint);
+    }
+}
+
+/// A host key recorded by `certfleet node trust-host`.
+pub(crate) fn host_trusted(name: &str, r: &pb::TrustHostResponse, fingerprint: &str, json: bool) {
+    if json {
+        outln!(
+            "{}",
+            json!({ "node": name, "host": r.host, "trusted": fingerprint, "known_hosts": r.known_hosts })
+        );
+        return;
+    }
+    outln!(
+        "trusted {fingerprint} for node {name} ({}) in {}",
+        r.host,
+        r.known_hosts
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn event(stage: pb::Stage, node: &str, ok: bool, message: &str) -> pb::IssueEvent {
+        pb::IssueEvent {
+            stage: stage.into(),
+            node: node.into(),
+            ok,
+            message: message.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_thousand_node_rollout_prints_a_line_per_stage_and_per_failure() {
+        let sha = "ab".repeat(32);
+        let mut view = Compact::default();
+        let mut printed = Vec::new();
+        for i in 0..1000 {
+            let node = format!("node-{i}");
+            let line = format!("installed version 2 (leaf sha256 {sha})");
+            printed.extend(view.event(&event(pb::Stage::Distribute, &node, true, &line)));
+        }
+        assert_eq!(view.status(), "distribute: 1000 nodes");
+        for i in 0..1000 {
+            let node = format!("node-{i}");
+            let ok = i != 211;
+            let step = if ok {
+                "web: verify ok: serves it"
+            } else {
+                "web: check FAILED: bad config"
+            };
+            printed.extend(view.event(&event(pb::Stage::Restart, &node, ok, step)));
+            if ok {
+                printed.extend(view.event(&event(
+                    pb::Stage::Restart,
+                    &node,
+                    true,
+                    "serves version 2",
+                )));
+            }
+            if i == 211 {
+                assert_eq!(view.status(), "restart: 212 nodes, 1 failed");
+            }
+        }
+        printed.extend(view.event(&event(
+            pb::Stage::Rollback,
+            "node-211",
+            true,
+            "reinstalled version 1",
+        )));
+        printed.extend(view.summary());
+        assert_eq!(
+            printed,
+            [
+                "distribute: 1000 nodes".to_owned(),
+                "[restart] ERR node-211: web: check FAILED: bad config".to_owned(),
+                "restart: 1000 nodes, 1 failed".to_owned(),
+                "[rollback] ok  node-211: reinstalled version 1".to_owned(),
+                "rollback: 1 nodes".to_owned(),
+            ]
+        );
+    }
+
+    #[test]
+    fn fingerprints_are_cut_unless_verbose() {
+        let sha = "0123456789abcdef".repeat(4);
+        let e = event(
+            pb::Stage::Distribute,
+            "n1",
+            true,
+            &format!("installed version 2 (leaf sha256 {sha})"),
+        );
+        assert_eq!(
+            event_line(&e, false),
+            "[distribute] ok  n1: installed version 2 (leaf sha256 0123456789ab)"
+        );
+        assert_eq!(
+            event_line(&e, true),
+            format!("[distribute] ok  n1: installed version 2 (leaf sha256 {sha})")
+        );
+        // Only whole 64-digit runs are fingerprints.
+        assert_eq!(
+            short_fingerprints("deadbeef and 65 digits"),
+            "deadbeef and 65 digits"
+        );
+        let long = "a".repeat(65);
+        assert_eq!(short_fingerprints(&long), long);
+        assert_eq!(
+            short_fingerprints(&format!("{sha},{sha}")),
+            "0123456789ab,0123456789ab"
+        );
+    }
 
     #[test]
     fn a_step_detail_is_one_line_cut_at_a_character() {

@@ -10,6 +10,8 @@
 //! - [`bundle`] validates a PEM certificate chain and key: the coordinator
 //!   checks what the CA returned, and agents check what they install.
 //! - [`names`] holds the rules for node and certificate names.
+//! - [`node_spec`] is what a node does with a certificate (files, services),
+//!   read by the agent from its config and by the coordinator for SSH nodes.
 //! - [`identity`] and [`tls`]: who is who in the cluster, and the TLS
 //!   between the daemons that enforces it, with the one crypto provider
 //!   ([`identity::provider`]).
@@ -22,6 +24,8 @@
 //!   CLI, the coordinator's node errors and the logs print them.
 //! - [`logging`] sets up both daemons' logs (text or JSON, colour only on a
 //!   terminal), and [`restrict_umask`] their umask.
+//! - [`metrics`]: the `/metrics` endpoint both daemons serve, and
+//!   [`cli_docs`]: every binary's completions and man pages.
 //!
 //! Wire types stay here. Conversions to domain types are `TryFrom` impls with
 //! typed errors, so prost's `Option`s and unchecked strings never reach the
@@ -31,11 +35,14 @@
 pub mod bundle;
 pub mod cause_chain;
 pub mod challenge;
+pub mod cli_docs;
 pub mod clock;
 pub mod fsio;
 pub mod identity;
 pub mod logging;
+pub mod metrics;
 pub mod names;
+pub mod node_spec;
 pub mod pem;
 pub mod tls;
 
@@ -119,8 +126,34 @@ impl std::fmt::Debug for pb::AddNodeResponse {
     }
 }
 
+impl std::fmt::Debug for pb::ImportRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImportRequest")
+            .field("certificate", &self.certificate)
+            .field("lineage", &self.lineage)
+            .field("domains", &self.domains)
+            .field(
+                "fullchain_pem",
+                &format_args!("<{} bytes>", self.fullchain_pem.len()),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_import_request_debug_hides_the_key() {
+        let import = super::pb::ImportRequest {
+            lineage: "cn".into(),
+            privkey_pem: "-----BEGIN PRIVATE KEY-----SECRETPART".into(),
+            ..Default::default()
+        };
+        let shown = format!("{import:?}");
+        assert!(!shown.contains("SECRETPART"), "{shown}");
+        assert!(shown.contains("cn"), "{shown}");
+    }
+
     #[test]
     fn join_messages_debug_hide_the_secret() {
         let join = super::pb::JoinRequest {

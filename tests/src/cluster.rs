@@ -770,3 +770,81 @@ impl Cluster {
         &self.nodes[i]
     }
 }
+
+/// Nodes reached over SSH (`certfleet node add --ssh`, `--transport auto`).
+impl Cluster {
+    /// certfleet's own login key, where the coordinator looks by default
+    /// (`<state>/ssh/id_ed25519`); made on first use.
+    pub fn ssh_key(&self) -> anyhow::Result<PathBuf> {
+        let key = self.state_dir.join("ssh/id_ed25519");
+        if !key.exists() {
+            crate::sshd::keygen(&key)?;
+        }
+        Ok(key)
+    }
+
+    /// The default directory of the coordinator's node descriptions:
+    /// `nodes/` beside its config.
+    pub fn node_specs_dir(&self) -> PathBuf {
+        self.config_path
+            .parent()
+            .map(|d| d.join("nodes"))
+            .unwrap_or_default()
+    }
+
+    /// Writes node `i`'s description for the coordinator: its webroot and
+    /// `certificates` (the agent's `[[certificates]]` TOML, with `{dir}`,
+    /// `{ip}` and `{tls_port}` filled in as for its agent).
+    pub fn write_node_spec(&self, i: usize, certificates: &str) -> anyhow::Result<()> {
+        let node = &self.nodes[i];
+        let webroot = node
+            .webroot
+            .as_ref()
+            .context("an SSH node needs a webroot: use Http01::WebrootNginx")?;
+        let text = format!(
+            "webroot = \"{}\"\n{}",
+            webroot.display(),
+            certificates
+                .replace("{dir}", &node.dir.display().to_string())
+                .replace("{ip}", &node.ip.to_string())
+                .replace("{tls_port}", &self.tls_port.to_string())
+        );
+        std::fs::create_dir_all(self.node_specs_dir())?;
+        std::fs::write(
+            self.node_specs_dir().join(format!("{}.toml", node.name)),
+            text,
+        )?;
+        Ok(())
+    }
+
+    /// Starts an sshd on node `i` that lets certfleet's key in as root.
+    pub async fn start_sshd(&self, i: usize) -> anyhow::Result<crate::sshd::Sshd> {
+        let key = self.ssh_key()?;
+        let node = &self.nodes[i];
+        crate::sshd::Sshd::start(&node.dir.join("sshd"), node.ip, &key.with_extension("pub")).await
+    }
+
+    /// Makes node `i` SSH-only, the real way: an sshd on it, its
+    /// description written from the agent's targets, its agent stopped,
+    /// the node registered again with only `--ssh`, and its host key
+    /// trusted (`--yes`).
+    pub async fn make_ssh_only(&mut self, i: usize) -> anyhow::Result<crate::sshd::Sshd> {
+        let sshd = self.start_sshd(i).await?;
+        self.write_node_spec(i, &self.spec.agent_certificates.clone())?;
+        self.nodes[i].stop_agent();
+        let name = self.nodes[i].name.clone();
+        let ip = self.nodes[i].ip.to_string();
+        let dest = sshd.destination();
+        for args in [
+            vec!["node", "remove", &name],
+            vec!["node", "add", &name, "--ssh", &dest, "--http01", &ip],
+            vec!["node", "trust-host", &name, "--yes"],
+        ] {
+            let out = self.ctl(&args).await?;
+            if out.code != 0 {
+                bail!("certfleet {}: {}{}", args.join(" "), out.stdout, out.stderr);
+            }
+        }
+        Ok(sshd)
+    }
+}

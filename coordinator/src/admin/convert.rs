@@ -279,6 +279,8 @@ pub(super) fn node_to_pb(n: NodeRecord) -> pb::NodeInfo {
         cert_not_after_unix: n.cert_not_after,
         last_contact_unix: n.last_contact,
         http01: n.http01,
+        transport: n.reach.transport.as_str().to_owned(),
+        ssh: n.reach.ssh_column(),
     }
 }
 
@@ -446,6 +448,7 @@ mod tests {
             state: NodeState::Active,
             cert_not_after: 0,
             last_contact: 0,
+            reach: Default::default(),
         };
         assert_eq!(node_to_pb(record).state, "active");
     }

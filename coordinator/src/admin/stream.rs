@@ -53,7 +53,14 @@ where
         let what = op.holder().clone();
         let journal = op.journal().clone();
         let (progress, mut events) = Progress::channel();
-        let task = tokio::spawn(operation(op, progress));
+        // A node reached over SSH because its agent was down is journaled
+        // and shown in this operation's progress.
+        let fallbacks = crate::ssh::record_fallbacks(
+            journal.clone(),
+            progress.clone(),
+            operation(op, progress),
+        );
+        let task = tokio::spawn(fallbacks);
         while let Some(event) = events.recv().await {
             // A client that hung up does not stop the operation.
             let _ = tx.send(Ok(event_to_pb(event))).await;
@@ -153,6 +160,7 @@ mod tests {
             certificate: "cn".into(),
             started: STARTED,
             uid: Some(1000),
+            by: None,
         }
     }
 

@@ -1,11 +1,17 @@
-//! `certfleet-coordinator --config coordinator.toml [init [--force]]`:
-//! wires up and calls [`certfleet_coordinator::run`], or makes the cluster
-//! CA with `init`.
+//! `certfleet-coordinator --config coordinator.toml [run | init [--force] |
+//! check]`: wires up and calls [`certfleet_coordinator::run`], makes the
+//! cluster CA with `init`, or says what `run` would do with `check`.
+//!
+//! Under systemd (`Type=notify`) it reports READY=1 once the admin socket
+//! and enrollment listen and recovery has started, and on SIGHUP re-reads
+//! and validates the config (see [`reload_until`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use certfleet_coordinator::config::Config;
+use certfleet_coordinator::fleet::Fleet;
 use certfleet_coordinator::pki::{self, PkiError};
 use certfleet_coordinator::{Listeners, SetupError, admin, build, run};
 use certfleet_proto::cause_chain::Chain;
@@ -52,10 +58,27 @@ enum Command {
         #[arg(long)]
         agree_tos: bool,
     },
+    /// Validate the config as `run` would, say what it would do, and exit:
+    /// 0 when `run` would start, 2 (with the reason) when it would not.
+    /// Changes nothing.
+    Check,
+    /// Completions and man pages (hidden; `deploy/assets.sh` runs them).
+    #[command(flatten)]
+    Docs(certfleet_proto::cli_docs::Docs),
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Before the config is read: packaging runs this without one.
+    if let Some(Command::Docs(docs)) = &args.command {
+        return match docs.run(<Args as clap::CommandFactory>::command()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("certfleet-coordinator: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     certfleet_proto::restrict_umask();
     logging::init(args.log_format);
     let config = match Config::load(&args.config) {
@@ -76,8 +99,10 @@ fn main() -> ExitCode {
         }
         Command::Run => {
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-            runtime.block_on(serve(config))
+            runtime.block_on(serve(config, args.config))
         }
+        Command::Check => check(&config, &args.config),
+        Command::Docs(_) => unreachable!("handled before the config is read"),
     }
 }
 
@@ -113,7 +138,16 @@ fn init(config: &Config, force: bool, agree_tos: bool) -> ExitCode {
     }
 }
 
-async fn serve(config: Config) -> ExitCode {
+async fn serve(config: Config, path: PathBuf) -> ExitCode {
+    // Before anything else: SIGHUP's default action ends the process, and
+    // `systemctl reload` may send it as soon as the process exists.
+    let hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            logging::fatal(PROGRAM, &format_args!("installing the SIGHUP handler: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         "certfleet-coordinator starting"
@@ -152,13 +186,17 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match run(
-        coordinator,
-        Listeners { admin, enrollment },
-        shutdown_signal(),
-    )
-    .await
-    {
+    let reloads = tokio::spawn(reload_until(hangups, path, Arc::clone(&coordinator.fleet)));
+    // `run` first polls its shutdown future once every listener serves
+    // and recovery has started: that is when the service is ready.
+    let shutdown = async {
+        notify(&[sd_notify::NotifyState::Ready]);
+        shutdown_signal().await;
+        notify(&[sd_notify::NotifyState::Stopping]);
+    };
+    let served = run(coordinator, Listeners { admin, enrollment }, shutdown).await;
+    reloads.abort();
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             logging::fatal(PROGRAM, &Chain(&e));
@@ -173,5 +211,179 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+/// Tells systemd about a state change; outside systemd (no
+/// `NOTIFY_SOCKET`) this does nothing. A failure is logged, not fatal:
+/// systemd then times the start out, which names the problem better.
+fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "telling systemd (NOTIFY_SOCKET) the service state");
+    }
+}
+
+/// On each SIGHUP (`systemctl reload`): re-reads and validates the config
+/// at `path` and says which sections changed.
+///
+/// Nothing is applied live: the running config is one `Arc<Config>`
+/// shared by every flow through [`Fleet`], and a flow in progress must
+/// not see it change under it. A config that does not validate is refused
+/// and logged; a valid one is logged with what changed and that a restart
+/// applies it (`systemctl restart`, which heals anything in flight).
+async fn reload_until(mut hangups: tokio::signal::unix::Signal, path: PathBuf, fleet: Arc<Fleet>) {
+    while hangups.recv().await.is_some() {
+        notify(&[sd_notify::NotifyState::Reloading]);
+        match Config::load(&path) {
+            Err(e) => tracing::error!(
+                config = %path.display(),
+                error = %Chain(&e),
+                "config reload refused: the running config stays"
+            ),
+            Ok(new) => {
+                let changed = changed_sections(fleet.config(), &new);
+                if changed.is_empty() {
+                    tracing::info!(config = %path.display(), "config reloaded: valid, nothing changed");
+                } else {
+                    tracing::warn!(
+                        config = %path.display(),
+                        applied = "nothing",
+                        needs_restart = %changed.join(", "),
+                        "config reloaded: valid; the coordinator applies its config only at start: run `systemctl restart certfleet-coordinator`"
+                    );
+                }
+            }
+        }
+        notify(&[sd_notify::NotifyState::Ready]);
+    }
+}
+
+/// The config sections (file keys) that differ between `old` and `new`.
+/// Compared through `Debug`, which every section derives and which shows
+/// every field; nothing here is ever printed.
+fn changed_sections(old: &Config, new: &Config) -> Vec<&'static str> {
+    let differ =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    let sections: [(&'static str, bool); 12] = [
+        ("state_dir", old.state_dir != new.state_dir),
+        ("admin_socket", old.admin_socket != new.admin_socket),
+        ("[acme]", differ(&old.acme, &new.acme)),
+        ("[placement]", differ(&old.placement, &new.placement)),
+        ("[enrollment]", differ(&old.enrollment, &new.enrollment)),
+        ("[renewal]", differ(&old.renewal, &new.renewal)),
+        ("[recovery]", differ(&old.recovery, &new.recovery)),
+        (
+            "[[certificates]]",
+            differ(&old.certificates, &new.certificates),
+        ),
+        ("[approval]", differ(&old.approval, &new.approval)),
+        ("[web]", differ(&old.web, &new.web)),
+        ("[mail]", differ(&old.mail, &new.mail)),
+        ("[ssh]", differ(&old.ssh, &new.ssh)),
+    ];
+    sections
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
+}
+
+/// `check`: the config at `path` loaded as `run` loads it (done by the
+/// caller), then what `run` needs besides, without side effects: the
+/// cluster CA `init` makes, and the ACME client's trust roots. Prints what
+/// `run` would do.
+fn check(config: &Config, path: &Path) -> ExitCode {
+    println!("config {}: valid", path.display());
+    print_summary(config);
+    let mut problems = Vec::new();
+    if !config.state_dir.join("ca").exists() {
+        problems.push(format!(
+            "no cluster CA in {}: run `certfleet-coordinator --config {} init` first",
+            config.state_dir.join("ca").display(),
+            path.display()
+        ));
+    }
+    if let Err(e) = certfleet_coordinator::acme::AcmeAccount::new(&config.acme, &config.state_dir) {
+        problems.push(Chain(&e).to_string());
+    }
+    if problems.is_empty() {
+        println!("run would start");
+        return ExitCode::SUCCESS;
+    }
+    for p in &problems {
+        eprintln!("{PROGRAM}: {p}");
+    }
+    eprintln!("{PROGRAM}: run would not start");
+    ExitCode::from(2)
+}
+
+fn print_summary(c: &Config) {
+    let secs = |d: std::time::Duration| format!("{}s", d.as_secs());
+    println!("state: {}", c.state_dir.display());
+    println!("listens:");
+    println!(
+        "  admin API: unix socket {} (mode 0660, group certfleet)",
+        c.admin_socket.display()
+    );
+    println!(
+        "  enrollment: {} (advertised as {}; node certificates live {}, join tokens {})",
+        c.enrollment.listen,
+        c.enrollment.advertise,
+        secs(c.enrollment.agent_cert_validity),
+        secs(c.enrollment.join_token_ttl)
+    );
+    match &c.web {
+        Some(w) => println!(
+            "  approval page: https://{} (links start {})",
+            w.listen, w.base_url
+        ),
+        None => println!("  approval page: off (no [web])"),
+    }
+    println!(
+        "ACME: {} (terms {}accepted; validation on port {} / tls {}; CA timeout {})",
+        c.acme.directory,
+        if c.acme.agree_tos { "" } else { "not yet " },
+        c.acme.validation_port,
+        c.acme.validation_tls_port,
+        secs(c.acme.ca_timeout)
+    );
+    println!(
+        "placement: {} nodes at once, {} per node, tokens live {}",
+        c.placement.concurrency,
+        secs(c.placement.node_timeout),
+        secs(c.placement.token_ttl)
+    );
+    if c.renewal.enabled {
+        println!(
+            "renewal: automatic, when {:.0}% of a certificate's life is left (up to {} earlier)",
+            c.renewal.policy.share_left * 100.0,
+            secs(c.renewal.policy.max_jitter)
+        );
+    } else {
+        println!("renewal: off (renew by hand with `certfleet renew`)");
+    }
+    println!("certificates: {}", c.certificates.len());
+    for cert in &c.certificates {
+        let nodes = match &cert.nodes {
+            Some(nodes) => nodes.join(", "),
+            None => "every active registered node".to_owned(),
+        };
+        println!(
+            "  {}: {} ({} key); nodes: {nodes}; after issue: {}, {} at a time",
+            cert.name,
+            cert.sans.join(", "),
+            format!("{:?}", cert.key).to_lowercase(),
+            format!("{:?}", cert.after_issue).to_lowercase(),
+            cert.restart_batch
+        );
+    }
+    match &c.mail {
+        Some(m) => println!(
+            "mail: via {} from {} to {} ({} days before expiry)",
+            m.server,
+            m.from,
+            m.admins.join(", "),
+            m.expiry_warning_days
+        ),
+        None => println!("mail: off (no [mail])"),
     }
 }

@@ -1,0 +1,516 @@
+//! Nodes reached over SSH: an SSH-only node and an `auto` node whose
+//! agent is down are served like the agent nodes, over a real sshd with
+//! strict host keys; the coordinator does the agent's work with its remote
+//! script and probes from its own side.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use certfleet_proto::bundle::Bundle;
+use certfleet_tests::cluster::{CERT, Cluster, ClusterSpec, Http01, NGINX_TARGETS, Node};
+use certfleet_tests::nginx::Nginx;
+use certfleet_tests::process::eventually;
+use certfleet_tests::sshd::Sshd;
+use certfleet_tests::verify::served_leaf_sha256;
+
+const SNI: &str = "cn.dataone.test";
+
+fn live_sha(c: &Cluster) -> String {
+    let chain = std::fs::read_to_string(c.live_dir().join("fullchain.pem")).unwrap();
+    Bundle::parse(&chain, None, &[]).unwrap().leaf_sha256_hex()
+}
+
+async fn served(c: &Cluster, node: &Node) -> String {
+    served_leaf_sha256(SocketAddr::new(node.ip, c.tls_port), SNI)
+        .await
+        .unwrap_or_else(|e| format!("nothing: {e}"))
+}
+
+async fn ctl_ok(c: &Cluster, args: &[&str]) -> String {
+    let out = c.ctl(args).await.unwrap();
+    assert_eq!(
+        out.code,
+        0,
+        "certfleet {}: {}\n{}\n{}",
+        args.join(" "),
+        out.stdout,
+        out.stderr,
+        c.logs()
+    );
+    out.stdout
+}
+
+/// Makes node `i` SSH-only without trusting its host key yet.
+async fn make_ssh_only(c: &mut Cluster, i: usize, sshd: &Sshd) {
+    c.nodes[i].stop_agent();
+    let name = c.nodes[i].name.clone();
+    ctl_ok(c, &["node", "remove", &name]).await;
+    let ip = c.nodes[i].ip.to_string();
+    ctl_ok(
+        c,
+        &[
+            "node",
+            "add",
+            &name,
+            "--ssh",
+            &sshd.destination(),
+            "--http01",
+            &ip,
+        ],
+    )
+    .await;
+}
+
+/// Makes node `i` an `auto` node, then stops its agent.
+async fn make_auto_with_agent_down(c: &mut Cluster, i: usize, sshd: &Sshd) {
+    let name = c.nodes[i].name.clone();
+    ctl_ok(
+        c,
+        &[
+            "node",
+            "set",
+            &name,
+            "--transport",
+            "auto",
+            "--ssh",
+            &sshd.destination(),
+        ],
+    )
+    .await;
+    c.nodes[i].stop_agent();
+}
+
+struct Mixed {
+    cluster: Cluster,
+    _sshds: Vec<Sshd>,
+    _nginx: Vec<Nginx>,
+}
+
+/// Four nodes in webroot mode behind nginx: 0 and 1 with agents, 2 SSH
+/// only, 3 `auto` with its agent stopped. Version 1 issued, distributed,
+/// and served by every node's nginx.
+async fn mixed() -> Mixed {
+    certfleet_tests::cluster::ensure_ssl_cert_group().unwrap();
+    let mut c = Cluster::start(ClusterSpec {
+        nodes: 4,
+        http01: Http01::WebrootNginx,
+        agent_certificates: NGINX_TARGETS.to_owned(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut sshds = Vec::new();
+    sshds.push(c.make_ssh_only(2).await.unwrap());
+    let sshd = c.start_sshd(3).await.unwrap();
+    c.write_node_spec(3, NGINX_TARGETS).unwrap();
+    make_auto_with_agent_down(&mut c, 3, &sshd).await;
+    let name = c.nodes[3].name.clone();
+    ctl_ok(&c, &["node", "trust-host", &name, "--yes"]).await;
+    sshds.push(sshd);
+    let out = c.issue().await.unwrap();
+    assert_eq!(
+        out.code,
+        0,
+        "issue: {}\n{}\n{}",
+        out.stdout,
+        out.stderr,
+        c.logs()
+    );
+    ctl_ok(&c, &["distribute", CERT]).await;
+    let nginx = c.serve_tls().await.unwrap();
+    Mixed {
+        cluster: c,
+        _sshds: sshds,
+        _nginx: nginx,
+    }
+}
+
+fn owner_group_mode(path: &Path) -> (u32, u32, u32) {
+    let m = std::fs::metadata(path).unwrap();
+    (m.uid(), m.gid(), m.mode() & 0o7777)
+}
+
+fn ssl_cert_gid() -> u32 {
+    nix::unistd::Group::from_name("ssl-cert")
+        .unwrap()
+        .unwrap()
+        .gid
+        .as_raw()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mixed_cluster_issues_distributes_and_rolls_out_over_agents_and_ssh() {
+    let m = mixed().await;
+    let c = &m.cluster;
+    let v1 = live_sha(c);
+    for node in &c.nodes {
+        assert_eq!(
+            served(c, node).await,
+            v1,
+            "node {} after distribute",
+            node.name
+        );
+    }
+    // Version 2 through the whole pipeline: placement and self-check over
+    // SSH for nodes 2 and 3, then rollout.
+    let out = c.issue().await.unwrap();
+    assert_eq!(out.code, 0, "issue: {}\n{}", out.stdout, out.stderr);
+    let v2 = live_sha(c);
+    assert_ne!(v2, v1);
+    let out = c.ctl(&["rollout", CERT]).await.unwrap();
+    assert_eq!(
+        out.code,
+        0,
+        "rollout: {}\n{}\n{}",
+        out.stdout,
+        out.stderr,
+        c.logs()
+    );
+    for node in &c.nodes {
+        assert_eq!(
+            served(c, node).await,
+            v2,
+            "node {} after rollout",
+            node.name
+        );
+    }
+    // The files on the SSH nodes are as the description says.
+    for node in &c.nodes[2..] {
+        let key = node.dir.join("ssl/private/server.key");
+        let cert = node.dir.join("ssl/certs/cn.pem");
+        assert_eq!(
+            owner_group_mode(&key),
+            (0, ssl_cert_gid(), 0o640),
+            "{}",
+            key.display()
+        );
+        assert_eq!(owner_group_mode(&cert), (0, 0, 0o644), "{}", cert.display());
+        let chain = std::fs::read_to_string(&cert).unwrap();
+        let pem = std::fs::read_to_string(&key).unwrap();
+        assert_eq!(
+            Bundle::parse(&chain, Some(&pem), &[])
+                .unwrap()
+                .leaf_sha256_hex(),
+            v2
+        );
+        // No token left in the webroot, no temporary file beside a target.
+        assert!(
+            node.webroot_files().is_empty(),
+            "{:?}",
+            node.webroot_files()
+        );
+        for dir in [key.parent().unwrap(), cert.parent().unwrap()] {
+            let leftovers: Vec<_> = std::fs::read_dir(dir)
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(".certfleet"))
+                .collect();
+            assert!(leftovers.is_empty(), "{leftovers:?} in {}", dir.display());
+        }
+    }
+    // The fallback of the auto node shows in the progress and the history.
+    let auto = &c.nodes[3].name;
+    assert!(
+        out.stdout.contains(auto.as_str()) && out.stdout.contains("over SSH"),
+        "rollout output does not mention the fallback:\n{}",
+        out.stdout
+    );
+    let history = ctl_ok(c, &["--json", "history", CERT]).await;
+    assert!(history.contains("fallback"), "history: {history}");
+    assert!(c.coordinator_log().contains("over SSH"));
+}
+
+/// Node 2 as an SSH-only node of its own cluster, its host key not yet
+/// trusted.
+async fn ssh_only_untrusted() -> (Cluster, Sshd) {
+    certfleet_tests::cluster::ensure_ssl_cert_group().unwrap();
+    let mut c = Cluster::start(ClusterSpec {
+        nodes: 3,
+        http01: Http01::WebrootNginx,
+        agent_certificates: NGINX_TARGETS.to_owned(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let sshd = c.start_sshd(2).await.unwrap();
+    c.write_node_spec(2, NGINX_TARGETS).unwrap();
+    make_ssh_only(&mut c, 2, &sshd).await;
+    (c, sshd)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn host_keys_are_checked_strictly_and_a_wrong_user_key_is_named() {
+    let (c, mut sshd) = ssh_only_untrusted().await;
+    let name = c.nodes[2].name.clone();
+    let fp = sshd.fingerprint().unwrap();
+
+    // Unknown: refused, naming the node, the host and the fingerprint.
+    let out = c.issue().await.unwrap();
+    assert_ne!(out.code, 0);
+    let all = format!("{}{}", out.stdout, out.stderr);
+    let host = format!("[{}]:{}", sshd.addr.ip(), sshd.addr.port());
+    assert!(
+        all.contains(&name) && all.contains(&host) && all.contains(&fp),
+        "{all}"
+    );
+    assert!(all.contains("not trusted"), "{all}");
+
+    // trust-host without a terminal and without --yes records nothing.
+    let out = c.ctl(&["node", "trust-host", &name]).await.unwrap();
+    assert_eq!(out.code, 2, "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains(&fp),
+        "the fingerprint is shown: {}",
+        out.stdout
+    );
+    // A pinned fingerprint that is not the node's records nothing either.
+    let wrong = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    let out = c
+        .ctl(&["node", "trust-host", &name, "--fingerprint", wrong])
+        .await
+        .unwrap();
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains(&fp), "{}", out.stderr);
+    let known = c.state_dir.join("ssh/known_hosts");
+    assert!(
+        !std::fs::read_to_string(&known)
+            .unwrap_or_default()
+            .contains(&host)
+    );
+
+    ctl_ok(&c, &["node", "trust-host", &name, "--fingerprint", &fp]).await;
+    let out = c.issue().await.unwrap();
+    assert_eq!(
+        out.code,
+        0,
+        "issue once trusted: {}\n{}\n{}",
+        out.stdout,
+        out.stderr,
+        c.logs()
+    );
+
+    // Changed: the node presents another key now; refused, naming it.
+    sshd.change_host_key().await.unwrap();
+    kill_masters(&c);
+    let new_fp = sshd.fingerprint().unwrap();
+    assert_ne!(new_fp, fp);
+    let out = c.issue().await.unwrap();
+    assert_ne!(out.code, 0);
+    let all = format!("{}{}", out.stdout, out.stderr);
+    assert!(
+        all.contains("CHANGED") && all.contains(&new_fp) && all.contains(&name),
+        "{all}"
+    );
+
+    // Trusted again, but certfleet's key is not authorized: a clear error.
+    ctl_ok(&c, &["node", "trust-host", &name, "--fingerprint", &new_fp]).await;
+    std::fs::write(sshd.dir.join("authorized_keys"), "").unwrap();
+    kill_masters(&c);
+    let out = c.issue().await.unwrap();
+    assert_ne!(out.code, 0);
+    let all = format!("{}{}", out.stdout, out.stderr);
+    assert!(
+        all.contains("refused certfleet's key") && all.contains("authorized_keys"),
+        "{all}"
+    );
+}
+
+/// Ends the coordinator's ssh masters, so the next call connects anew.
+fn kill_masters(c: &Cluster) {
+    certfleet_coordinator::ssh::clean_control_dir(&c.state_dir.join("ssh/ctl"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shell_metacharacters_in_paths_arrive_intact_and_run_nothing() {
+    let (c, _sshd) = ssh_only_untrusted().await;
+    let name = c.nodes[2].name.clone();
+    let fp = _sshd.fingerprint().unwrap();
+    ctl_ok(&c, &["node", "trust-host", &name, "--fingerprint", &fp]).await;
+    let node = &c.nodes[2];
+    let canary = node.dir.join("pwned");
+    let odd_dir = format!(
+        "{}/odd $(touch {}) `touch {}`; x",
+        node.dir.display(),
+        canary.display(),
+        canary.display()
+    );
+    let targets = format!(
+        r#"
+[[certificates]]
+name = "cn"
+[[certificates.files]]
+content = "fullchain"
+path = "{odd_dir}/it's \"here\" & $HOME | *.pem"
+[[certificates.files]]
+content = "privkey"
+path = "{odd_dir}/key;rm -rf x.pem"
+group = "ssl-cert"
+mode = "0640"
+"#
+    );
+    c.write_node_spec(2, &targets).unwrap();
+    let out = c.issue().await.unwrap();
+    assert_eq!(
+        out.code,
+        0,
+        "issue: {}\n{}\n{}",
+        out.stdout,
+        out.stderr,
+        c.logs()
+    );
+    ctl_ok(&c, &["distribute", CERT]).await;
+    let v = live_sha(&c);
+    let chain =
+        std::fs::read_to_string(format!("{odd_dir}/it's \"here\" & $HOME | *.pem")).unwrap();
+    let key = std::fs::read_to_string(format!("{odd_dir}/key;rm -rf x.pem")).unwrap();
+    assert_eq!(
+        Bundle::parse(&chain, Some(&key), &[])
+            .unwrap()
+            .leaf_sha256_hex(),
+        v
+    );
+    assert!(!canary.exists(), "a path's $(...) or `...` ran on the node");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_symlinked_target_directory_is_refused_over_ssh() {
+    let (c, sshd) = ssh_only_untrusted().await;
+    let name = c.nodes[2].name.clone();
+    ctl_ok(
+        &c,
+        &[
+            "node",
+            "trust-host",
+            &name,
+            "--fingerprint",
+            &sshd.fingerprint().unwrap(),
+        ],
+    )
+    .await;
+    let node = &c.nodes[2];
+    let elsewhere = node.dir.join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::create_dir_all(node.dir.join("ssl")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, node.dir.join("ssl/private")).unwrap();
+    c.write_node_spec(2, NGINX_TARGETS).unwrap();
+    let out = c.issue().await.unwrap();
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let out = c.ctl(&["distribute", CERT]).await.unwrap();
+    assert_ne!(out.code, 0);
+    let all = format!("{}{}", out.stdout, out.stderr);
+    assert!(all.contains("symlink") && all.contains(&name), "{all}");
+    assert_eq!(
+        std::fs::read_dir(&elsewhere).unwrap().count(),
+        0,
+        "wrote through the symlink"
+    );
+}
+
+/// The ssh master processes whose control socket is under `dir`.
+fn masters_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    let c = String::from_utf8_lossy(&c).replace('\0', " ");
+                    c.starts_with("ssh ") && c.contains(&needle)
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_killed_mid_rollout_leaves_no_ssh_master_after_restart() {
+    let (mut c, sshd) = ssh_only_untrusted().await;
+    let name = c.nodes[2].name.clone();
+    ctl_ok(
+        &c,
+        &[
+            "node",
+            "trust-host",
+            &name,
+            "--fingerprint",
+            &sshd.fingerprint().unwrap(),
+        ],
+    )
+    .await;
+    // A slow restart on the SSH node keeps the rollout in flight.
+    let slow = NGINX_TARGETS
+        .replace("timeout_secs = 5", "timeout_secs = 60")
+        .replace(
+            "restart = [\"nginx\", \"-s\", \"reload\"",
+            "restart = [\"sh\", \"-c\", \"sleep 30\", \"nginx\", \"-s\", \"reload\"",
+        );
+    c.write_node_spec(2, &slow).unwrap();
+    let out = c.issue().await.unwrap();
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let ctl = bin_ctl(&c, &["rollout", CERT]);
+    let control = c.state_dir.join("ssh/ctl");
+    eventually("an ssh master", Duration::from_secs(30), || {
+        let found = !masters_under(&control).is_empty();
+        async move { found.then_some(()) }
+    })
+    .await
+    .unwrap();
+    // Mid-rollout: the SSH node's restart is running.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid = c.coordinator.as_ref().unwrap().pid().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    c.coordinator.as_mut().unwrap().kill();
+    drop(ctl);
+    let orphans = masters_under(&control);
+    assert!(
+        !orphans.is_empty(),
+        "the test needs a master to outlive the killed coordinator"
+    );
+    c.start_coordinator().await.unwrap();
+    // The restarted coordinator may connect again to heal the rollout; the
+    // masters the killed one left must be gone.
+    let alive = |pids: &[u32]| -> Vec<u32> {
+        pids.iter()
+            .copied()
+            .filter(|p| Path::new(&format!("/proc/{p}")).exists())
+            .collect()
+    };
+    eventually(
+        "the orphaned ssh masters to end",
+        Duration::from_secs(10),
+        || {
+            let left = alive(&orphans);
+            async move { left.is_empty().then_some(()) }
+        },
+    )
+    .await
+    .unwrap_or_else(|_| panic!("ssh masters left: {:?}\n{}", alive(&orphans), c.logs()));
+    assert!(
+        c.coordinator_log()
+            .contains("ended ssh master connections left by the last run"),
+        "{}",
+        c.logs()
+    );
+}
+
+/// Starts `certfleet ARGS` against `c` in the background.
+fn bin_ctl(c: &Cluster, args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(certfleet_tests::process::bin("certfleet"))
+        .arg("--socket")
+        .arg(&c.socket)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
