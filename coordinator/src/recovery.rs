@@ -13,7 +13,9 @@
 //!    finalized one's certificate fetched again from the order URL and
 //!    stored with the key saved before its CSR. An order the CA no longer
 //!    allows is abandoned, and a new one placed once.
-//! 4. A renewal then does what the certificate's `after_issue` says.
+//! 4. A renewal then does what the certificate's `after_issue` says, or,
+//!    when its `approval` policy holds that step back, asks for approval
+//!    as the renewal would have.
 //! 5. A distribution cut off is run again (installing is idempotent). A
 //!    rollout cut off is resumed after the last verified node, or, with
 //!    `recovery.rollout = "rollback"`, every node is put back on the
@@ -184,11 +186,29 @@ impl Healer<'_> {
             .spec(&r.certificate)
             .map(|s| s.after_issue)
             .unwrap_or_default();
+        // A renewal whose certificate needs a person's approval stops
+        // where the policy says, as it would have without the crash.
+        let held = if renewal {
+            self.fleet
+                .spec(&r.certificate)
+                .ok()
+                .and_then(crate::approval::held_back)
+        } else {
+            None
+        };
         let touched = self.trail.has(step::INSTALLING) || self.trail.has(step::RESTARTING);
         if touched {
-            done.push(self.heal_rollout(kind, renewal, after).await?);
-        } else if renewal && (new_version || self.trail.has(step::STORED)) {
-            done.push(self.after_issue(after).await?);
+            done.push(
+                self.heal_rollout(kind, renewal && held.is_none(), after)
+                    .await?,
+            );
+        }
+        if renewal && (touched || new_version || self.trail.has(step::STORED)) {
+            match held {
+                Some(step) => done.push(self.request_approval(step).await?),
+                None if !touched => done.push(self.after_issue(after).await?),
+                None => {}
+            }
         }
         done.retain(|d| !d.is_empty());
         Ok(if done.is_empty() {
@@ -258,6 +278,25 @@ impl Healer<'_> {
                 }
             }
         }
+    }
+
+    /// Asks for the approval the certificate's policy requires before
+    /// `step`, for the live version.
+    async fn request_approval(&self, step: crate::approval::Step) -> Result<String, String> {
+        let live = self
+            .fleet
+            .issued(&self.record.certificate)
+            .map_err(|e| e.to_string())?;
+        let created = crate::approval::request(self.fleet, self.op, self.progress, &live, step)
+            .await
+            .map_err(|e| e.to_string())?;
+        let what = format!(
+            "approval requested ({}) before: {}",
+            created.request.id,
+            step.describe(live.version)
+        );
+        self.note(&what)?;
+        Ok(what)
     }
 
     /// What a renewal does once its version is stored.

@@ -625,7 +625,11 @@ impl FleetRenewer {
             Ok(Ordered::Issued(issued)) => issued,
             Ok(Ordered::DryRun(dry)) => return RenewRun::DryRun(dry),
             Err(failed) => {
-                crate::notify::issue_failed(&self.fleet, name, Operation::Renew, &failed);
+                // A dry run's failure is for the admin watching it, not
+                // for everyone's inbox (as with `issue --dry-run`).
+                if !options.dry_run {
+                    crate::notify::issue_failed(&self.fleet, name, Operation::Renew, &failed);
+                }
                 return RenewRun::Failed(failed);
             }
         };

@@ -367,6 +367,13 @@ fn default_control_dir(ssh_dir: &Path) -> PathBuf {
 }
 
 impl SshConfig {
+    /// The ssh client config every connection uses (`ssh -F`): only
+    /// certfleet's own known_hosts counts, never the system-wide one, and
+    /// nothing from the user's or the system's ssh_config applies.
+    pub fn client_config(&self) -> PathBuf {
+        self.known_hosts.with_file_name("ssh_config")
+    }
+
     /// The description file of `node`.
     pub fn node_spec_path(&self, node: &str) -> PathBuf {
         self.node_specs_dir.join(format!("{node}.toml"))
@@ -381,9 +388,19 @@ impl SshConfig {
         if let Some(parent) = self.known_hosts.parent() {
             certfleet_proto::fsio::create_private_dir(parent)?;
         }
+        certfleet_proto::fsio::write_atomic(
+            &self.client_config(),
+            CLIENT_CONFIG.as_bytes(),
+            0o600,
+        )?;
         Ok(clean_control_dir(&self.control_dir))
     }
 }
+
+/// What `ssh -F` reads: `KnownHosts::Strict` and the user known_hosts
+/// file come as options; this turns off the system-wide known_hosts
+/// (`/etc/ssh/ssh_known_hosts`), which ssh would otherwise also trust.
+const CLIENT_CONFIG: &str = "# Written by certfleet-coordinator; replaced at every start.\nGlobalKnownHostsFile /dev/null\n";
 
 /// Ends every ssh master whose control socket is in `dir` (`ssh -O exit`),
 /// and removes their directories. Returns how many were found.

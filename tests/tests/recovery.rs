@@ -27,6 +27,7 @@ enum Command {
     Issue,
     Distribute,
     Rollout,
+    Renew,
 }
 
 impl Command {
@@ -35,6 +36,7 @@ impl Command {
             Self::Issue => &["issue", CERT],
             Self::Distribute => &["distribute", CERT],
             Self::Rollout => &["rollout", CERT],
+            Self::Renew => &["renew", "--force", CERT],
         }
     }
 }
@@ -323,4 +325,42 @@ async fn a_rollout_killed_mid_way_is_rolled_back_when_the_config_says_so() {
             cluster.coordinator_log()
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_renewal_killed_mid_way_still_waits_for_its_approval() {
+    // approval = "rollout": a renewal distributes, then waits for a person
+    // before restarting. Killed while distributing, it must not restart
+    // anything at the next start: it asks for the approval instead.
+    let (mut cluster, nginx) = Cluster::serving_version_1(ClusterSpec {
+        nodes: 3,
+        agent_certificates: NGINX_TARGETS.to_owned(),
+        coordinator_extra: "after_issue = \"rollout\"\napproval = \"rollout\"\n".to_owned(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    std::mem::forget(nginx);
+    let before = one_served_leaf(&cluster).await;
+    let newest = newest_operation(&cluster).await;
+    kill_at(&mut cluster, "installed", Command::Renew).await;
+    let history = restart_and_recover(&mut cluster, newest).await;
+    let context = format!("{history:#?}");
+    assert_eq!(history[0]["outcome"], "ok", "{context}");
+    assert_eq!(interrupted(&history)["kind"], "renewal", "{context}");
+    let out = cluster.ctl(&["--json", "approvals"]).await.unwrap();
+    let pending: Vec<Value> = out
+        .json_lines()
+        .into_iter()
+        .filter(|a| a["state"] == "pending")
+        .collect();
+    assert_eq!(pending.len(), 1, "{}", out.stdout);
+    assert_eq!(pending[0]["version"], 2, "{}", out.stdout);
+    // Distributed to every node, restarted on none.
+    let s = status(&cluster).await;
+    let live = s["live_sha256"].as_str().unwrap();
+    for n in s["nodes"].as_array().unwrap() {
+        assert_eq!(n["sha256"], live, "{s:#}");
+    }
+    assert_eq!(one_served_leaf(&cluster).await, before, "{context}");
 }

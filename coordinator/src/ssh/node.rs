@@ -91,6 +91,24 @@ impl SshNode {
     /// once.
     fn spec(&self) -> Result<NodeSpec, TransportError> {
         let path = self.ctx.config.node_spec_path(&self.name);
+        // It decides what runs as root on the node: only root or the
+        // coordinator itself may be able to change it.
+        if let Ok(meta) = std::fs::metadata(&path) {
+            use std::os::unix::fs::MetadataExt;
+            let own = nix::unistd::geteuid().as_raw();
+            if (meta.uid() != 0 && meta.uid() != own) || meta.mode() & 0o022 != 0 {
+                return Err(refused(
+                    tonic::Code::FailedPrecondition,
+                    format!(
+                        "node {}'s description {} is owned by uid {} with mode {:o}: it decides what runs as root on the node, so it must be owned by root (or the coordinator) and writable by no one else (chown root {1}; chmod go-w {1})",
+                        self.name,
+                        path.display(),
+                        meta.uid(),
+                        meta.mode() & 0o7777
+                    ),
+                ));
+            }
+        }
         let text = std::fs::read_to_string(&path).map_err(|e| {
             refused(
                 tonic::Code::FailedPrecondition,
@@ -132,7 +150,7 @@ impl SshNode {
         let mut b = SessionBuilder::default();
         b.known_hosts_check(KnownHosts::Strict)
             .user_known_hosts_file(&c.known_hosts)
-            .config_file("/dev/null")
+            .config_file(c.client_config())
             .user(self.dest.user.clone())
             .port(self.dest.port)
             .keyfile(&c.key_file)
