@@ -445,6 +445,8 @@ async fn an_expired_request_is_reminded_refused_and_mailed() {
         .unwrap();
     assert_eq!(expired.len(), 1);
     assert!(expired[0].text.contains("refused"), "{}", expired[0].text);
+    keep_sample("approval-reminder", &reminder[0].text);
+    keep_sample("approval-expired", &expired[0].text);
     let a = approvals(c)
         .await
         .into_iter()
