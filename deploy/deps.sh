@@ -3,7 +3,8 @@
 # pebble (the ACME test CA and its DNS), nginx (webroot tests), apache2 (the
 # web-server snippet tests), postgresql, openssl, certbot (the lineages
 # `certfleet import --certbot` reads), python3-aiosmtpd (the mail tests' SMTP server),
-# and openssh-client/openssh-server (SSH nodes).
+# openssh-client/openssh-server (SSH nodes) and sudo (an SSH login other
+# than root).
 set -euo pipefail
 need=()
 command -v pebble >/dev/null && command -v pebble-challtestsrv >/dev/null || need+=(pebble)
@@ -21,6 +22,8 @@ command -v chromedriver >/dev/null || need+=(chromium-driver)
 # nodes run a real sshd.
 command -v ssh >/dev/null && command -v ssh-keyscan >/dev/null || need+=(openssh-client)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
+# The SSH tests' non-root login reaches the remote script through sudo.
+[ -x /usr/bin/sudo ] && [ -x /usr/sbin/visudo ] || need+=(sudo)
 # deploy/package-test.sh checks the units with systemd-analyze.
 command -v systemd-analyze >/dev/null || need+=(systemd)
 # The DataONE examples and the tests install keys as root:ssl-cert 0640.

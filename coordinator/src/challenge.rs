@@ -228,6 +228,9 @@ pub async fn self_check_all(
     sorted_result(errors, nodes)
 }
 
+/// What happens to tokens a cleanup could not remove.
+const LEFT_TOKENS: &str = "an agent drops them when their TTL ends; on a node reached over SSH they stay in the webroot until removed by hand (they are public values, no secret)";
+
 /// Removes `tokens` from every node. Failures are reported, not returned:
 /// the agent drops tokens after their TTL anyway.
 pub async fn remove_all(
@@ -252,7 +255,7 @@ pub async fn remove_all(
                 &n.node.name,
                 false,
                 format!(
-                    "node {} ({}): removing tokens: {e}; they expire on their own",
+                    "node {} ({}): removing tokens: {e}; {LEFT_TOKENS}",
                     n.node.name, n.node.agent
                 ),
             ),
@@ -261,7 +264,7 @@ pub async fn remove_all(
                 &n.node.name,
                 false,
                 format!(
-                    "node {} ({}): removing tokens took longer than {:?}; they expire on their own",
+                    "node {} ({}): removing tokens took longer than {:?}; {LEFT_TOKENS}",
                     n.node.name, n.node.agent, limits.node_timeout
                 ),
             ),

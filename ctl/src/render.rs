@@ -424,6 +424,8 @@ pub(crate) fn nodes(nodes: &[pb::NodeInfo], json: bool) {
                     "name": n.name,
                     "agent": n.agent,
                     "http01": n.http01,
+                    "transport": n.transport,
+                    "ssh": (!n.ssh.is_empty()).then_some(&n.ssh),
                     "state": n.state,
                     "cert_not_after": (n.cert_not_after_unix != 0).then(|| date(n.cert_not_after_unix)),
                     "last_contact": (n.last_contact_unix != 0).then(|| date(n.last_contact_unix)),
@@ -438,19 +440,28 @@ pub(crate) fn nodes(nodes: &[pb::NodeInfo], json: bool) {
         return;
     }
     outln!(
-        "{:<20} {:<8} {:<22} {:<25} {:<25}",
+        "{:<20} {:<8} {:<9} {:<22} {:<30} {:<25} {:<25}",
         "NAME",
         "STATE",
+        "TRANSPORT",
         "AGENT",
+        "SSH",
         "CERT NOT AFTER",
         "LAST CONTACT"
     );
+    // `-` for an empty column, so every row has every column, for the eye
+    // and for `awk`.
+    fn or_dash(s: &str) -> &str {
+        if s.is_empty() { "-" } else { s }
+    }
     for n in nodes {
         outln!(
-            "{:<20} {:<8} {:<22} {:<25} {:<25}",
+            "{:<20} {:<8} {:<9} {:<22} {:<30} {:<25} {:<25}",
             n.name,
             n.state,
-            n.agent,
+            or_dash(&n.transport),
+            or_dash(&n.agent),
+            or_dash(&n.ssh),
             when(n.cert_not_after_unix),
             when(n.last_contact_unix)
         );

@@ -3,9 +3,11 @@
 //! strict host keys; the coordinator does the agent's work with its remote
 //! script and probes from its own side.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use certfleet_proto::bundle::Bundle;
@@ -42,25 +44,14 @@ async fn ctl_ok(c: &Cluster, args: &[&str]) -> String {
     out.stdout
 }
 
-/// Makes node `i` SSH-only without trusting its host key yet.
-async fn make_ssh_only(c: &mut Cluster, i: usize, sshd: &Sshd) {
+/// Makes node `i` SSH-only, reached at `dest` (`user@host:port`), without
+/// trusting its host key yet.
+async fn make_ssh_only(c: &mut Cluster, i: usize, dest: &str) {
     c.nodes[i].stop_agent();
     let name = c.nodes[i].name.clone();
     ctl_ok(c, &["node", "remove", &name]).await;
     let ip = c.nodes[i].ip.to_string();
-    ctl_ok(
-        c,
-        &[
-            "node",
-            "add",
-            &name,
-            "--ssh",
-            &sshd.destination(),
-            "--http01",
-            &ip,
-        ],
-    )
-    .await;
+    ctl_ok(c, &["node", "add", &name, "--ssh", dest, "--http01", &ip]).await;
 }
 
 /// Makes node `i` an `auto` node, then stops its agent.
@@ -84,7 +75,8 @@ async fn make_auto_with_agent_down(c: &mut Cluster, i: usize, sshd: &Sshd) {
 
 struct Mixed {
     cluster: Cluster,
-    _sshds: Vec<Sshd>,
+    /// Node 2's and node 3's.
+    sshds: Vec<Sshd>,
     _nginx: Vec<Nginx>,
 }
 
@@ -122,7 +114,7 @@ async fn mixed() -> Mixed {
     let nginx = c.serve_tls().await.unwrap();
     Mixed {
         cluster: c,
-        _sshds: sshds,
+        sshds,
         _nginx: nginx,
     }
 }
@@ -211,6 +203,43 @@ async fn a_mixed_cluster_issues_distributes_and_rolls_out_over_agents_and_ssh() 
             assert!(leftovers.is_empty(), "{leftovers:?} in {}", dir.display());
         }
     }
+    // `certfleet nodes` says how each node is reached, in text and JSON.
+    let reach = [
+        ("agent", None),
+        ("agent", None),
+        ("ssh", Some(m.sshds[0].destination())),
+        ("auto", Some(m.sshds[1].destination())),
+    ];
+    let text = ctl_ok(c, &["nodes"]).await;
+    assert!(
+        text.lines()
+            .next()
+            .is_some_and(|h| h.contains("TRANSPORT") && h.contains("SSH")),
+        "{text}"
+    );
+    let listed =
+        serde_json::from_str::<serde_json::Value>(&ctl_ok(c, &["--json", "nodes"]).await).unwrap();
+    for (node, (transport, ssh)) in c.nodes.iter().zip(&reach) {
+        let row: Vec<&str> = text
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|cols| cols.first() == Some(&node.name.as_str()))
+            .unwrap_or_else(|| panic!("{} is not listed:\n{text}", node.name));
+        assert_eq!(row.get(2), Some(transport), "{}: {text}", node.name);
+        assert_eq!(
+            row.get(4).copied(),
+            Some(ssh.as_deref().unwrap_or("-")),
+            "{}: {text}",
+            node.name
+        );
+        let json = listed
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["name"] == node.name.as_str()))
+            .unwrap_or_else(|| panic!("{} is not listed: {listed}", node.name));
+        assert_eq!(json["transport"], *transport, "{json}");
+        assert_eq!(json["ssh"].as_str(), ssh.as_deref(), "{json}");
+    }
+
     // The fallback of the auto node shows in the progress and the history.
     let auto = &c.nodes[3].name;
     assert!(
@@ -237,7 +266,7 @@ async fn ssh_only_untrusted() -> (Cluster, Sshd) {
     .unwrap();
     let sshd = c.start_sshd(2).await.unwrap();
     c.write_node_spec(2, NGINX_TARGETS).unwrap();
-    make_ssh_only(&mut c, 2, &sshd).await;
+    make_ssh_only(&mut c, 2, &sshd.destination()).await;
     (c, sshd)
 }
 
@@ -513,4 +542,421 @@ fn bin_ctl(c: &Cluster, args: &[&str]) -> tokio::process::Child {
         .kill_on_drop(true)
         .spawn()
         .unwrap()
+}
+
+/// Ends the coordinator's ssh masters when a test ends, passed or failed,
+/// so none outlives it; declared after the cluster, it runs while the
+/// control sockets still exist.
+struct EndMasters(PathBuf);
+
+impl Drop for EndMasters {
+    fn drop(&mut self) {
+        certfleet_coordinator::ssh::clean_control_dir(&self.0);
+    }
+}
+
+/// Runs `script` with `sh` as `user`; panics with its output if it fails.
+fn as_user(user: &str, script: &str) {
+    let out = Command::new("runuser")
+        .args(["-u", user, "--", "sh", "-ec", script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "as {user}: {script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Owner, group, mode and contents of everything under `dir` (links not
+/// followed): what must not change when an attack fails.
+type Snapshot = BTreeMap<PathBuf, (u32, u32, u32, Vec<u8>)>;
+
+fn snapshot(dir: &Path) -> Snapshot {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(p) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        let data = if meta.is_file() {
+            std::fs::read(&p).unwrap()
+        } else {
+            Vec::new()
+        };
+        if meta.is_dir() {
+            stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        }
+        out.insert(p, (meta.uid(), meta.gid(), meta.mode(), data));
+    }
+    out
+}
+
+/// A directory only root may write, holding a secret 0600 file and an
+/// `acme-challenge` directory of mode 0700, as /etc/sudoers.d would be.
+fn root_only_dir(c: &Cluster, name: &str) -> PathBuf {
+    let dir = c.dir.path().join(name);
+    std::fs::create_dir_all(dir.join("acme-challenge")).unwrap();
+    std::fs::set_permissions(
+        dir.join("acme-challenge"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
+    std::fs::write(dir.join("secret"), "root only\n").unwrap();
+    std::fs::set_permissions(dir.join("secret"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    dir
+}
+
+/// The web server's user turns the SSH node's challenge directories into
+/// links to root's directory: the coordinator's remote script refuses to
+/// follow either, names the link, and writes nothing through it, as the
+/// agent does (tests/tests/hostile.rs).
+#[tokio::test(flavor = "multi_thread")]
+async fn symlinked_challenge_directories_are_refused_over_ssh_and_nothing_outside_changes() {
+    let (c, sshd) = ssh_only_untrusted().await;
+    let _masters = EndMasters(c.state_dir.join("ssh/ctl"));
+    let name = c.nodes[2].name.clone();
+    ctl_ok(
+        &c,
+        &[
+            "node",
+            "trust-host",
+            &name,
+            "--fingerprint",
+            &sshd.fingerprint().unwrap(),
+        ],
+    )
+    .await;
+    let node = &c.nodes[2];
+    let webroot = node.webroot.clone().unwrap();
+    let target = root_only_dir(&c, "sudoers.d");
+    let before = snapshot(&target);
+
+    // acme-challenge is a link.
+    as_user(
+        "www-data",
+        &format!(
+            "mkdir {w}/.well-known && ln -s {t} {w}/.well-known/acme-challenge",
+            w = webroot.display(),
+            t = target.display()
+        ),
+    );
+    let link = webroot.join(".well-known/acme-challenge");
+    let out = c.issue().await.unwrap();
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    let said = format!("{}{}", out.stdout, out.stderr);
+    assert!(
+        said.contains(&link.display().to_string())
+            && said.contains("symlink")
+            && said.contains(&name),
+        "the error should name {} on {name}: {said}",
+        link.display()
+    );
+    assert_eq!(snapshot(&target), before, "root's directory changed");
+    assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+
+    // .well-known itself is a link to a directory that has acme-challenge.
+    as_user(
+        "www-data",
+        &format!(
+            "rm -rf {w}/.well-known && ln -s {t} {w}/.well-known",
+            w = webroot.display(),
+            t = target.display()
+        ),
+    );
+    let link = webroot.join(".well-known");
+    let out = c.issue().await.unwrap();
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    let said = format!("{}{}", out.stdout, out.stderr);
+    assert!(
+        said.contains(&format!("{}: is a symlink", link.display())) && said.contains(&name),
+        "the error should name {} on {name}: {said}",
+        link.display()
+    );
+    assert_eq!(snapshot(&target), before, "root's directory changed");
+    assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+
+    // Put right, the next issue works from a webroot without .well-known:
+    // the script makes both directories 0755 so the web server can serve
+    // the tokens, and removes the tokens afterwards.
+    as_user("www-data", &format!("rm {}", link.display()));
+    let out = c.issue().await.unwrap();
+    assert_eq!(out.code, 0, "{}{}\n{}", out.stdout, out.stderr, c.logs());
+    for d in [".well-known", ".well-known/acme-challenge"] {
+        let meta = std::fs::symlink_metadata(webroot.join(d)).unwrap();
+        assert!(meta.is_dir(), "{d}");
+        assert_eq!(meta.mode() & 0o7777, 0o755, "{d}");
+    }
+    assert!(
+        node.webroot_files().is_empty(),
+        "{:?}",
+        node.webroot_files()
+    );
+    assert_eq!(snapshot(&target), before, "root's directory changed");
+}
+
+/// The login of the sudo scenario: a system user whose only root power is
+/// the remote script.
+const SUDO_LOGIN: &str = "certfleet-ssh-test";
+
+/// The repository's remote script, as an admin installs it on a node.
+const REMOTE_SH: &str = include_str!("../../coordinator/src/ssh/remote.sh");
+
+/// Runs `cmd`; its standard output, or a panic with its standard error.
+fn must(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Installs Debian's `sudo` when it is missing (`.ci/run` and
+/// `deploy/deps.sh` install it up front).
+fn ensure_sudo() {
+    if Path::new("/usr/bin/sudo").exists() && Path::new("/usr/sbin/visudo").exists() {
+        return;
+    }
+    must(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends", "sudo"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    );
+}
+
+/// [`SUDO_LOGIN`] on this machine, a copy of the remote script root-owned
+/// at a path of this test run's own, and a sudoers drop-in that lets the
+/// login run exactly that script as root, as README's SSH section says.
+/// All three go on drop, passed or failed.
+struct SudoLogin {
+    dir: PathBuf,
+    script: PathBuf,
+    staged: PathBuf,
+    sudoers: PathBuf,
+}
+
+impl SudoLogin {
+    fn install() -> Self {
+        ensure_sudo();
+        let tag = std::process::id();
+        let dir = PathBuf::from(format!("/usr/local/lib/certfleet-test-{tag}"));
+        // sudo skips a drop-in whose name holds a dot: the staged copy is
+        // inert until visudo passed it and it is renamed.
+        let login = Self {
+            script: dir.join("remote.sh"),
+            dir,
+            staged: PathBuf::from(format!("/etc/sudoers.d/.certfleet-ssh-test-{tag}")),
+            sudoers: PathBuf::from(format!("/etc/sudoers.d/certfleet-ssh-test-{tag}")),
+        };
+        // No password to log in with, but not locked: with `UsePAM no`
+        // sshd turns away a locked (`!`) account even with a good key.
+        if nix::unistd::User::from_name(SUDO_LOGIN).unwrap().is_none() {
+            must(Command::new("useradd").args([
+                "--system",
+                "--shell",
+                "/bin/sh",
+                "--home-dir",
+                "/",
+                "--no-create-home",
+                "--password",
+                "*",
+                SUDO_LOGIN,
+            ]));
+        } else {
+            must(Command::new("usermod").args([
+                "--shell",
+                "/bin/sh",
+                "--password",
+                "*",
+                SUDO_LOGIN,
+            ]));
+        }
+        std::fs::create_dir_all(&login.dir).unwrap();
+        std::fs::set_permissions(&login.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(&login.script, REMOTE_SH).unwrap();
+        std::os::unix::fs::chown(&login.script, Some(0), Some(0)).unwrap();
+        std::fs::set_permissions(&login.script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(
+            &login.staged,
+            format!(
+                "{SUDO_LOGIN} ALL=(root) NOPASSWD: {}\n",
+                login.script.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&login.staged, std::fs::Permissions::from_mode(0o440)).unwrap();
+        must(Command::new("visudo").arg("-cf").arg(&login.staged));
+        std::fs::rename(&login.staged, &login.sudoers).unwrap();
+        login
+    }
+}
+
+impl Drop for SudoLogin {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.staged);
+        let _ = std::fs::remove_file(&self.sudoers);
+        let _ = std::fs::remove_dir_all(&self.dir);
+        // -f: a session of the login may still be winding down.
+        let _ = Command::new("userdel").args(["-f", SUDO_LOGIN]).output();
+    }
+}
+
+/// Runs `command` on the node behind `sshd` over a real ssh login as
+/// `user`, with certfleet's key and its known_hosts.
+fn ssh_as(c: &Cluster, sshd: &Sshd, user: &str, command: &str) -> std::process::Output {
+    Command::new("ssh")
+        .args(["-F", "/dev/null", "-o", "BatchMode=yes"])
+        .args(["-o", "StrictHostKeyChecking=yes"])
+        .args(["-o", "GlobalKnownHostsFile=/dev/null"])
+        .arg("-o")
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            c.state_dir.join("ssh/known_hosts").display()
+        ))
+        .args(["-o", "IdentitiesOnly=yes", "-i"])
+        .arg(c.state_dir.join("ssh/id_ed25519"))
+        .arg("-p")
+        .arg(sshd.addr.port().to_string())
+        .args(["-l", user])
+        .arg(sshd.addr.ip().to_string())
+        .args(["--", command])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// A node whose SSH login is not root: the coordinator reaches the remote
+/// script through `sudo -n` (`[ssh] sudo_script`), and issue, distribute
+/// and rollout work as with root, while the login can run nothing else as
+/// root.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_login_other_than_root_works_through_sudo_and_may_run_only_the_script() {
+    let login = SudoLogin::install();
+    certfleet_tests::cluster::ensure_ssl_cert_group().unwrap();
+    let mut c = Cluster::start(ClusterSpec {
+        nodes: 3,
+        http01: Http01::WebrootNginx,
+        agent_certificates: NGINX_TARGETS.to_owned(),
+        coordinator_extra: format!("\n[ssh]\nsudo_script = \"{}\"\n", login.script.display()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let sshd = c.start_sshd(2).await.unwrap();
+    let _masters = EndMasters(c.state_dir.join("ssh/ctl"));
+    c.write_node_spec(2, NGINX_TARGETS).unwrap();
+    let dest = format!("{SUDO_LOGIN}@{}:{}", sshd.addr.ip(), sshd.addr.port());
+    make_ssh_only(&mut c, 2, &dest).await;
+    let name = c.nodes[2].name.clone();
+    let fp = sshd.fingerprint().unwrap();
+    ctl_ok(&c, &["node", "trust-host", &name, "--fingerprint", &fp]).await;
+
+    // The login really is not root, and sudo lets it run the script and
+    // nothing else: not a shell, not /bin/true.
+    let id = ssh_as(&c, &sshd, SUDO_LOGIN, "id -u");
+    let uid = String::from_utf8_lossy(&id.stdout).trim().to_owned();
+    assert!(
+        id.status.success() && !uid.is_empty() && uid != "0",
+        "id -u as {SUDO_LOGIN}: {uid:?} {}\n{}",
+        String::from_utf8_lossy(&id.stderr),
+        sshd.log()
+    );
+    let allowed = ssh_as(
+        &c,
+        &sshd,
+        SUDO_LOGIN,
+        &format!("sudo -n {} hash </dev/null", login.script.display()),
+    );
+    assert!(
+        allowed.status.success(),
+        "the sudoers rule should allow the script: {}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+    for other in [
+        "sudo -n /bin/true",
+        "sudo -n /bin/sh -c true",
+        "sudo -n -i true",
+    ] {
+        let out = ssh_as(&c, &sshd, SUDO_LOGIN, other);
+        assert!(
+            !out.status.success(),
+            "{SUDO_LOGIN} could run `{other}`: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("password is required"),
+            "`{other}`: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // Issue (tokens placed over ssh+sudo), distribute, serve.
+    let out = c.issue().await.unwrap();
+    assert_eq!(
+        out.code,
+        0,
+        "issue: {}\n{}\n{}",
+        out.stdout,
+        out.stderr,
+        c.logs()
+    );
+    ctl_ok(&c, &["distribute", CERT]).await;
+    let _nginx = c.serve_tls().await.unwrap();
+    let v1 = live_sha(&c);
+    for node in &c.nodes {
+        assert_eq!(
+            served(&c, node).await,
+            v1,
+            "node {} after distribute",
+            node.name
+        );
+    }
+
+    // Version 2, rolled out: the restart runs as root through the script.
+    let out = c.issue().await.unwrap();
+    assert_eq!(out.code, 0, "issue: {}\n{}", out.stdout, out.stderr);
+    let v2 = live_sha(&c);
+    assert_ne!(v2, v1);
+    ctl_ok(&c, &["rollout", CERT]).await;
+    for node in &c.nodes {
+        assert_eq!(
+            served(&c, node).await,
+            v2,
+            "node {} after rollout",
+            node.name
+        );
+    }
+    let node = &c.nodes[2];
+    let key = node.dir.join("ssl/private/server.key");
+    let cert = node.dir.join("ssl/certs/cn.pem");
+    assert_eq!(
+        owner_group_mode(&key),
+        (0, ssl_cert_gid(), 0o640),
+        "{}",
+        key.display()
+    );
+    assert_eq!(owner_group_mode(&cert), (0, 0, 0o644), "{}", cert.display());
+    let chain = std::fs::read_to_string(&cert).unwrap();
+    let pem = std::fs::read_to_string(&key).unwrap();
+    assert_eq!(
+        Bundle::parse(&chain, Some(&pem), &[])
+            .unwrap()
+            .leaf_sha256_hex(),
+        v2
+    );
+    assert!(
+        node.webroot_files().is_empty(),
+        "{:?}",
+        node.webroot_files()
+    );
+
+    // The listing shows the login the node is reached with.
+    let listed = ctl_ok(&c, &["nodes"]).await;
+    assert!(
+        listed.lines().any(|l| l.starts_with(&format!("{name} "))
+            && l.contains(" ssh ")
+            && l.contains(&dest)),
+        "{listed}"
+    );
 }
