@@ -21,6 +21,16 @@
 //! pass, the next wake-up's computation, memory per entry, and the CPU an
 //! idle scheduler uses.
 //!
+//! With `--ssh N` it measures only what reaching N webroot nodes over SSH
+//! costs against their agents: the same placement (with self-check),
+//! distribute and restart, through the agents, then with every node made
+//! SSH-only (a real sshd each, strict host keys, one master per node).
+//!
+//! With `--peers` it measures only `certfleet issue` against certbot,
+//! dehydrated, lego and acme-tiny on one 4-node webroot cluster (see
+//! `peers`); with `--scale`, certfleet alone from 1 to 1,000 nodes and 1 to
+//! 100 names (see `scale`). Both also draw their plots as SVG (`plot`).
+//!
 //! Results are printed as a Markdown table for BENCHMARKS.md.
 
 use std::time::{Duration, Instant};
@@ -29,6 +39,16 @@ use anyhow::{Context, bail};
 use certfleet_tests::cluster::{Cluster, ClusterSpec, Http01};
 use certfleet_tests::pebble::PebbleOptions;
 use clap::Parser;
+
+// The crate root of a binary looks for modules beside it, where cargo would
+// take each file for a binary of its own: these live in a directory named
+// after the binary instead.
+#[path = "certfleet-bench/peers.rs"]
+mod peers;
+#[path = "certfleet-bench/plot.rs"]
+mod plot;
+#[path = "certfleet-bench/scale.rs"]
+mod scale;
 
 #[derive(Parser)]
 struct Args {
@@ -64,9 +84,34 @@ struct Args {
     /// Measure only the renewal scheduler tracking this many certificates.
     #[arg(long)]
     scheduler: Option<usize>,
+    /// Measure only placement, distribute and restart on this many
+    /// webroot nodes, first through their agents, then over SSH.
+    #[arg(long)]
+    ssh: Option<usize>,
     /// Seconds `--scheduler` leaves the scheduler running idle.
     #[arg(long, default_value_t = 10)]
     idle_secs: u64,
+    /// Measure only `certfleet issue` against certbot, dehydrated, lego
+    /// and acme-tiny on the same 4-node cluster (each `--runs` times).
+    #[arg(long)]
+    peers: bool,
+    /// Measure only certfleet alone over `--scale-nodes` and
+    /// `--scale-names`.
+    #[arg(long)]
+    scale: bool,
+    /// Node counts for `--scale`.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100,250,1000")]
+    scale_nodes: Vec<usize>,
+    /// Name counts for `--scale` (on 4 nodes).
+    #[arg(long, value_delimiter = ',', default_value = "1,10,50,100")]
+    scale_names: Vec<usize>,
+    /// Where `--peers` and `--scale` write their SVG plots.
+    #[arg(long, default_value = "docs/bench")]
+    plots: std::path::PathBuf,
+    /// With `--scale`: record the largest cluster's distribute and restart
+    /// with `perf record -g` on the coordinator, into this directory.
+    #[arg(long)]
+    perf: Option<std::path::PathBuf>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -98,7 +143,11 @@ fn spec(nodes: usize, sans: usize, http01: Http01) -> ClusterSpec {
 }
 
 async fn issue_once(cluster: &Cluster) -> anyhow::Result<Sample> {
-    let out = cluster.issue().await?;
+    sample(cluster.issue().await?)
+}
+
+/// The timings of an issue's last JSON line.
+fn sample(out: certfleet_tests::cluster::CtlOutput) -> anyhow::Result<Sample> {
     let last = out.last_json();
     if out.code != 0 {
         bail!("issue failed: {}\n{}", out.stdout, out.stderr);
@@ -130,8 +179,24 @@ async fn measure(cluster: &Cluster, runs: usize) -> anyhow::Result<Sample> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.peers {
+        return peers::bench(args.runs, &args.plots).await;
+    }
+    if args.scale {
+        return scale::bench(
+            &args.scale_nodes,
+            &args.scale_names,
+            args.runs,
+            &args.plots,
+            args.perf.as_deref(),
+        )
+        .await;
+    }
     if let Some(certificates) = args.scheduler {
         return scheduler::bench(certificates, Duration::from_secs(args.idle_secs)).await;
+    }
+    if let Some(nodes) = args.ssh {
+        return ssh_vs_agent(nodes, args.runs).await;
     }
     if args.split || args.nonce_reject.is_some() {
         if args.split {
@@ -790,4 +855,55 @@ mod scheduler {
         );
         Ok(())
     }
+}
+
+/// Placement (with self-check, from the issue's own timings), a fresh
+/// distribute and a restart, median over `runs`.
+async fn pipeline_costs(cluster: &Cluster, runs: usize) -> anyhow::Result<(u64, u64, u64)> {
+    // Past the rate-limit guard: both halves order the same names.
+    let issue = || async { sample(cluster.ctl(&["--json", "issue", "cn", "--force"]).await?) };
+    issue().await?; // warm-up: the account, the ssh masters
+    let (mut place, mut dist, mut restart) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        place.push(issue().await?.placement);
+        dist.push(timed(cluster, &["distribute", "cn"]).await?);
+        restart.push(timed(cluster, &["restart", "cn"]).await?);
+    }
+    Ok((median(place), median(dist), median(restart)))
+}
+
+/// `--ssh`: the same steps through agents, then over SSH.
+async fn ssh_vs_agent(nodes: usize, runs: usize) -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(ClusterSpec {
+        agent_certificates: FLEET_TARGETS.to_owned(),
+        ..spec(nodes, 1, Http01::WebrootNginx)
+    })
+    .await?;
+    let agent = pipeline_costs(&cluster, runs).await?;
+    let mut sshds = Vec::with_capacity(nodes);
+    for i in 0..nodes {
+        sshds.push(cluster.make_ssh_only(i).await?);
+    }
+    let ssh = pipeline_costs(&cluster, runs).await?;
+    let n = nodes as f64;
+    println!();
+    println!("| {nodes} webroot nodes, median of {runs} | agents ms | SSH ms | SSH per node ms |");
+    println!("|---|---:|---:|---:|");
+    for (what, a, s) in [
+        ("placement + self-check (parallel)", agent.0, ssh.0),
+        (
+            "`certfleet distribute` of a new version (parallel)",
+            agent.1,
+            ssh.1,
+        ),
+        (
+            "`certfleet restart`, node by node, check and restart = `true`",
+            agent.2,
+            ssh.2,
+        ),
+    ] {
+        println!("| {what} | {a} | {s} | {:.1} |", s as f64 / n);
+    }
+    drop(sshds);
+    Ok(())
 }

@@ -221,6 +221,8 @@ fn dehydrated(cluster: &Cluster, dir: &Path, runs: usize) -> anyhow::Result<(u64
         &format!(
             r#"#!/bin/sh
 set -e
+# dehydrated runs with umask 077; nginx's workers (www-data) must read these.
+umask 022
 case "$1" in
 deploy_challenge)
   for root in {roots}; do

@@ -28,6 +28,8 @@ use super::{FLEET_TARGETS, Sample, median, plot, sample, spec, timed};
 const NAMES_PER_NODE_SWEEP: usize = 5;
 /// Nodes while the name count grows.
 const NODES_PER_NAME_SWEEP: usize = 4;
+/// Tries at starting each cluster of the node sweep.
+const CLUSTER_ATTEMPTS: usize = 3;
 /// How often `perf record` samples the coordinator, per second.
 const PERF_FREQUENCY: &str = "1999";
 
@@ -133,21 +135,34 @@ fn perf_stop(mut child: Child) -> anyhow::Result<()> {
     use nix::unistd::Pid;
     kill(Pid::from_raw(child.id() as i32), Signal::SIGINT)?;
     let status = child.wait()?;
-    if !status.success() && status.code() != Some(130) {
+    // perf record writes its data and exits 0 on SIGINT, or dies of it.
+    use std::os::unix::process::ExitStatusExt;
+    if !status.success() && status.signal() != Some(Signal::SIGINT as i32) {
         bail!("perf record ended with {status}");
     }
     Ok(())
 }
 
 async fn node_point(nodes: usize, runs: usize, perf: Option<&Path>) -> anyhow::Result<Point> {
-    let started = Instant::now();
-    let cluster = Cluster::start(ClusterSpec {
-        agent_certificates: FLEET_TARGETS.to_owned(),
-        ..spec(nodes, NAMES_PER_NODE_SWEEP, Http01::Standalone)
-    })
-    .await
-    .with_context(|| format!("starting a cluster of {nodes} agents"))?;
-    let setup_s = started.elapsed().as_secs();
+    let mut attempt = 0;
+    let (cluster, setup_s) = loop {
+        attempt += 1;
+        let started = Instant::now();
+        let cluster = Cluster::start(ClusterSpec {
+            agent_certificates: FLEET_TARGETS.to_owned(),
+            ..spec(nodes, NAMES_PER_NODE_SWEEP, Http01::Standalone)
+        })
+        .await
+        .with_context(|| format!("starting a cluster of {nodes} agents"));
+        match cluster {
+            Ok(c) => break (c, started.elapsed().as_secs()),
+            // The harness picks each agent's ports when it starts it; with
+            // a thousand agents, one of them now and then finds a port
+            // taken by then. A new cluster gets new ports.
+            Err(e) if attempt < CLUSTER_ATTEMPTS => eprintln!("{e:#}; starting again"),
+            Err(e) => return Err(e),
+        }
+    };
     issue(&cluster).await?; // warm-up: the account, the connections
     timed(&cluster, &["distribute", "cn"]).await?;
     let (mut issues, mut fresh, mut noop, mut restart) =
@@ -164,18 +179,10 @@ async fn node_point(nodes: usize, runs: usize, perf: Option<&Path>) -> anyhow::R
         .and_then(|c| c.pid())
         .context("the coordinator is not running")?;
     if let Some(dir) = perf {
-        std::fs::create_dir_all(dir)?;
-        issue(&cluster).await?;
-        let rec = perf_record(coordinator_pid, &dir.join("distribute.data"))?;
-        let ms = timed(&cluster, &["distribute", "cn"]).await?;
-        perf_stop(rec)?;
-        let rec = perf_record(coordinator_pid, &dir.join("restart.data"))?;
-        let restart_ms = timed(&cluster, &["restart", "cn"]).await?;
-        perf_stop(rec)?;
-        eprintln!(
-            "perf: {nodes} nodes, distribute {ms} ms, restart {restart_ms} ms (under perf), data in {}",
-            dir.display()
-        );
+        // A profile that fails to record loses only the profile.
+        if let Err(e) = profile(&cluster, coordinator_pid, nodes, dir).await {
+            eprintln!("perf: {e:#}");
+        }
     }
     // Idle: nothing has happened for a moment.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -190,6 +197,29 @@ async fn node_point(nodes: usize, runs: usize, perf: Option<&Path>) -> anyhow::R
         coordinator: memory(coordinator_pid).unwrap_or_default(),
         agents: agents_rss(&cluster),
     })
+}
+
+/// Records one more issue's `distribute` and a `restart` with `perf
+/// record -g` attached to the coordinator.
+async fn profile(
+    cluster: &Cluster,
+    coordinator_pid: u32,
+    nodes: usize,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    issue(cluster).await?;
+    let rec = perf_record(coordinator_pid, &dir.join("distribute.data"))?;
+    let ms = timed(cluster, &["distribute", "cn"]).await?;
+    perf_stop(rec)?;
+    let rec = perf_record(coordinator_pid, &dir.join("restart.data"))?;
+    let restart_ms = timed(cluster, &["restart", "cn"]).await?;
+    perf_stop(rec)?;
+    eprintln!(
+        "perf: {nodes} nodes, distribute {ms} ms, restart {restart_ms} ms (under perf), data in {}",
+        dir.display()
+    );
+    Ok(())
 }
 
 async fn name_point(names: usize, runs: usize) -> anyhow::Result<Point> {
