@@ -6,6 +6,8 @@
 //! - [`cluster`]: agents (the real `certfleet-agent` binary) on their own
 //!   loopback addresses, optionally behind a real nginx in webroot mode, and
 //!   the real `certfleet-coordinator`, driven through the real `certfleet` CLI.
+//! - [`hostile`]: acting as an unprivileged local user, and snapshots that
+//!   prove nothing outside a directory changed.
 //! - [`smtp`]: a real SMTP server (aiosmtpd) writing a maildir, in plain,
 //!   STARTTLS and SMTPS modes, and the mail it received.
 //! - [`browser`]: headless chromium driven through chromedriver, for the
@@ -22,6 +24,7 @@
 pub mod apache;
 pub mod browser;
 pub mod cluster;
+pub mod hostile;
 pub mod net;
 pub mod nginx;
 pub mod pebble;
