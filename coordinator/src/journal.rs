@@ -13,6 +13,14 @@
 //! operation before it acts: work the journal does not know of could not
 //! be healed.
 //!
+//! The operation's own steps are on the disk before the work they name;
+//! one node's steps (installed, restarting, verified) are written at once
+//! but synced with the next of the operation's own, or the next synced
+//! write. A coordinator killed keeps them all; a power cut on the primary
+//! may lose the latest nodes' steps, which recovery then takes again
+//! (a node that already has a version answers "already had"; a restart
+//! again restarts a service that already serves the version).
+//!
 //! Crash tests stop the coordinator at a chosen step: with
 //! `CERTFLEET_CRASH_TEST_PAUSE_AT=<step>` in its environment, the first
 //! time that step is journaled the coordinator logs "crash test: paused"

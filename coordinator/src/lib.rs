@@ -153,10 +153,8 @@ pub fn build(config: Config) -> Result<Coordinator, SetupError> {
     let db = Arc::new(Db::open(&config.state_dir)?);
     let identity = LiveIdentity::from_pem(&ca.identity_pem, &ca.identity_key_pem)
         .map_err(|e| SetupError::Identity(e.to_string()))?;
-    let trust = ClusterTrust {
-        ca: ca.ca_der.clone(),
-        identity: Arc::new(identity),
-    };
+    let trust = ClusterTrust::new(ca.ca_der.clone(), Arc::new(identity))
+        .map_err(|e| SetupError::Identity(e.to_string()))?;
     let enrollment = EnrollmentService::new(Arc::clone(&db), Arc::clone(&ca), &config.enrollment);
     let mail = config.mail.as_ref().map(mail::Sender::new).transpose()?;
     // Masters a killed coordinator left are ended before any new one starts.

@@ -473,11 +473,11 @@ impl Connect for Reach {
             )))
         };
         Ok(match node.transport {
-            NodeTransport::Agent => Arc::new(GrpcAgent::new(node, &self.trust)?),
+            NodeTransport::Agent => Arc::new(GrpcAgent::new(node, &self.trust)),
             NodeTransport::Ssh => ssh(&node.ssh)?,
             NodeTransport::Auto => Arc::new(Fallback {
                 node: node.name.clone(),
-                agent: GrpcAgent::new(node, &self.trust)?,
+                agent: GrpcAgent::new(node, &self.trust),
                 ssh: ssh(&node.ssh)?,
             }),
         })

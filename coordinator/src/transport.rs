@@ -271,25 +271,42 @@ pub struct NodeInstall {
 pub struct ClusterTrust {
     pub ca: CertificateDer<'static>,
     pub identity: Arc<LiveIdentity>,
+    /// One TLS config for every agent: one verifier and one session cache,
+    /// not one per node (at 1,000 agents those were most of the
+    /// coordinator's memory). Each connection is opened with its node's
+    /// identity as the server name, and the verifier expects that one.
+    client: Arc<rustls::ClientConfig>,
+}
+
+impl ClusterTrust {
+    pub fn new(
+        ca: CertificateDer<'static>,
+        identity: Arc<LiveIdentity>,
+    ) -> Result<Self, rustls::Error> {
+        let verifier = ExpectIdentity::by_server_name(&ca)?;
+        let client = client_config(Arc::new(verifier), Some(Arc::clone(&identity)))?;
+        Ok(Self {
+            ca,
+            identity,
+            client: Arc::new(client),
+        })
+    }
 }
 
 /// Builds the channel to one agent. Lazy: nothing connects until the first
 /// call, so a node that is down delays nobody until it is needed.
-pub fn agent_channel(node: &Node, trust: &ClusterTrust) -> Result<Channel, rustls::Error> {
-    let expected = node_identity(&node.name);
-    let verifier = ExpectIdentity::new(&trust.ca, expected.clone())?;
-    let config = client_config(Arc::new(verifier), Some(Arc::clone(&trust.identity)))?;
-    Ok(certfleet_proto::tls::channel(
+pub fn agent_channel(node: &Node, trust: &ClusterTrust) -> Channel {
+    certfleet_proto::tls::channel(
         node.agent,
-        Arc::new(config),
-        &expected,
-    ))
+        Arc::clone(&trust.client),
+        &node_identity(&node.name),
+    )
 }
 
 /// Nodes are reached through their agents, over mutual TLS.
 impl Connect for ClusterTrust {
     fn connect(&self, node: &Node) -> Result<Arc<dyn Transport>, ConnectError> {
-        Ok(Arc::new(GrpcAgent::new(node, self)?))
+        Ok(Arc::new(GrpcAgent::new(node, self)))
     }
 }
 
@@ -300,11 +317,11 @@ pub struct GrpcAgent {
 }
 
 impl GrpcAgent {
-    pub fn new(node: &Node, trust: &ClusterTrust) -> Result<Self, rustls::Error> {
-        let client = AgentClient::new(agent_channel(node, trust)?)
+    pub fn new(node: &Node, trust: &ClusterTrust) -> Self {
+        let client = AgentClient::new(agent_channel(node, trust))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Ok(Self { client })
+        Self { client }
     }
 }
 

@@ -156,16 +156,33 @@ fn roots(ca_der: &CertificateDer<'static>) -> Result<Arc<rustls::RootCertStore>,
     Ok(Arc::new(roots))
 }
 
-/// Server verifier: chain to the cluster CA, and the leaf names `expected`,
-/// whatever server name the connection was opened with.
+/// Server verifier: chain to the cluster CA, and the leaf names the
+/// expected identity: a fixed one, whatever server name the connection was
+/// opened with, or the server name itself.
 #[derive(Debug)]
 pub struct ExpectIdentity {
     inner: Arc<WebPkiServerVerifier>,
-    expected: String,
+    /// `None`: the identity the connection was opened with.
+    expected: Option<String>,
 }
 
 impl ExpectIdentity {
     pub fn new(ca_der: &CertificateDer<'static>, expected: String) -> Result<Self, rustls::Error> {
+        Self::build(ca_der, Some(expected))
+    }
+
+    /// Expects the identity each connection is opened with as its server
+    /// name, so one TLS config (one verifier, one session cache) serves
+    /// every agent: the coordinator opens each agent's connection with
+    /// [`node_identity`] of that node.
+    pub fn by_server_name(ca_der: &CertificateDer<'static>) -> Result<Self, rustls::Error> {
+        Self::build(ca_der, None)
+    }
+
+    fn build(
+        ca_der: &CertificateDer<'static>,
+        expected: Option<String>,
+    ) -> Result<Self, rustls::Error> {
         let inner = WebPkiServerVerifier::builder_with_provider(roots(ca_der)?, provider())
             .build()
             .map_err(|e| rustls::Error::General(e.to_string()))?;
@@ -178,15 +195,24 @@ impl ServerCertVerifier for ExpectIdentity {
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
+        server_name: &ServerName<'_>,
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let name = ServerName::try_from(self.expected.as_str())
+        let expected = match (&self.expected, server_name) {
+            (Some(expected), _) => expected.clone(),
+            (None, ServerName::DnsName(name)) => name.as_ref().to_owned(),
+            (None, other) => {
+                return Err(identity_error(format!(
+                    "connection opened to {other:?}, not to a certfleet identity"
+                )));
+            }
+        };
+        let name = ServerName::try_from(expected.as_str())
             .map_err(|e| rustls::Error::General(e.to_string()))?;
         self.inner
             .verify_server_cert(end_entity, intermediates, &name, ocsp_response, now)?;
-        check_identity(end_entity, &self.expected)?;
+        check_identity(end_entity, &expected)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -476,6 +502,31 @@ mod tests {
         assert_eq!(peer_of(both.der()), None, "two identities in one cert");
         assert!(check_identity(node.der(), COORDINATOR_IDENTITY).is_err());
         assert!(check_identity(coord.der(), COORDINATOR_IDENTITY).is_ok());
+    }
+
+    #[test]
+    fn one_verifier_for_every_agent_expects_the_node_each_connection_was_opened_to() {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, &ca_key);
+        let node_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec![node_identity("cn-1")])
+            .unwrap()
+            .signed_by(&node_key, &issuer)
+            .unwrap();
+        let verifier = ExpectIdentity::by_server_name(&ca.der().clone()).unwrap();
+        let opened_to = |node: &str| ServerName::try_from(node_identity(node)).unwrap();
+        let verify = |name: &ServerName<'_>| {
+            verifier.verify_server_cert(leaf.der(), &[], name, &[], UnixTime::now())
+        };
+        assert!(verify(&opened_to("cn-1")).is_ok());
+        let err = verify(&opened_to("cn-2")).unwrap_err().to_string();
+        assert!(err.contains("cn-2.node.certfleet.internal"), "{err}");
+        let ip = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+        let err = verify(&ip).unwrap_err().to_string();
+        assert!(err.contains("not to a certfleet identity"), "{err}");
     }
 }
 

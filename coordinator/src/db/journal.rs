@@ -74,6 +74,9 @@ impl Db {
         })
     }
 
+    /// Journals one step. An operation's own steps (`node` empty) are
+    /// synced before this returns; one node's steps are not
+    /// (`Db::with_unsynced`): the next synced commit carries them.
     pub fn journal_step(
         &self,
         operation: i64,
@@ -82,12 +85,17 @@ impl Db {
         detail: &str,
         now: i64,
     ) -> Result<(), DbError> {
-        self.with(|c| {
+        let insert = |c: &mut rusqlite::Connection| {
             c.execute(
                 "INSERT INTO operation_steps (operation, at, step, node, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![operation, now, step, node, detail],
             )
-        })?;
+        };
+        if node.is_empty() {
+            self.with(insert)?;
+        } else {
+            self.with_unsynced(insert)?;
+        }
         Ok(())
     }
 
