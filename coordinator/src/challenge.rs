@@ -103,13 +103,15 @@ pub struct FanOut {
 
 impl FanOut {
     /// Runs `f` for every node, at most `concurrency` at once, each bounded
-    /// by `node_timeout`; yields each node's result in completion order.
-    pub(crate) async fn run<'a, T, F, Fut>(
+    /// by `node_timeout`, and hands each node's result to `each` as soon as
+    /// that node finishes (`None`: it timed out), so progress counts up as
+    /// nodes answer rather than jumping when the slowest one does.
+    pub(crate) async fn run_each<'a, T, F, Fut>(
         &self,
         nodes: &'a [FleetNode],
         f: F,
-    ) -> Vec<(&'a FleetNode, Option<T>)>
-    where
+        mut each: impl FnMut(&'a FleetNode, Option<T>),
+    ) where
         F: Fn(&'a FleetNode) -> Fut,
         Fut: Future<Output = T> + Send + 'a,
         T: Send + 'a,
@@ -124,10 +126,28 @@ impl FanOut {
                 async move { (n, tokio::time::timeout(timeout, fut).await.ok()) }.boxed()
             })
             .collect();
-        stream::iter(calls)
-            .buffer_unordered(self.concurrency)
-            .collect()
-            .await
+        let mut results = stream::iter(calls).buffer_unordered(self.concurrency);
+        while let Some((n, result)) = results.next().await {
+            each(n, result);
+        }
+    }
+
+    /// Like [`run_each`](Self::run_each), for a caller that wants every
+    /// result at once: each node's result, in completion order.
+    pub(crate) async fn run<'a, T, F, Fut>(
+        &self,
+        nodes: &'a [FleetNode],
+        f: F,
+    ) -> Vec<(&'a FleetNode, Option<T>)>
+    where
+        F: Fn(&'a FleetNode) -> Fut,
+        Fut: Future<Output = T> + Send + 'a,
+        T: Send + 'a,
+    {
+        let mut all = Vec::with_capacity(nodes.len());
+        self.run_each(nodes, f, |n, result| all.push((n, result)))
+            .await;
+        all
     }
 }
 
@@ -141,41 +161,49 @@ pub async fn place_all(
     progress: &Progress,
 ) -> Result<(), Vec<NodeError>> {
     let batch: Vec<Http01Response> = pending.iter().map(|p| p.response.clone()).collect();
-    let results = limits
-        .run(nodes, |n| {
-            let batch = &batch;
-            async move {
-                let start = Instant::now();
-                let result = n.transport.place_tokens(batch, ttl).await;
-                (result, start.elapsed())
-            }
-        })
-        .await;
+    progress.begin(
+        Stage::Placement,
+        nodes.len(),
+        format!("placing {} tokens on {} nodes", batch.len(), nodes.len()),
+    );
     let mut errors = Vec::new();
-    for (n, result) in results {
-        let result = match result {
-            Some((Ok(()), took)) => Ok(took),
-            Some((Err(e), _)) => Err(e),
-            None => Err(TransportError::Timeout(limits.node_timeout)),
-        };
-        match result {
-            Ok(took) => progress.node(
-                Stage::Placement,
-                &n.node.name,
-                true,
-                format!("placed {} tokens in {} ms", batch.len(), took.as_millis()),
-            ),
-            Err(source) => {
-                let err = NodeError::Place {
-                    node: n.node.name.clone(),
-                    addr: n.node.agent,
-                    source,
+    limits
+        .run_each(
+            nodes,
+            |n| {
+                let batch = &batch;
+                async move {
+                    let start = Instant::now();
+                    let result = n.transport.place_tokens(batch, ttl).await;
+                    (result, start.elapsed())
+                }
+            },
+            |n, result| {
+                let result = match result {
+                    Some((Ok(()), took)) => Ok(took),
+                    Some((Err(e), _)) => Err(e),
+                    None => Err(TransportError::Timeout(limits.node_timeout)),
                 };
-                progress.node(Stage::Placement, &n.node.name, false, err.to_string());
-                errors.push(err);
-            }
-        }
-    }
+                match result {
+                    Ok(took) => progress.node(
+                        Stage::Placement,
+                        &n.node.name,
+                        true,
+                        format!("placed {} tokens in {} ms", batch.len(), took.as_millis()),
+                    ),
+                    Err(source) => {
+                        let err = NodeError::Place {
+                            node: n.node.name.clone(),
+                            addr: n.node.agent,
+                            source,
+                        };
+                        progress.node(Stage::Placement, &n.node.name, false, err.to_string());
+                        errors.push(err);
+                    }
+                }
+            },
+        )
+        .await;
     sorted_result(errors, nodes)
 }
 
@@ -188,43 +216,55 @@ pub async fn self_check_all(
     limits: FanOut,
     progress: &Progress,
 ) -> Result<(), Vec<NodeError>> {
-    let results = limits
-        .run(nodes, |n| async move {
-            let addr = SocketAddr::new(n.node.http01, ports.http);
-            let checks = pending
-                .iter()
-                .map(|p| client.check(&n.node.name, addr, ports, p));
-            futures::future::join_all(checks)
-                .await
-                .into_iter()
-                .find_map(Result::err)
-        })
-        .await;
+    progress.begin(
+        Stage::SelfCheck,
+        nodes.len(),
+        format!(
+            "fetching {} tokens from {} nodes",
+            pending.len(),
+            nodes.len()
+        ),
+    );
     let mut errors = Vec::new();
-    for (n, result) in results {
-        let addr = SocketAddr::new(n.node.http01, ports.http);
-        let error = match result {
-            Some(None) => None,
-            Some(Some(e)) => Some(e),
-            None => Some(NodeError::SelfCheckTimeout {
-                node: n.node.name.clone(),
-                addr,
-                timeout: limits.node_timeout,
-            }),
-        };
-        match error {
-            None => progress.node(
-                Stage::SelfCheck,
-                &n.node.name,
-                true,
-                format!("serves all {} tokens at {addr}", pending.len()),
-            ),
-            Some(e) => {
-                progress.node(Stage::SelfCheck, &n.node.name, false, e.to_string());
-                errors.push(e);
-            }
-        }
-    }
+    limits
+        .run_each(
+            nodes,
+            |n| async move {
+                let addr = SocketAddr::new(n.node.http01, ports.http);
+                let checks = pending
+                    .iter()
+                    .map(|p| client.check(&n.node.name, addr, ports, p));
+                futures::future::join_all(checks)
+                    .await
+                    .into_iter()
+                    .find_map(Result::err)
+            },
+            |n, result| {
+                let addr = SocketAddr::new(n.node.http01, ports.http);
+                let error = match result {
+                    Some(None) => None,
+                    Some(Some(e)) => Some(e),
+                    None => Some(NodeError::SelfCheckTimeout {
+                        node: n.node.name.clone(),
+                        addr,
+                        timeout: limits.node_timeout,
+                    }),
+                };
+                match error {
+                    None => progress.node(
+                        Stage::SelfCheck,
+                        &n.node.name,
+                        true,
+                        format!("serves all {} tokens at {addr}", pending.len()),
+                    ),
+                    Some(e) => {
+                        progress.node(Stage::SelfCheck, &n.node.name, false, e.to_string());
+                        errors.push(e);
+                    }
+                }
+            },
+        )
+        .await;
     sorted_result(errors, nodes)
 }
 
@@ -239,37 +279,47 @@ pub async fn remove_all(
     limits: FanOut,
     progress: &Progress,
 ) {
-    let results = limits
-        .run(nodes, |n| n.transport.remove_tokens(tokens))
+    progress.begin(
+        Stage::Cleanup,
+        nodes.len(),
+        format!(
+            "removing {} tokens from {} nodes",
+            tokens.len(),
+            nodes.len()
+        ),
+    );
+    limits
+        .run_each(
+            nodes,
+            |n| n.transport.remove_tokens(tokens),
+            |n, result| match result {
+                Some(Ok(removed)) => progress.node(
+                    Stage::Cleanup,
+                    &n.node.name,
+                    true,
+                    format!("removed {removed} tokens"),
+                ),
+                Some(Err(e)) => progress.node(
+                    Stage::Cleanup,
+                    &n.node.name,
+                    false,
+                    format!(
+                        "node {} ({}): removing tokens: {e}; {LEFT_TOKENS}",
+                        n.node.name, n.node.agent
+                    ),
+                ),
+                None => progress.node(
+                    Stage::Cleanup,
+                    &n.node.name,
+                    false,
+                    format!(
+                        "node {} ({}): removing tokens took longer than {:?}; {LEFT_TOKENS}",
+                        n.node.name, n.node.agent, limits.node_timeout
+                    ),
+                ),
+            },
+        )
         .await;
-    for (n, result) in results {
-        match result {
-            Some(Ok(removed)) => progress.node(
-                Stage::Cleanup,
-                &n.node.name,
-                true,
-                format!("removed {removed} tokens"),
-            ),
-            Some(Err(e)) => progress.node(
-                Stage::Cleanup,
-                &n.node.name,
-                false,
-                format!(
-                    "node {} ({}): removing tokens: {e}; {LEFT_TOKENS}",
-                    n.node.name, n.node.agent
-                ),
-            ),
-            None => progress.node(
-                Stage::Cleanup,
-                &n.node.name,
-                false,
-                format!(
-                    "node {} ({}): removing tokens took longer than {:?}; {LEFT_TOKENS}",
-                    n.node.name, n.node.agent, limits.node_timeout
-                ),
-            ),
-        }
-    }
 }
 
 /// Reports failures in config order, so the first named is stable.
@@ -559,6 +609,10 @@ pub(crate) fn unexpected_status(status: http::StatusCode) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fleet::testing::Bench;
+    use crate::progress::Event;
+    use crate::progress::testing::timed;
+    use crate::transport::fake::{Call, Fail};
 
     const PORTS: ValidationPorts = ValidationPorts {
         http: 80,
@@ -611,6 +665,104 @@ mod tests {
         assert_eq!(
             unexpected_status(http::StatusCode::INTERNAL_SERVER_ERROR),
             "got 500 Internal Server Error"
+        );
+    }
+
+    /// Two challenges for "cn.example.org".
+    fn pending() -> Vec<PendingChallenge> {
+        ["a", "b"]
+            .iter()
+            .map(|c| {
+                let token = Token::parse(&c.repeat(43)).unwrap();
+                let key_authorization = format!("{token}.{}", "t".repeat(43));
+                PendingChallenge {
+                    identifier: "cn.example.org".into(),
+                    response: Http01Response::new(token, &key_authorization).unwrap(),
+                }
+            })
+            .collect()
+    }
+
+    /// (node, ok, when) of each event about a node, after the opening
+    /// event, which must be the first and say `stage`, `nodes` and
+    /// `message`.
+    fn per_node<'a>(
+        events: &'a [(Duration, Event)],
+        stage: Stage,
+        nodes: usize,
+        message: &str,
+    ) -> Vec<(&'a str, bool, Duration)> {
+        let (at, first) = &events[0];
+        assert_eq!(
+            (*at, first.stage, first.node.as_deref(), first.nodes),
+            (Duration::ZERO, stage, None, Some(nodes)),
+            "{events:?}"
+        );
+        assert_eq!(first.message, message);
+        events[1..]
+            .iter()
+            .map(|(at, e)| {
+                assert_eq!((e.stage, e.nodes), (stage, None), "{e:?}");
+                (e.node.as_deref().unwrap(), e.ok, *at)
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn placement_and_cleanup_report_each_node_as_it_answers() {
+        let bench = Bench::new();
+        let fleet = bench.fleet(4, 1);
+        let nodes = fleet.nodes(fleet.spec("cn").unwrap()).unwrap();
+        let limits = fleet.fan_out();
+        let slow = Duration::from_secs(3);
+        assert!(slow < limits.node_timeout);
+        bench.fakes.delay("n0", slow);
+        bench.fakes.fail("n0", Fail::Unreachable);
+        bench.fakes.fail("n3", Fail::Unreachable);
+        let (progress, mut rx) = Progress::channel();
+        let pending = pending();
+        let ttl = Duration::from_secs(60);
+        let place = place_all(&nodes, &pending, ttl, limits, &progress);
+        let (placed, events) = timed(place, &mut rx).await;
+        // Failures come back in config order, though n3 failed first.
+        let errors = placed.unwrap_err();
+        let failed: Vec<&str> = errors.iter().map(NodeError::node).collect();
+        assert_eq!(failed, ["n0", "n3"]);
+        assert_eq!(
+            errors[0].to_string(),
+            "node n0 (127.0.0.2:7443): placing tokens: unreachable: node n0: connection refused"
+        );
+        let mut seen = per_node(&events, Stage::Placement, 4, "placing 2 tokens on 4 nodes");
+        assert_eq!(seen.pop(), Some(("n0", false, slow)), "{events:?}");
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                ("n1", true, Duration::ZERO),
+                ("n2", true, Duration::ZERO),
+                ("n3", false, Duration::ZERO)
+            ]
+        );
+        assert_eq!(bench.fakes.calls("n1"), [Call::PlaceTokens(2)]);
+
+        let tokens: Vec<Token> = pending.iter().map(|p| p.response.token().clone()).collect();
+        let start = tokio::time::Instant::now();
+        let ((), events) = timed(remove_all(&nodes, &tokens, limits, &progress), &mut rx).await;
+        let mut seen = per_node(&events, Stage::Cleanup, 4, "removing 2 tokens from 4 nodes");
+        assert_eq!(seen.pop(), Some(("n0", false, slow)), "{events:?}");
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                ("n1", true, Duration::ZERO),
+                ("n2", true, Duration::ZERO),
+                ("n3", false, Duration::ZERO)
+            ]
+        );
+        assert_eq!(start.elapsed(), slow);
+        assert_eq!(
+            bench.fakes.calls("n2"),
+            [Call::PlaceTokens(2), Call::RemoveTokens(2)]
         );
     }
 }

@@ -87,6 +87,11 @@ pub async fn distribute(
     journal.version(bundle.version)?;
     let what = format!("version {}", bundle.version);
     journal.step(step::INSTALLING, "", &what)?;
+    progress.begin(
+        Stage::Distribute,
+        nodes.len(),
+        format!("{what} to {} nodes", nodes.len()),
+    );
     let start = Instant::now();
     let (mut ok, mut failed) =
         install_all(fleet.fan_out(), &nodes, &bundle, journal, progress).await;
@@ -176,51 +181,58 @@ async fn install_all(
     progress: &Progress,
 ) -> (Vec<(String, NodeInstall)>, Vec<(String, String)>) {
     let what = format!("version {}", bundle.version);
-    let results = limits
-        .run(nodes, |n| async {
-            let installed = n.transport.install_certificate(bundle).await;
-            if installed.is_ok() {
-                if let Err(e) = journal.step(step::INSTALLED, &n.node.name, &what) {
-                    warn!(error = %e, node = n.node.name, "installed, but the journal does not say so");
-                }
-            }
-            installed
-        })
-        .await;
     let mut ok = Vec::new();
     let mut failed = Vec::new();
-    for (n, result) in results {
-        let name = n.node.name.clone();
-        match result.unwrap_or(Err(TransportError::Timeout(limits.node_timeout))) {
-            Ok(install) => {
-                let what = if install.changed {
-                    "installed"
-                } else {
-                    "already had"
-                };
-                let line = format!(
-                    "{what} version {} (leaf sha256 {})",
-                    install.version, install.leaf_sha256
-                );
-                progress.node(Stage::Distribute, &name, true, line);
-                ok.push((name, install));
-            }
-            Err(e) => {
-                let reason = format!("({}): {e}", n.node.agent);
-                let line = format!("node {name} {reason}");
-                progress.node(Stage::Distribute, &name, false, line);
-                failed.push((name, reason));
-            }
-        }
-    }
+    limits
+        .run_each(
+            nodes,
+            |n| async {
+                let installed = n.transport.install_certificate(bundle).await;
+                if installed.is_ok() {
+                    if let Err(e) = journal.step(step::INSTALLED, &n.node.name, &what) {
+                        warn!(error = %e, node = n.node.name, "installed, but the journal does not say so");
+                    }
+                }
+                installed
+            },
+            |n, result| {
+                let name = n.node.name.clone();
+                match result.unwrap_or(Err(TransportError::Timeout(limits.node_timeout))) {
+                    Ok(install) => {
+                        let what = if install.changed {
+                            "installed"
+                        } else {
+                            "already had"
+                        };
+                        let line = format!(
+                            "{what} version {} (leaf sha256 {})",
+                            install.version, install.leaf_sha256
+                        );
+                        progress.node(Stage::Distribute, &name, true, line);
+                        ok.push((name, install));
+                    }
+                    Err(e) => {
+                        let reason = format!("({}): {e}", n.node.agent);
+                        let line = format!("node {name} {reason}");
+                        progress.node(Stage::Distribute, &name, false, line);
+                        failed.push((name, reason));
+                    }
+                }
+            },
+        )
+        .await;
     (ok, failed)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
     use crate::fleet::Operation;
     use crate::fleet::testing::{Bench, lock};
+    use crate::progress::Event;
+    use crate::progress::testing::timed;
     use crate::transport::fake::{Call, Fail};
 
     async fn run(
@@ -301,6 +313,99 @@ mod tests {
             assert_eq!(bench.fakes.installed(n), bench.v1, "{n}");
         }
         assert_eq!(bench.fakes.installed("n2"), bench.v2);
+    }
+
+    /// Distributes version 1 with progress on a channel; the result and
+    /// each event with when it arrived.
+    async fn run_timed(
+        fleet: &Fleet,
+    ) -> (Result<Distributed, DistributeError>, Vec<(Duration, Event)>) {
+        let op = lock(fleet, Operation::Distribute);
+        let (progress, mut rx) = Progress::channel();
+        timed(distribute(fleet, &op, Some(1), &[], &progress), &mut rx).await
+    }
+
+    /// (node, when) of each event about a node.
+    fn node_times(events: &[(Duration, Event)]) -> Vec<(&str, Duration)> {
+        events
+            .iter()
+            .filter_map(|(at, e)| Some((e.node.as_deref()?, *at)))
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_node_is_reported_when_it_finishes_not_when_the_slowest_does() {
+        let bench = Bench::new();
+        let fleet = bench.fleet(3, 1);
+        let slow = Duration::from_secs(5);
+        bench.fakes.delay("n1", slow);
+        let (done, events) = run_timed(&fleet).await;
+        // The stage opens with how many nodes it concerns.
+        let (at, first) = &events[0];
+        assert_eq!(*at, Duration::ZERO);
+        assert_eq!(
+            (first.stage, first.node.as_deref(), first.nodes),
+            (Stage::Distribute, None, Some(3))
+        );
+        assert_eq!(first.message, "version 1 to 3 nodes");
+        assert!(events[1..].iter().all(|(_, e)| e.nodes.is_none()));
+        // The fast nodes are counted at once; the slow one when it answers.
+        let mut times = node_times(&events);
+        assert_eq!(times.pop(), Some(("n1", slow)), "{events:?}");
+        times.sort();
+        assert_eq!(times, [("n0", Duration::ZERO), ("n2", Duration::ZERO)]);
+        // The result is as before: every node, in name order.
+        let names: Vec<String> = done.unwrap().nodes.into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["n0", "n1", "n2"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_slower_than_the_timeout_is_failed_at_the_timeout() {
+        let bench = Bench::new();
+        let fleet = bench.fleet(3, 1);
+        let timeout = fleet.fan_out().node_timeout;
+        bench.fakes.delay("n0", timeout * 6);
+        let (result, events) = run_timed(&fleet).await;
+        let err = result.unwrap_err();
+        let DistributeError::Nodes { failed, succeeded } = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(*succeeded, 2);
+        assert_eq!(
+            failed,
+            &[(
+                "n0".to_owned(),
+                format!("(127.0.0.2:7443): no answer within {timeout:?}")
+            )]
+        );
+        let (at, last) = events.last().unwrap();
+        assert_eq!(
+            (last.node.as_deref(), last.ok, *at),
+            (Some("n0"), false, timeout)
+        );
+        assert_eq!(bench.fakes.installed("n1"), bench.v1);
+    }
+
+    #[tokio::test]
+    async fn a_rollout_opens_each_stage_with_how_many_nodes_it_concerns() {
+        let bench = Bench::new();
+        let fleet = bench.fleet(3, 2);
+        let op = lock(&fleet, Operation::Rollout);
+        let (progress, mut rx) = Progress::channel();
+        let run = crate::rollout::rollout(&fleet, &op, &progress);
+        let (done, events) = timed(run, &mut rx).await;
+        done.unwrap();
+        let opening: Vec<(Stage, usize, &str)> = events
+            .iter()
+            .filter_map(|(_, e)| Some((e.stage, e.nodes?, e.message.as_str())))
+            .collect();
+        assert_eq!(
+            opening,
+            [
+                (Stage::Distribute, 3, "version 2 to 3 nodes"),
+                (Stage::Restart, 3, "version 2 onto 3 nodes, 2 at a time"),
+            ]
+        );
     }
 
     #[tokio::test]

@@ -260,42 +260,50 @@ async fn remove_from_nodes(
 ) -> Result<Vec<(String, NodeRemoval)>, ManageError> {
     let spec = fleet.spec(name)?;
     let nodes = fleet.nodes(spec)?;
-    let results = fleet
-        .fan_out()
-        .run(&nodes, |n| n.transport.remove_certificate(name))
-        .await;
+    progress.begin(
+        Stage::Cleanup,
+        nodes.len(),
+        format!("removing {name} from {} nodes", nodes.len()),
+    );
     let mut removed = Vec::new();
     let mut failed = Vec::new();
-    for (n, result) in results {
-        let node = &n.node.name;
-        match result {
-            Some(Ok(r)) => {
-                let mut message = match r.version {
-                    0 => "nothing installed".to_owned(),
-                    v => format!("removed version {v}: {} files", r.removed.len()),
-                };
-                for kept in &r.kept {
-                    warn!(
-                        certificate = name,
-                        node, kept, "left a changed file in place"
-                    );
-                    message.push_str(&format!("; kept {kept}"));
+    fleet
+        .fan_out()
+        .run_each(
+            &nodes,
+            |n| n.transport.remove_certificate(name),
+            |n, result| {
+                let node = &n.node.name;
+                match result {
+                    Some(Ok(r)) => {
+                        let mut message = match r.version {
+                            0 => "nothing installed".to_owned(),
+                            v => format!("removed version {v}: {} files", r.removed.len()),
+                        };
+                        for kept in &r.kept {
+                            warn!(
+                                certificate = name,
+                                node, kept, "left a changed file in place"
+                            );
+                            message.push_str(&format!("; kept {kept}"));
+                        }
+                        progress.node(Stage::Cleanup, node, true, message);
+                        removed.push((node.clone(), r));
+                    }
+                    Some(Err(e)) => {
+                        let why = format!("({}): {e}", n.node.agent);
+                        progress.node(Stage::Cleanup, node, false, why.clone());
+                        failed.push((node.clone(), why));
+                    }
+                    None => {
+                        let why = format!("({}): no answer in time", n.node.agent);
+                        progress.node(Stage::Cleanup, node, false, why.clone());
+                        failed.push((node.clone(), why));
+                    }
                 }
-                progress.node(Stage::Cleanup, node, true, message);
-                removed.push((node.clone(), r));
-            }
-            Some(Err(e)) => {
-                let why = format!("({}): {e}", n.node.agent);
-                progress.node(Stage::Cleanup, node, false, why.clone());
-                failed.push((node.clone(), why));
-            }
-            None => {
-                let why = format!("({}): no answer in time", n.node.agent);
-                progress.node(Stage::Cleanup, node, false, why.clone());
-                failed.push((node.clone(), why));
-            }
-        }
-    }
+            },
+        )
+        .await;
     if !failed.is_empty() {
         failed.sort();
         return Err(ManageError::Nodes {

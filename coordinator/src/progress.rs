@@ -25,6 +25,8 @@ pub struct Event {
     pub node: Option<String>,
     pub ok: bool,
     pub message: String,
+    /// Set on the event that opens a stage over nodes: how many.
+    pub nodes: Option<usize>,
 }
 
 /// Where an operation reports its progress. Reporting never fails the
@@ -44,21 +46,75 @@ impl Progress {
     }
 
     pub fn step(&self, stage: Stage, message: impl Into<String>) {
-        self.send(stage, None, true, message.into());
+        self.send(Event {
+            stage,
+            node: None,
+            ok: true,
+            message: message.into(),
+            nodes: None,
+        });
+    }
+
+    /// Opens a stage that concerns `nodes` nodes, so a terminal can count
+    /// `restart 212/1000 nodes`.
+    pub fn begin(&self, stage: Stage, nodes: usize, message: impl Into<String>) {
+        self.send(Event {
+            stage,
+            node: None,
+            ok: true,
+            message: message.into(),
+            nodes: Some(nodes),
+        });
     }
 
     pub fn node(&self, stage: Stage, node: &str, ok: bool, message: impl Into<String>) {
-        self.send(stage, Some(node.to_owned()), ok, message.into());
+        self.send(Event {
+            stage,
+            node: Some(node.to_owned()),
+            ok,
+            message: message.into(),
+            nodes: None,
+        });
     }
 
-    fn send(&self, stage: Stage, node: Option<String>, ok: bool, message: String) {
+    fn send(&self, event: Event) {
         if let Some(tx) = &self.0 {
-            let _ = tx.send(Event {
-                stage,
-                node,
-                ok,
-                message,
-            });
+            let _ = tx.send(event);
         }
+    }
+}
+
+/// Watching a flow's progress as it runs, for unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::future::Future;
+    use std::time::Duration;
+
+    use tokio::sync::mpsc;
+
+    use super::Event;
+
+    /// Runs `operation` to its end and returns its output with every event
+    /// of `rx`, each with when it arrived on tokio's clock (paused in the
+    /// tests that call this, so the times are exact). Events are taken as
+    /// soon as they are sent, before the operation is polled again.
+    pub(crate) async fn timed<T>(
+        operation: impl Future<Output = T>,
+        rx: &mut mpsc::UnboundedReceiver<Event>,
+    ) -> (T, Vec<(Duration, Event)>) {
+        let start = tokio::time::Instant::now();
+        let mut events = Vec::new();
+        tokio::pin!(operation);
+        let out = loop {
+            tokio::select! {
+                biased;
+                Some(e) = rx.recv() => events.push((start.elapsed(), e)),
+                out = &mut operation => break out,
+            }
+        };
+        while let Ok(e) = rx.try_recv() {
+            events.push((start.elapsed(), e));
+        }
+        (out, events)
     }
 }

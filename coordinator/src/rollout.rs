@@ -502,6 +502,16 @@ pub async fn restart_except(
         record: &record,
         journal,
     };
+    progress.begin(
+        Stage::Restart,
+        nodes.len(),
+        format!(
+            "version {} onto {} nodes, {} at a time",
+            live.version,
+            nodes.len(),
+            spec.restart_batch
+        ),
+    );
     let mut done = Vec::with_capacity(nodes.len());
     let mut batches = nodes.chunks(spec.restart_batch);
     while let Some(batch) = batches.next() {
@@ -566,6 +576,11 @@ pub async fn roll_back_nodes(
         record: &record,
         journal: op.journal(),
     };
+    progress.begin(
+        Stage::Restart,
+        back.len(),
+        format!("rolling {} nodes back onto version {version}", back.len()),
+    );
     let mut done = Vec::new();
     if let Err(halt) = run.batch(&back, &mut done).await {
         record.finish(RolloutOutcome::Halted);

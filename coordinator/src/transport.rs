@@ -526,6 +526,8 @@ pub(crate) mod fake {
         versions: Vec<(u32, String)>,
         calls: Vec<Call>,
         fails: Vec<Fail>,
+        /// How long its placements, removals and installs take.
+        delay: Duration,
     }
 
     impl FakeNode {
@@ -564,6 +566,21 @@ pub(crate) mod fake {
         pub(crate) fn fail(&self, node: &str, fail: Fail) {
             let mut nodes = self.0.lock().unwrap();
             nodes.entry(node.to_owned()).or_default().fails.push(fail);
+        }
+
+        /// Makes `node` take `delay` to place or remove tokens, install or
+        /// remove a certificate, as a slow or distant node would.
+        pub(crate) fn delay(&self, node: &str, delay: Duration) {
+            let mut nodes = self.0.lock().unwrap();
+            nodes.entry(node.to_owned()).or_default().delay = delay;
+        }
+
+        /// Waits out `node`'s delay, outside the lock.
+        async fn wait(&self, node: &str) {
+            let delay = self.0.lock().unwrap().get(node).map(|n| n.delay);
+            if let Some(delay) = delay.filter(|d| !d.is_zero()) {
+                tokio::time::sleep(delay).await;
+            }
         }
 
         /// The calls `node` got, in order.
@@ -635,12 +652,14 @@ pub(crate) mod fake {
             batch: &[Http01Response],
             _ttl: Duration,
         ) -> Result<(), TransportError> {
+            self.nodes.wait(&self.node).await;
             self.nodes
                 .call(&self.node, Call::PlaceTokens(batch.len()), |_| Ok(()))
         }
 
         async fn remove_tokens(&self, tokens: &[Token]) -> Result<u32, TransportError> {
             let n = tokens.len();
+            self.nodes.wait(&self.node).await;
             self.nodes
                 .call(&self.node, Call::RemoveTokens(n), |_| Ok(n as u32))
         }
@@ -653,6 +672,7 @@ pub(crate) mod fake {
                 .map_err(|e| refused(tonic::Code::InvalidArgument, &e.to_string()))?
                 .leaf_sha256_hex();
             let version = bundle.version;
+            self.nodes.wait(&self.node).await;
             self.nodes.call(&self.node, Call::Install(version), |n| {
                 if n.fails(Fail::Install) {
                     return Err(refused(
@@ -775,6 +795,7 @@ pub(crate) mod fake {
             certificate: &str,
         ) -> Result<NodeRemoval, TransportError> {
             let certificate = certificate.to_owned();
+            self.nodes.wait(&self.node).await;
             self.nodes.call(&self.node, Call::Remove, |n| {
                 let (version, _) = n.current();
                 n.versions.clear();

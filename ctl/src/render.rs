@@ -81,9 +81,10 @@ pub(crate) const SHORT_FINGERPRINT: usize = 12;
 
 /// Shows an operation's stream as it arrives:
 /// - `--json`: every event as one object per line;
-/// - on a terminal: one counter line per stage, updated in place
-///   (`restart: 212 nodes, 1 failed`), and a line only for what needs the
-///   admin's eye: failures, rollbacks, waits and the outcome, so a
+/// - on a terminal: one counter line per stage, updated in place, with a
+///   bar once the stage has said how many nodes it concerns
+///   (`restart 212/1000 nodes, 1 failed`), and a line only for what needs
+///   the admin's eye: failures, rollbacks, waits and the outcome, so a
 ///   1,000-node rollout prints a few lines rather than thousands;
 /// - otherwise (piped, `--verbose`): one line per event, as logs and
 ///   scripts read them; fingerprints are cut to [`SHORT_FINGERPRINT`]
@@ -93,7 +94,15 @@ pub(crate) struct IssueView {
     verbose: bool,
     /// The compact view, on a terminal.
     compact: Option<(ProgressBar, Compact)>,
+    /// Whether the status line shows a bar (the stage's total is known)
+    /// rather than only a spinner.
+    bar: bool,
 }
+
+/// The status line without a total to count towards.
+const SPINNER_TEMPLATE: &str = "{spinner} {elapsed} {msg}";
+/// The status line of a stage whose node count is known.
+const BAR_TEMPLATE: &str = "{spinner} {elapsed} [{bar:30}] {msg}";
 
 impl IssueView {
     pub(crate) fn new(json: bool) -> Self {
@@ -101,9 +110,7 @@ impl IssueView {
         let terminal = std::io::stdout().is_terminal() && std::io::stderr().is_terminal();
         let compact = (!json && !verbose && terminal).then(|| {
             let pb = ProgressBar::new_spinner();
-            pb.set_style(
-                ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("static template"),
-            );
+            pb.set_style(ProgressStyle::with_template(SPINNER_TEMPLATE).expect("static template"));
             pb.enable_steady_tick(std::time::Duration::from_millis(100));
             (pb, Compact::default())
         });
@@ -111,6 +118,7 @@ impl IssueView {
             json,
             verbose,
             compact,
+            bar: false,
         }
     }
 
@@ -145,6 +153,22 @@ impl IssueView {
                 Some((pb, compact)) => {
                     for line in compact.event(e) {
                         pb.println(line);
+                    }
+                    let counts = compact.counts();
+                    if counts.is_some() != self.bar {
+                        self.bar = counts.is_some();
+                        let template = if self.bar {
+                            BAR_TEMPLATE
+                        } else {
+                            SPINNER_TEMPLATE
+                        };
+                        pb.set_style(
+                            ProgressStyle::with_template(template).expect("static template"),
+                        );
+                    }
+                    if let Some((heard, total)) = counts {
+                        pb.set_length(total);
+                        pb.set_position(heard.min(total));
                     }
                     pb.set_message(compact.status());
                 }
@@ -218,13 +242,32 @@ struct Compact {
 /// Nodes heard from in one stage, and which of them failed.
 struct Tally {
     stage: pb::Stage,
+    /// How many nodes the stage concerns, when its opening event said.
+    total: Option<u32>,
     nodes: std::collections::HashSet<String>,
     failed: std::collections::HashSet<String>,
 }
 
 impl Tally {
+    fn new(stage: pb::Stage, total: Option<u32>) -> Self {
+        Self {
+            stage,
+            total,
+            nodes: Default::default(),
+            failed: Default::default(),
+        }
+    }
+
+    /// `restart 212/1000 nodes, 1 failed`; without a total,
+    /// `restart 212 nodes`.
     fn line(&self) -> String {
-        let mut line = format!("{}: {} nodes", stage_name(self.stage), self.nodes.len());
+        let stage = stage_name(self.stage);
+        let heard = self.nodes.len();
+        let mut line = match self.total {
+            Some(total) => format!("{stage} {heard}/{total} nodes"),
+            None if heard == 1 => format!("{stage} 1 node"),
+            None => format!("{stage} {heard} nodes"),
+        };
         if !self.failed.is_empty() {
             line.push_str(&format!(", {} failed", self.failed.len()));
         }
@@ -237,19 +280,20 @@ impl Compact {
     fn event(&mut self, e: &pb::IssueEvent) -> Vec<String> {
         let stage = e.stage();
         let mut lines = Vec::new();
-        if self.current.as_ref().is_some_and(|t| t.stage != stage) {
+        // An opening event starts a new count, even of the stage being
+        // counted (a rollback's restarts after the rollout's).
+        let opens = e.nodes > 0;
+        if opens || self.current.as_ref().is_some_and(|t| t.stage != stage) {
             lines.extend(self.summary());
             self.current = None;
         }
         let eye = !e.ok || matches!(stage, pb::Stage::Rollback | pb::Stage::Waiting);
-        if e.node.is_empty() {
+        if opens {
+            self.current = Some(Tally::new(stage, Some(e.nodes)));
+        } else if e.node.is_empty() {
             self.step = short_fingerprints(&e.message).into_owned();
         } else {
-            let tally = self.current.get_or_insert_with(|| Tally {
-                stage,
-                nodes: Default::default(),
-                failed: Default::default(),
-            });
+            let tally = self.current.get_or_insert_with(|| Tally::new(stage, None));
             tally.nodes.insert(e.node.clone());
             if !e.ok {
                 tally.failed.insert(e.node.clone());
@@ -273,6 +317,13 @@ impl Compact {
     fn summary(&self) -> Option<String> {
         self.current.as_ref().map(Tally::line)
     }
+
+    /// (nodes heard from, nodes the stage concerns), for the bar, when the
+    /// stage being counted said how many it concerns.
+    fn counts(&self) -> Option<(u64, u64)> {
+        let t = self.current.as_ref()?;
+        Some((t.nodes.len() as u64, u64::from(t.total?)))
+    }
 }
 
 /// One event of a stream, for `--json`.
@@ -284,6 +335,9 @@ fn event_json(e: &pb::IssueEvent) -> serde_json::Value {
     });
     if !e.node.is_empty() {
         v["node"] = json!(e.node);
+    }
+    if e.nodes > 0 {
+        v["nodes"] = json!(e.nodes);
     }
     if let Some(c) = &e.issued {
         v["certificate"] = certificate_json(c);
@@ -1013,55 +1067,133 @@ mod tests {
         }
     }
 
+    /// The event that opens a stage over `nodes` nodes.
+    fn opening(stage: pb::Stage, nodes: u32, message: &str) -> pb::IssueEvent {
+        pb::IssueEvent {
+            nodes,
+            ..event(stage, "", true, message)
+        }
+    }
+
     #[test]
     fn a_thousand_node_rollout_prints_a_line_per_stage_and_per_failure() {
         let sha = "ab".repeat(32);
         let mut view = Compact::default();
         let mut printed = Vec::new();
+        let open = opening(pb::Stage::Distribute, 1000, "version 2 to 1000 nodes");
+        printed.extend(view.event(&open));
+        assert_eq!(view.status(), "distribute 0/1000 nodes");
         for i in 0..1000 {
             let node = format!("node-{i}");
             let line = format!("installed version 2 (leaf sha256 {sha})");
             printed.extend(view.event(&event(pb::Stage::Distribute, &node, true, &line)));
+            if i == 499 {
+                assert_eq!(view.status(), "distribute 500/1000 nodes");
+                assert_eq!(view.counts(), Some((500, 1000)));
+            }
         }
-        assert_eq!(view.status(), "distribute: 1000 nodes");
-        for i in 0..1000 {
+        assert_eq!(view.status(), "distribute 1000/1000 nodes");
+        let open = opening(
+            pb::Stage::Restart,
+            1000,
+            "version 2 onto 1000 nodes, 1 at a time",
+        );
+        printed.extend(view.event(&open));
+        assert_eq!(view.status(), "restart 0/1000 nodes");
+        // One node at a time; the 212th fails, and the rollout halts there.
+        for i in 0..212 {
             let node = format!("node-{i}");
-            let ok = i != 211;
-            let step = if ok {
-                "web: verify ok: serves it"
-            } else {
-                "web: check FAILED: bad config"
-            };
-            printed.extend(view.event(&event(pb::Stage::Restart, &node, ok, step)));
-            if ok {
-                printed.extend(view.event(&event(
-                    pb::Stage::Restart,
-                    &node,
-                    true,
-                    "serves version 2",
-                )));
-            }
             if i == 211 {
-                assert_eq!(view.status(), "restart: 212 nodes, 1 failed");
+                let step = "web: check FAILED: bad config";
+                printed.extend(view.event(&event(pb::Stage::Restart, &node, false, step)));
+                break;
             }
+            let step = "web: verify ok: serves it";
+            printed.extend(view.event(&event(pb::Stage::Restart, &node, true, step)));
+            let done = "serves version 2";
+            printed.extend(view.event(&event(pb::Stage::Restart, &node, true, done)));
         }
+        assert_eq!(view.status(), "restart 212/1000 nodes, 1 failed");
+        assert_eq!(view.counts(), Some((212, 1000)));
         printed.extend(view.event(&event(
             pb::Stage::Rollback,
             "node-211",
             true,
             "reinstalled version 1",
         )));
+        assert_eq!(view.status(), "rollback 1 node");
+        assert_eq!(view.counts(), None);
         printed.extend(view.summary());
         assert_eq!(
             printed,
             [
-                "distribute: 1000 nodes".to_owned(),
+                "distribute 1000/1000 nodes".to_owned(),
                 "[restart] ERR node-211: web: check FAILED: bad config".to_owned(),
-                "restart: 1000 nodes, 1 failed".to_owned(),
+                "restart 212/1000 nodes, 1 failed".to_owned(),
                 "[rollback] ok  node-211: reinstalled version 1".to_owned(),
-                "rollback: 1 nodes".to_owned(),
+                "rollback 1 node".to_owned(),
             ]
         );
+    }
+
+    #[test]
+    fn an_opening_event_starts_a_new_count_even_of_the_same_stage() {
+        let mut view = Compact::default();
+        let mut printed = Vec::new();
+        // Without an opening event, nodes are counted with no total.
+        for node in ["n0", "n1"] {
+            printed.extend(view.event(&event(pb::Stage::Restart, node, true, "ok")));
+        }
+        assert_eq!(view.status(), "restart 2 nodes");
+        // A recovery's restarts, then its rollback's restarts.
+        printed.extend(view.event(&opening(pb::Stage::Restart, 3, "version 2 onto 3 nodes")));
+        for node in ["n0", "n1", "n2"] {
+            printed.extend(view.event(&event(pb::Stage::Restart, node, true, "ok")));
+        }
+        // A step of the stage being counted leaves the count alone.
+        printed.extend(view.event(&event(pb::Stage::Restart, "", true, "a note")));
+        assert_eq!(view.status(), "restart 3/3 nodes");
+        let open = opening(pb::Stage::Restart, 2, "rolling 2 nodes back onto version 1");
+        printed.extend(view.event(&open));
+        assert_eq!(view.status(), "restart 0/2 nodes");
+        printed.extend(view.event(&event(pb::Stage::Restart, "n0", true, "ok")));
+        printed.extend(view.event(&event(pb::Stage::Restart, "n1", false, "bad")));
+        printed.extend(view.summary());
+        assert_eq!(
+            printed,
+            [
+                "restart 2 nodes",
+                "restart 3/3 nodes",
+                "[restart] ERR n1: bad",
+                "restart 2/2 nodes, 1 failed",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_opening_event_shows_its_count_in_json_and_reads_as_a_step_when_piped() {
+        let open = opening(
+            pb::Stage::Restart,
+            1000,
+            "version 2 onto 1000 nodes, 1 at a time",
+        );
+        let json = event_json(&open);
+        assert_eq!(json["nodes"], 1000, "{json}");
+        assert_eq!(json["message"], "version 2 onto 1000 nodes, 1 at a time");
+        assert!(json.get("node").is_none(), "{json}");
+        let node = event(pb::Stage::Restart, "n1", true, "serves version 2");
+        assert!(event_json(&node).get("nodes").is_none());
+        // Piped or --verbose: a line like any other step's.
+        for verbose in [false, true] {
+            assert_eq!(
+                event_line(&open, verbose),
+                "[restart] ok  version 2 onto 1000 nodes, 1 at a time"
+            );
+            assert_eq!(
+                event_line(&node, verbose),
+                "[restart] ok  n1: serves version 2"
+            );
+        }
     }
 
     #[test]

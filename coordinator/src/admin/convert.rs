@@ -104,6 +104,9 @@ pub(super) fn event_to_pb(event: Event) -> pb::IssueEvent {
         message: event.message,
         issued: None,
         failure: None,
+        nodes: event
+            .nodes
+            .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)),
     }
 }
 
