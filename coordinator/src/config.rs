@@ -21,6 +21,8 @@ pub const DEFAULT_VALIDATION_TLS_PORT: u16 = 443;
 pub const DEFAULT_CONCURRENCY: usize = 32;
 /// How long one node may take to place, self-check or remove tokens.
 pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_secs(10);
+/// See [`PlacementConfig::idle_connection`].
+pub const DEFAULT_IDLE_CONNECTION: Duration = Duration::from_secs(60);
 /// How long placed tokens live on a node if the coordinator never removes them.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
 /// How long to wait for the CA to validate, and then to issue.
@@ -137,6 +139,7 @@ struct RawPlacement {
     concurrency: Option<usize>,
     node_timeout_secs: Option<u64>,
     token_ttl_secs: Option<u64>,
+    idle_connection_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -278,6 +281,9 @@ pub struct PlacementConfig {
     pub concurrency: usize,
     pub node_timeout: Duration,
     pub token_ttl: Duration,
+    /// A connection to a node that nothing has used for this long is
+    /// closed, and opened again when next needed.
+    pub idle_connection: Duration,
 }
 
 /// A node of the cluster, as registered by `certfleet node add`.
@@ -672,6 +678,13 @@ fn validate_placement(
             DEFAULT_TOKEN_TTL,
             60..=86_400,
             "placement.token_ttl_secs",
+            invalid,
+        )?,
+        idle_connection: secs(
+            raw.idle_connection_secs,
+            DEFAULT_IDLE_CONNECTION,
+            1..=86_400,
+            "placement.idle_connection_secs",
             invalid,
         )?,
     })

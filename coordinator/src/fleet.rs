@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use certfleet_proto::clock;
 use tokio::sync::Notify;
@@ -77,6 +78,13 @@ impl FleetError {
     }
 }
 
+/// A node's transport kept between operations, and when it was last
+/// handed out.
+struct Cached {
+    node: FleetNode,
+    used: Instant,
+}
+
 /// The cluster's shared state. One per coordinator.
 pub struct Fleet {
     config: Arc<Config>,
@@ -84,8 +92,9 @@ pub struct Fleet {
     store: Arc<Store>,
     connect: Box<dyn Connect>,
     /// One transport per node, reused across operations; rebuilt when the
-    /// registry's address for the node changes, dropped when it is removed.
-    transports: Mutex<HashMap<String, FleetNode>>,
+    /// registry's address for the node changes, dropped when it is removed
+    /// or has been idle for `placement.idle_connection` (`close_idle`).
+    transports: Mutex<HashMap<String, Cached>>,
     locks: OperationLocks,
     /// Where mail to the administrators goes.
     notifier: Notifier,
@@ -163,6 +172,37 @@ impl Fleet {
             .ok_or_else(|| FleetError::NotIssued(name.to_owned()))
     }
 
+    /// Drops the transports no operation holds and none has asked for in
+    /// `idle`: their connections close. A coordinator idle between renewals
+    /// then holds no connection (at 1,000 agents, open channels were most
+    /// of its memory); the next operation connects again. Returns how many
+    /// were dropped.
+    pub fn close_idle(&self, idle: Duration) -> usize {
+        let now = Instant::now();
+        let mut transports = self.transports.lock().expect("transport map poisoned");
+        let before = transports.len();
+        transports.retain(|_, c| {
+            Arc::strong_count(&c.node.transport) > 1 || now.duration_since(c.used) < idle
+        });
+        before - transports.len()
+    }
+
+    /// Closes idle connections (`close_idle`) every half of
+    /// `placement.idle_connection` until `stop`.
+    pub async fn close_idle_until(&self, stop: tokio_util::sync::CancellationToken) {
+        let idle = self.config.placement.idle_connection;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(idle / 2) => {}
+                () = stop.cancelled() => return,
+            }
+            let closed = self.close_idle(idle);
+            if closed > 0 {
+                tracing::debug!(closed, "closed idle node connections");
+            }
+        }
+    }
+
     /// Stops using `node`'s transport (the node was removed or re-added).
     pub fn forget_node(&self, node: &str) {
         self.transports
@@ -220,10 +260,11 @@ impl Fleet {
                 transport: record.reach.transport,
                 ssh: record.reach.ssh.clone(),
             };
-            if let Some(known) = transports.get(name)
-                && known.node == node
+            if let Some(known) = transports.get_mut(name)
+                && known.node.node == node
             {
-                fleet.push(known.clone());
+                known.used = Instant::now();
+                fleet.push(known.node.clone());
                 continue;
             }
             let transport = self
@@ -234,7 +275,13 @@ impl Fleet {
                     source,
                 })?;
             let fleet_node = FleetNode { node, transport };
-            transports.insert(name.to_owned(), fleet_node.clone());
+            transports.insert(
+                name.to_owned(),
+                Cached {
+                    node: fleet_node.clone(),
+                    used: Instant::now(),
+                },
+            );
             fleet.push(fleet_node);
         }
         Ok(fleet)
@@ -599,6 +646,26 @@ mod tests {
 
     /// 2024-01-01T14:02:11Z.
     const STARTED: i64 = 1_704_117_731;
+
+    #[test]
+    fn a_transport_no_operation_holds_is_dropped_once_idle_and_made_again_when_needed() {
+        let bench = testing::Bench::new();
+        let fleet = bench.fleet(3, 1);
+        let spec = fleet.spec("cn").unwrap();
+        let held = fleet.nodes(spec).unwrap();
+        let again = fleet.nodes(spec).unwrap();
+        assert!(Arc::ptr_eq(&held[0].transport, &again[0].transport), "reused");
+        drop(again);
+        assert_eq!(fleet.close_idle(Duration::ZERO), 0, "an operation holds them");
+        let weak = Arc::downgrade(&held[0].transport);
+        drop(held);
+        assert_eq!(fleet.close_idle(Duration::from_secs(60)), 0, "used just now");
+        assert_eq!(fleet.close_idle(Duration::ZERO), 3);
+        assert!(weak.upgrade().is_none(), "nothing holds it: its connection closes");
+        let fresh = fleet.nodes(spec).unwrap();
+        assert_eq!(fresh.len(), 3, "connected again when needed");
+        assert_eq!(fleet.close_idle(Duration::ZERO), 0);
+    }
 
     fn holder(operation: Operation, certificate: &str) -> Holder {
         Holder {

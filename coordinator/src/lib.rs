@@ -284,6 +284,11 @@ pub async fn run(
         }
         _ => Vec::new(),
     };
+    let idle = {
+        let fleet = Arc::clone(&coordinator.fleet);
+        let stop = stop.clone();
+        tokio::spawn(async move { fleet.close_idle_until(stop).await })
+    };
     let approvals = tokio::spawn(approval::watch(
         Arc::clone(&coordinator.fleet),
         stop.clone().cancelled_owned(),
@@ -306,6 +311,7 @@ pub async fn run(
     let _ = renewal.await;
     let _ = renewals.await;
     let _ = approvals.await;
+    let _ = idle.await;
     if let Some(web) = web {
         let _ = web.await;
     }

@@ -61,6 +61,9 @@ pub struct ClusterSpec {
     pub agent_cert_validity_secs: Option<u64>,
     /// `enrollment.coordinator_cert_validity_secs`, likewise.
     pub coordinator_cert_validity_secs: Option<u64>,
+    /// `placement.idle_connection_secs`, when a test or the bench wants the
+    /// coordinator to close idle node connections soon.
+    pub idle_connection_secs: Option<u64>,
     /// The `[[certificates]]` part of every agent's config; `{dir}` becomes
     /// the node's directory, `{ip}` its address and `{tls_port}` the port
     /// its TLS services use. Default: certbot's layout under `{dir}/live/cn`.
@@ -115,6 +118,7 @@ impl Default for ClusterSpec {
             coordinator_extra: String::new(),
             agent_cert_validity_secs: None,
             coordinator_cert_validity_secs: None,
+            idle_connection_secs: None,
             agent_certificates: DEFAULT_AGENT_CERTIFICATES.to_owned(),
         }
     }
@@ -383,7 +387,7 @@ ca_timeout_secs = 60
 [placement]
 concurrency = 32
 node_timeout_secs = 5
-
+{idle}
 [enrollment]
 listen = "{enrollment}"
 "#,
@@ -391,6 +395,10 @@ listen = "{enrollment}"
             socket = socket.display(),
             directory = pebble.directory_url(),
             ca = pebble.listener_ca.display(),
+            idle = spec
+                .idle_connection_secs
+                .map(|s| format!("idle_connection_secs = {s}\n"))
+                .unwrap_or_default(),
         );
         if let Some(secs) = spec.agent_cert_validity_secs {
             config.push_str(&format!("agent_cert_validity_secs = {secs}\n"));

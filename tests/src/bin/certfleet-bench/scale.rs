@@ -7,8 +7,10 @@
 //! [`NAMES_PER_NODE_SWEEP`] names: `certfleet issue` with the coordinator's
 //! own split of it, a `distribute` of the new version, a `distribute` that
 //! finds every node up to date, and a `restart` (node by node), each the
-//! median of `--runs`; then the coordinator's and the agents' memory. For
-//! each name count, the same issue on [`NODES_PER_NAME_SWEEP`] nodes.
+//! median of `--runs`; then the agents' memory, and the coordinator's
+//! twice: 2 s after the runs, and once it has closed its idle node
+//! connections ([`IDLE_CONNECTION_SECS`]). For each name count, the same
+//! issue on [`NODES_PER_NAME_SWEEP`] nodes.
 //!
 //! With `--perf DIR`, the largest cluster's extra `distribute` and
 //! `restart` runs are also recorded with `perf record -g` attached to the
@@ -43,7 +45,7 @@ struct Point {
     split: Sample,
     /// Fresh distribute, no-op distribute, restart; `None` in the name sweep.
     rollout: Option<(u64, u64, u64)>,
-    coordinator: Memory,
+    coordinator: CoordinatorMemory,
     /// Median and largest agent RSS, KiB.
     agents: (u64, u64),
 }
@@ -54,6 +56,19 @@ struct Memory {
     rss: u64,
     peak: u64,
 }
+
+/// The coordinator's resident memory right after the runs (its node
+/// connections open), once it has closed them as idle, and at its peak, KiB.
+#[derive(Default, Clone, Copy)]
+struct CoordinatorMemory {
+    busy: u64,
+    idle: u64,
+    peak: u64,
+}
+
+/// `placement.idle_connection_secs` in the bench's clusters: short, so the
+/// idle memory is measured within the run (the default is 60 s).
+const IDLE_CONNECTION_SECS: u64 = 5;
 
 fn memory(pid: u32) -> Option<Memory> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -150,6 +165,7 @@ async fn node_point(nodes: usize, runs: usize, perf: Option<&Path>) -> anyhow::R
         let started = Instant::now();
         let cluster = Cluster::start(ClusterSpec {
             agent_certificates: FLEET_TARGETS.to_owned(),
+            idle_connection_secs: Some(IDLE_CONNECTION_SECS),
             ..spec(nodes, NAMES_PER_NODE_SWEEP, Http01::Standalone)
         })
         .await
@@ -184,8 +200,7 @@ async fn node_point(nodes: usize, runs: usize, perf: Option<&Path>) -> anyhow::R
             eprintln!("perf: {e:#}");
         }
     }
-    // Idle: nothing has happened for a moment.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let coordinator = coordinator_memory(coordinator_pid).await;
     let (issue_wall, split) = medians(&issues);
     Ok(Point {
         nodes,
@@ -194,9 +209,24 @@ async fn node_point(nodes: usize, runs: usize, perf: Option<&Path>) -> anyhow::R
         issue_wall,
         split,
         rollout: Some((median(fresh), median(noop), median(restart))),
-        coordinator: memory(coordinator_pid).unwrap_or_default(),
+        coordinator,
         agents: agents_rss(&cluster),
     })
+}
+
+/// The coordinator's memory 2 s after the last operation, then once it has
+/// closed its idle node connections (it looks every half of
+/// [`IDLE_CONNECTION_SECS`]).
+async fn coordinator_memory(pid: u32) -> CoordinatorMemory {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let busy = memory(pid).unwrap_or_default();
+    tokio::time::sleep(Duration::from_secs(IDLE_CONNECTION_SECS * 3 / 2 + 1)).await;
+    let idle = memory(pid).unwrap_or_default();
+    CoordinatorMemory {
+        busy: busy.rss,
+        idle: idle.rss,
+        peak: idle.peak,
+    }
 }
 
 /// Records one more issue's `distribute` and a `restart` with `perf
@@ -224,7 +254,11 @@ async fn profile(
 
 async fn name_point(names: usize, runs: usize) -> anyhow::Result<Point> {
     let started = Instant::now();
-    let cluster = Cluster::start(spec(NODES_PER_NAME_SWEEP, names, Http01::Standalone)).await?;
+    let cluster = Cluster::start(ClusterSpec {
+        idle_connection_secs: Some(IDLE_CONNECTION_SECS),
+        ..spec(NODES_PER_NAME_SWEEP, names, Http01::Standalone)
+    })
+    .await?;
     let setup_s = started.elapsed().as_secs();
     issue(&cluster).await?;
     let mut issues = Vec::new();
@@ -236,6 +270,7 @@ async fn name_point(names: usize, runs: usize) -> anyhow::Result<Point> {
         .as_ref()
         .and_then(|c| c.pid())
         .context("the coordinator is not running")?;
+    let coordinator = coordinator_memory(coordinator_pid).await;
     let (issue_wall, split) = medians(&issues);
     Ok(Point {
         nodes: NODES_PER_NAME_SWEEP,
@@ -244,7 +279,7 @@ async fn name_point(names: usize, runs: usize) -> anyhow::Result<Point> {
         issue_wall,
         split,
         rollout: None,
-        coordinator: memory(coordinator_pid).unwrap_or_default(),
+        coordinator,
         agents: agents_rss(&cluster),
     })
 }
@@ -256,13 +291,13 @@ fn mib(kib: u64) -> f64 {
 fn print_issue_table(points: &[Point], runs: usize) {
     println!();
     println!(
-        "| nodes | names | `certfleet issue` wall ms | total ms | CA ms | placement + self-check ms | cleanup ms | rest ms | coordinator RSS / peak MiB | agent RSS median / max MiB |"
+        "| nodes | names | `certfleet issue` wall ms | total ms | CA ms | placement + self-check ms | cleanup ms | rest ms | coordinator RSS busy / idle / peak MiB | agent RSS median / max MiB |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for p in points {
         let s = p.split;
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} | {:.1} / {:.1} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} |",
             p.nodes,
             p.names,
             p.issue_wall,
@@ -271,7 +306,8 @@ fn print_issue_table(points: &[Point], runs: usize) {
             s.placement,
             s.cleanup,
             s.total.saturating_sub(s.ca + s.placement + s.cleanup),
-            mib(p.coordinator.rss),
+            mib(p.coordinator.busy),
+            mib(p.coordinator.idle),
             mib(p.coordinator.peak),
             mib(p.agents.0),
             mib(p.agents.1),
@@ -357,7 +393,10 @@ pub(super) async fn bench(
             "RSS, MiB",
             true,
             &[
-                series("coordinator RSS", &|p| mib(p.coordinator.rss)),
+                series("coordinator RSS after the runs", &|p| mib(p.coordinator.busy)),
+                series("coordinator RSS, idle connections closed", &|p| {
+                    mib(p.coordinator.idle)
+                }),
                 series("coordinator peak RSS (VmHWM)", &|p| mib(p.coordinator.peak)),
                 series("agent RSS, median", &|p| mib(p.agents.0)),
                 series("agent RSS, max", &|p| mib(p.agents.1)),
