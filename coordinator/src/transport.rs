@@ -569,7 +569,8 @@ pub(crate) mod fake {
         }
 
         /// Makes `node` take `delay` to place or remove tokens, install or
-        /// remove a certificate, as a slow or distant node would.
+        /// remove a certificate, report its status or restart, as a slow or
+        /// distant node would.
         pub(crate) fn delay(&self, node: &str, delay: Duration) {
             let mut nodes = self.0.lock().unwrap();
             nodes.entry(node.to_owned()).or_default().delay = delay;
@@ -698,6 +699,7 @@ pub(crate) mod fake {
             expected: &str,
             keep_going: bool,
         ) -> Result<RestartReport, TransportError> {
+            self.nodes.wait(&self.node).await;
             let call = Call::Restart {
                 expected: expected.to_owned(),
                 keep_going,
@@ -764,6 +766,7 @@ pub(crate) mod fake {
             _certificate: &str,
             probe: bool,
         ) -> Result<NodeCertificate, TransportError> {
+            self.nodes.wait(&self.node).await;
             let node = self.node.clone();
             self.nodes.call(&self.node, Call::Status { probe }, |n| {
                 let (version, leaf) = match n.versions.len() {
