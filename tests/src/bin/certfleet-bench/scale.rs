@@ -214,13 +214,18 @@ async fn node_point(nodes: usize, runs: usize, perf: Option<&Path>) -> anyhow::R
     })
 }
 
+/// How long after its last use jemalloc hands a freed page back to the
+/// kernel (its `dirty_decay_ms`, 10 s by default), and a margin.
+const ALLOCATOR_DECAY_SECS: u64 = 12;
+
 /// The coordinator's memory 2 s after the last operation, then once it has
 /// closed its idle node connections (it looks every half of
-/// [`IDLE_CONNECTION_SECS`]).
+/// [`IDLE_CONNECTION_SECS`]) and its allocator has returned their pages.
 async fn coordinator_memory(pid: u32) -> CoordinatorMemory {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let busy = memory(pid).unwrap_or_default();
-    tokio::time::sleep(Duration::from_secs(IDLE_CONNECTION_SECS * 3 / 2 + 1)).await;
+    let idle_after = IDLE_CONNECTION_SECS * 3 / 2 + ALLOCATOR_DECAY_SECS;
+    tokio::time::sleep(Duration::from_secs(idle_after)).await;
     let idle = memory(pid).unwrap_or_default();
     CoordinatorMemory {
         busy: busy.rss,
