@@ -193,6 +193,42 @@ pub fn build(config: Config) -> Result<Coordinator, SetupError> {
 pub struct Listeners {
     pub admin: UnixListener,
     pub enrollment: TcpListener,
+    /// `[web]` and `[metrics]`, when configured (`bind_optional`).
+    pub optional: OptionalListeners,
+}
+
+/// The approval page's listener and the identity it presents, and the
+/// metrics listener, each when its section is configured.
+#[derive(Default)]
+pub struct OptionalListeners {
+    web: Option<(TcpListener, Arc<LiveIdentity>)>,
+    metrics: Option<TcpListener>,
+}
+
+/// Binds the listeners of `[web]` and `[metrics]` and loads the page's
+/// certificate, when configured. A coordinator that cannot serve what its
+/// config asks for refuses to start, naming the key and the reason, rather
+/// than run without its approval page or its metrics.
+pub async fn bind_optional(coordinator: &Coordinator) -> Result<OptionalListeners, String> {
+    let config = coordinator.fleet.config();
+    let bind = |key: &'static str, addr: std::net::SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("binding {key} {addr}: {e}"))
+    };
+    let web = match &config.web {
+        Some(web) => {
+            let identity = web::identity(web, Arc::clone(&coordinator.trust.identity))
+                .map_err(|e| format!("the approval page ([web]): {e}"))?;
+            Some((bind("web.listen", web.listen).await?, identity))
+        }
+        None => None,
+    };
+    let metrics = match &config.metrics {
+        Some(m) => Some(bind("metrics.listen", m.listen).await?),
+        None => None,
+    };
+    Ok(OptionalListeners { web, metrics })
 }
 
 /// Runs the coordinator's services until `shutdown` completes.
@@ -293,12 +329,18 @@ pub async fn run(
         Arc::clone(&coordinator.fleet),
         stop.clone().cancelled_owned(),
     ));
-    let web = spawn_web(
-        &coordinator.fleet,
-        Arc::clone(&coordinator.trust.identity),
-        stop.clone(),
-    );
-    let metrics = spawn_metrics(&coordinator.fleet, scheduler.clone(), stop.clone());
+    let OptionalListeners { web, metrics } = listeners.optional;
+    let web = web.map(|(listener, identity)| {
+        spawn_web(&coordinator.fleet, listener, identity, stop.clone())
+    });
+    let metrics = metrics.and_then(|listener| {
+        spawn_metrics(
+            &coordinator.fleet,
+            listener,
+            scheduler.clone(),
+            stop.clone(),
+        )
+    });
     let admin = tokio::spawn(admin::serve(
         listeners.admin,
         admin::AdminService::new(coordinator.fleet, coordinator.issuer, coordinator.ca_pin)
@@ -325,43 +367,28 @@ pub async fn run(
     enrollment.await.expect("enrollment task")
 }
 
-/// Binds and serves the approval page when `[web]` is configured. A page
-/// that cannot start is logged as an error and the rest of the coordinator
-/// runs on: approvals still work from the CLI.
+/// Serves the approval page on `listener` (`bind_optional`).
 fn spawn_web(
     fleet: &Arc<Fleet>,
-    cluster: Arc<LiveIdentity>,
+    listener: TcpListener,
+    identity: Arc<LiveIdentity>,
     stop: tokio_util::sync::CancellationToken,
-) -> Option<tokio::task::JoinHandle<()>> {
-    let config = fleet.config().web.clone()?;
+) -> tokio::task::JoinHandle<()> {
     let fleet = Arc::clone(fleet);
-    Some(tokio::spawn(async move {
-        let identity = match web::identity(&config, cluster) {
-            Ok(i) => i,
-            Err(e) => {
-                tracing::error!(error = %e, "approval page not started");
-                return;
-            }
-        };
-        let listener = match TcpListener::bind(config.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(listen = %config.listen, error = %e, "approval page not started: binding web.listen");
-                return;
-            }
-        };
-        info!(addr = %config.listen, base_url = config.base_url, "approval page listening");
-        if let Err(e) = web::serve(listener, fleet, identity, stop.cancelled_owned()).await {
+    tokio::spawn(async move {
+        if let Some(web) = &fleet.config().web {
+            info!(addr = %web.listen, base_url = web.base_url, "approval page listening");
+        }
+        if let Err(e) = web::serve(listener, Arc::clone(&fleet), identity, stop.cancelled_owned()).await {
             tracing::error!(error = %e, "approval page stopped");
         }
-    }))
+    })
 }
 
-/// Binds and serves `/metrics` when `[metrics]` is configured. Like the
-/// approval page, an endpoint that cannot bind is logged as an error and
-/// the coordinator runs on: monitoring must not stop renewals.
+/// Serves `/metrics` on `listener` (`bind_optional`).
 fn spawn_metrics(
     fleet: &Arc<Fleet>,
+    listener: TcpListener,
     renewals: Option<Arc<renewal::FleetScheduler>>,
     stop: tokio_util::sync::CancellationToken,
 ) -> Option<tokio::task::JoinHandle<()>> {
@@ -372,13 +399,6 @@ fn spawn_metrics(
         probed: Arc::default(),
     };
     Some(tokio::spawn(async move {
-        let listener = match TcpListener::bind(config.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(listen = %config.listen, error = %e, "metrics not served: binding metrics.listen");
-                return;
-            }
-        };
         info!(addr = %config.listen, probe = ?config.probe, "metrics listening");
         metrics::serve(listener, source, config, stop).await;
     }))

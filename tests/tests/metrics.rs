@@ -80,19 +80,23 @@ async fn both_endpoints_show_what_the_nodes_serve_and_the_last_rollout() {
         assert_eq!(sha, live.leaf_sha256_hex(), "node {} serves v2", node.name);
         expected.push((node, not_after));
     }
-    // A probe that started before the rollout may still be the latest:
-    // wait for one that sees version 2 everywhere.
+    let expiry = |node: &Node| {
+        format!(
+            r#"certfleet_certificate_expiration_timestamp_seconds{{certificate="cn",node="{}",service="nginx",endpoint="{}:{}"}}"#,
+            node.name, node.ip, c.tls_port
+        )
+    };
+    // A probe that started before the rollout may still be the latest (one
+    // between distribute and rollout sees version 2 on disk and version 1
+    // served): wait for one that sees version 2 served everywhere.
     let text = eventually("a probe after the rollout", Duration::from_secs(30), || async {
         let text = scrape(coordinator).await?;
-        let all = c.nodes.iter().all(|n| {
+        let all = expected.iter().all(|(n, not_after)| {
             value(
                 &text,
                 &format!(r#"certfleet_certificate_version{{certificate="cn",node="{}"}}"#, n.name),
             ) == Some(2)
-                && text.contains(&format!(
-                    r#"certfleet_certificate_expiration_timestamp_seconds{{certificate="cn",node="{}""#,
-                    n.name
-                ))
+                && value(&text, &expiry(n)) == Some(*not_after)
         });
         all.then_some(text)
     })
@@ -104,10 +108,7 @@ async fn both_endpoints_show_what_the_nodes_serve_and_the_last_rollout() {
     let _ = std::fs::write(samples.join("metrics.txt"), &text);
 
     for (node, not_after) in &expected {
-        let series = format!(
-            r#"certfleet_certificate_expiration_timestamp_seconds{{certificate="cn",node="{}",service="nginx",endpoint="{}:{}"}}"#,
-            node.name, node.ip, c.tls_port
-        );
+        let series = expiry(node);
         assert_eq!(value(&text, &series), Some(*not_after), "{series}\n{text}");
         let probed = format!(
             r#"certfleet_node_probe_success{{certificate="cn",node="{}"}}"#,
@@ -193,4 +194,26 @@ async fn both_endpoints_show_what_the_nodes_serve_and_the_last_rollout() {
     .await
     .unwrap();
     assert_eq!(status, http::StatusCode::NOT_FOUND);
+}
+
+/// A coordinator whose `[metrics]` cannot listen refuses to start and says
+/// why, as nginx does, rather than run with no metrics to alert on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_metrics_address_in_use_stops_the_coordinator_from_starting() {
+    let localhost: IpAddr = "127.0.0.1".parse().unwrap();
+    let taken = std::net::TcpListener::bind(SocketAddr::new(localhost, 0)).unwrap();
+    let addr = taken.local_addr().unwrap();
+    let err = Cluster::start(ClusterSpec {
+        nodes: 1,
+        coordinator_extra: format!("\n[metrics]\nlisten = \"{addr}\"\n"),
+        ..Default::default()
+    })
+    .await
+    .err()
+    .expect("the coordinator started with its metrics address taken");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains(&format!("binding metrics.listen {addr}")) && err.contains("in use"),
+        "{err}"
+    );
 }

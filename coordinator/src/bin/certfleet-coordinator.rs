@@ -204,6 +204,13 @@ async fn serve(config: Config, path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let optional = match certfleet_coordinator::bind_optional(&coordinator).await {
+        Ok(l) => l,
+        Err(e) => {
+            logging::fatal(PROGRAM, &e);
+            return ExitCode::FAILURE;
+        }
+    };
     let reloads = tokio::spawn(reload_until(hangups, path, Arc::clone(&coordinator.fleet)));
     // `run` first polls its shutdown future once every listener serves
     // and recovery has started: that is when the service is ready.
@@ -212,7 +219,12 @@ async fn serve(config: Config, path: PathBuf) -> ExitCode {
         shutdown_signal().await;
         notify(&[sd_notify::NotifyState::Stopping]);
     };
-    let served = run(coordinator, Listeners { admin, enrollment }, shutdown).await;
+    let listeners = Listeners {
+        admin,
+        enrollment,
+        optional,
+    };
+    let served = run(coordinator, listeners, shutdown).await;
     reloads.abort();
     match served {
         Ok(()) => ExitCode::SUCCESS,
