@@ -375,12 +375,26 @@ impl Dir {
         owner: Option<(u32, u32)>,
         mode: u32,
     ) -> Result<(), DirError> {
+        self.replace(name, data, owner, mode)?;
+        self.sync()
+    }
+
+    /// Like [`Self::write_atomic`], but leaves the directory's fsync to the
+    /// caller, who changes several entries here and syncs once: each sync
+    /// is a disk flush, and an install makes a dozen of them.
+    pub fn replace(
+        &self,
+        name: &OsStr,
+        data: &[u8],
+        owner: Option<(u32, u32)>,
+        mode: u32,
+    ) -> Result<(), DirError> {
         let temp = self.stage(data, owner, mode)?;
         if let Err(e) = self.rename(&temp, name) {
             let _ = self.remove(&temp);
             return Err(e);
         }
-        self.sync()
+        Ok(())
     }
 
     /// Removes the entry `name` (never a directory); `false` if it was not there.

@@ -419,8 +419,12 @@ impl Installer {
         let dir = self.dir(name).join(version.to_string());
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io(&dir))?;
-        write_file(&dir.join("fullchain.pem"), fullchain.as_bytes(), 0o600)?;
-        write_file(&dir.join("privkey.pem"), key.as_bytes(), 0o600)?;
+        // Both files, then one sync of their directory; the version
+        // directory's own entry is synced with the journal, beside it.
+        let archive = Dir::open(&dir, Trust::default(), false)?;
+        archive.replace(OsStr::new("fullchain.pem"), fullchain.as_bytes(), None, 0o600)?;
+        archive.replace(OsStr::new("privkey.pem"), key.as_bytes(), None, 0o600)?;
+        archive.sync()?;
         self.prune(name, version)
     }
 
@@ -507,20 +511,24 @@ impl Installer {
             if dir.contains(temp_name)? {
                 dir.rename(temp_name, target_name)?;
             }
-            dirs.push(dir);
+            // Each directory is synced once, however many targets it holds.
+            if !dirs.iter().any(|d| d.path() == dir.path()) {
+                dirs.push(dir);
+            }
         }
         for dir in &dirs {
             dir.sync()?;
         }
-        let dir = self.dir(name);
-        write_file(
-            &dir.join("current"),
+        // `current` replaced and the journal removed, then one sync for both.
+        let dir = Dir::open(&self.dir(name), Trust::default(), false)?;
+        dir.replace(
+            OsStr::new("current"),
             journal.version.to_string().as_bytes(),
+            None,
             0o600,
         )?;
-        let journal_path = dir.join("journal.json");
-        std::fs::remove_file(&journal_path).map_err(io(&journal_path))?;
-        sync_dir(&dir)
+        dir.remove(OsStr::new("journal.json"))?;
+        Ok(dir.sync()?)
     }
 
     /// At start: roll an interrupted install forward, and remove temps a
