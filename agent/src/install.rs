@@ -422,7 +422,12 @@ impl Installer {
         // Both files, then one sync of their directory; the version
         // directory's own entry is synced with the journal, beside it.
         let archive = Dir::open(&dir, Trust::default(), false)?;
-        archive.replace(OsStr::new("fullchain.pem"), fullchain.as_bytes(), None, 0o600)?;
+        archive.replace(
+            OsStr::new("fullchain.pem"),
+            fullchain.as_bytes(),
+            None,
+            0o600,
+        )?;
         archive.replace(OsStr::new("privkey.pem"), key.as_bytes(), None, 0o600)?;
         archive.sync()?;
         self.prune(name, version)

@@ -654,14 +654,28 @@ mod tests {
         let spec = fleet.spec("cn").unwrap();
         let held = fleet.nodes(spec).unwrap();
         let again = fleet.nodes(spec).unwrap();
-        assert!(Arc::ptr_eq(&held[0].transport, &again[0].transport), "reused");
+        assert!(
+            Arc::ptr_eq(&held[0].transport, &again[0].transport),
+            "reused"
+        );
         drop(again);
-        assert_eq!(fleet.close_idle(Duration::ZERO), 0, "an operation holds them");
+        assert_eq!(
+            fleet.close_idle(Duration::ZERO),
+            0,
+            "an operation holds them"
+        );
         let weak = Arc::downgrade(&held[0].transport);
         drop(held);
-        assert_eq!(fleet.close_idle(Duration::from_secs(60)), 0, "used just now");
+        assert_eq!(
+            fleet.close_idle(Duration::from_secs(60)),
+            0,
+            "used just now"
+        );
         assert_eq!(fleet.close_idle(Duration::ZERO), 3);
-        assert!(weak.upgrade().is_none(), "nothing holds it: its connection closes");
+        assert!(
+            weak.upgrade().is_none(),
+            "nothing holds it: its connection closes"
+        );
         let fresh = fleet.nodes(spec).unwrap();
         assert_eq!(fresh.len(), 3, "connected again when needed");
         assert_eq!(fleet.close_idle(Duration::ZERO), 0);

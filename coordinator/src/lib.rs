@@ -379,7 +379,14 @@ fn spawn_web(
         if let Some(web) = &fleet.config().web {
             info!(addr = %web.listen, base_url = web.base_url, "approval page listening");
         }
-        if let Err(e) = web::serve(listener, Arc::clone(&fleet), identity, stop.cancelled_owned()).await {
+        if let Err(e) = web::serve(
+            listener,
+            Arc::clone(&fleet),
+            identity,
+            stop.cancelled_owned(),
+        )
+        .await
+        {
             tracing::error!(error = %e, "approval page stopped");
         }
     })

@@ -380,7 +380,11 @@ impl Run<'_> {
 
     /// Restarts one node whose precheck gave `checked`; `Err` says where it
     /// failed.
-    async fn node(&self, n: &FleetNode, checked: Result<(), NodeFailure>) -> Result<(), NodeFailure> {
+    async fn node(
+        &self,
+        n: &FleetNode,
+        checked: Result<(), NodeFailure>,
+    ) -> Result<(), NodeFailure> {
         checked?;
         let journal_failed = |e: JournalError| NodeFailure {
             service: "-".into(),

@@ -89,17 +89,24 @@ async fn both_endpoints_show_what_the_nodes_serve_and_the_last_rollout() {
     // A probe that started before the rollout may still be the latest (one
     // between distribute and rollout sees version 2 on disk and version 1
     // served): wait for one that sees version 2 served everywhere.
-    let text = eventually("a probe after the rollout", Duration::from_secs(30), || async {
-        let text = scrape(coordinator).await?;
-        let all = expected.iter().all(|(n, not_after)| {
-            value(
-                &text,
-                &format!(r#"certfleet_certificate_version{{certificate="cn",node="{}"}}"#, n.name),
-            ) == Some(2)
-                && value(&text, &expiry(n)) == Some(*not_after)
-        });
-        all.then_some(text)
-    })
+    let text = eventually(
+        "a probe after the rollout",
+        Duration::from_secs(30),
+        || async {
+            let text = scrape(coordinator).await?;
+            let all = expected.iter().all(|(n, not_after)| {
+                value(
+                    &text,
+                    &format!(
+                        r#"certfleet_certificate_version{{certificate="cn",node="{}"}}"#,
+                        n.name
+                    ),
+                ) == Some(2)
+                    && value(&text, &expiry(n)) == Some(*not_after)
+            });
+            all.then_some(text)
+        },
+    )
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     // The README's sample.

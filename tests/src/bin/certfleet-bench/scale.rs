@@ -398,7 +398,9 @@ pub(super) async fn bench(
             "RSS, MiB",
             true,
             &[
-                series("coordinator RSS after the runs", &|p| mib(p.coordinator.busy)),
+                series("coordinator RSS after the runs", &|p| {
+                    mib(p.coordinator.busy)
+                }),
                 series("coordinator RSS, idle connections closed", &|p| {
                     mib(p.coordinator.idle)
                 }),
