@@ -134,6 +134,32 @@ impl IdleConnections {
     }
 }
 
+/// Connections to the listener at `addr` the kernel holds that the process
+/// has not accepted yet (`ss`'s Recv-Q of a listening socket).
+fn not_yet_accepted(addr: SocketAddr) -> usize {
+    let out = Command::new("ss")
+        .args(["-Hltn", &format!("src {addr}")])
+        .output()
+        .expect("running ss");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
+        .sum()
+}
+
+/// Waits until the agent has accepted every connection made to `addr`:
+/// one still in the kernel's queue at SIGTERM is never the agent's to wait
+/// for.
+async fn accepted(addr: SocketAddr) {
+    eventually(
+        "the agent to accept every connection",
+        Duration::from_secs(10),
+        || async move { (not_yet_accepted(addr) == 0).then_some(()) },
+    )
+    .await
+    .unwrap();
+}
+
 /// `certfleet --json status`, which must reach the node within
 /// [`STATUS_BOUND`]; returns the node's entry.
 async fn status_of_node(cluster: &Cluster) -> Value {
@@ -211,6 +237,8 @@ async fn idle_connections_do_not_hold_up_shutdown() {
         .await
         .unwrap();
 
+    accepted(http01_addr(&cluster)).await;
+    accepted(cluster.nodes[0].grpc).await;
     let node: &mut Node = &mut cluster.nodes[0];
     let agent = node.agent.as_mut().unwrap();
     let pid = nix::unistd::Pid::from_raw(agent.pid().unwrap() as i32);
