@@ -715,6 +715,21 @@ mod tests {
             .collect()
     }
 
+    /// n1, n2 (answering) and n3 (unreachable at once) were reported at
+    /// once, n0 (unreachable after `slow`) last, after `slow`.
+    fn assert_fast_nodes_first(mut seen: Vec<(&str, bool, Duration)>, slow: Duration) {
+        assert_eq!(seen.pop(), Some(("n0", false, slow)), "{seen:?}");
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                ("n1", true, Duration::ZERO),
+                ("n2", true, Duration::ZERO),
+                ("n3", false, Duration::ZERO)
+            ]
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn placement_and_cleanup_report_each_node_as_it_answers() {
         let bench = Bench::new();
@@ -739,33 +754,15 @@ mod tests {
             errors[0].to_string(),
             "node n0 (127.0.0.2:7443): placing tokens: unreachable: node n0: connection refused"
         );
-        let mut seen = per_node(&events, Stage::Placement, 4, "placing 2 tokens on 4 nodes");
-        assert_eq!(seen.pop(), Some(("n0", false, slow)), "{events:?}");
-        seen.sort();
-        assert_eq!(
-            seen,
-            [
-                ("n1", true, Duration::ZERO),
-                ("n2", true, Duration::ZERO),
-                ("n3", false, Duration::ZERO)
-            ]
-        );
+        let seen = per_node(&events, Stage::Placement, 4, "placing 2 tokens on 4 nodes");
+        assert_fast_nodes_first(seen, slow);
         assert_eq!(bench.fakes.calls("n1"), [Call::PlaceTokens(2)]);
 
         let tokens: Vec<Token> = pending.iter().map(|p| p.response.token().clone()).collect();
         let start = tokio::time::Instant::now();
         let ((), events) = timed(remove_all(&nodes, &tokens, limits, &progress), &mut rx).await;
-        let mut seen = per_node(&events, Stage::Cleanup, 4, "removing 2 tokens from 4 nodes");
-        assert_eq!(seen.pop(), Some(("n0", false, slow)), "{events:?}");
-        seen.sort();
-        assert_eq!(
-            seen,
-            [
-                ("n1", true, Duration::ZERO),
-                ("n2", true, Duration::ZERO),
-                ("n3", false, Duration::ZERO)
-            ]
-        );
+        let seen = per_node(&events, Stage::Cleanup, 4, "removing 2 tokens from 4 nodes");
+        assert_fast_nodes_first(seen, slow);
         assert_eq!(start.elapsed(), slow);
         assert_eq!(
             bench.fakes.calls("n2"),
