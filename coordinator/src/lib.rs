@@ -273,14 +273,18 @@ pub async fn run(
         )
     });
     // What a stopped coordinator left is healed first, under each
-    // certificate's lock; renewals start after it.
+    // certificate's lock; renewals start after it. It is read now, before
+    // the admin API serves: an operation an admin starts meanwhile is not
+    // one to heal (it was once closed as interrupted, and its recovery then
+    // waited for its lock).
+    let interrupted = recovery::interrupted(&coordinator.fleet);
     let recovered = {
         let (fleet, issuer) = (
             Arc::clone(&coordinator.fleet),
             Arc::clone(&coordinator.issuer),
         );
         async move {
-            let healed = recovery::recover(&fleet, &issuer).await;
+            let healed = recovery::recover(&fleet, &issuer, interrupted).await;
             if healed > 0 {
                 info!(operations = healed, "healed what the last run left");
             }

@@ -33,15 +33,9 @@ use crate::issue::{Issuer, Start, pending_key_path};
 use crate::journal::step;
 use crate::progress::Progress;
 
-/// Heals every operation left without an outcome; returns how many.
-pub async fn recover(fleet: &Arc<Fleet>, issuer: &Issuer) -> usize {
-    let interrupted = match fleet.db().unfinished_operations() {
-        Ok(ops) => ops,
-        Err(e) => {
-            warn!(error = %e, "cannot read the journal; nothing healed");
-            return 0;
-        }
-    };
+/// Heals the operations in `interrupted` ([`interrupted`]); returns how many.
+pub async fn recover(fleet: &Arc<Fleet>, issuer: &Issuer, interrupted: Interrupted) -> usize {
+    let Interrupted(interrupted) = interrupted;
     if let Err(e) = fleet
         .db()
         .close_running_rollouts(certfleet_proto::clock::now())
@@ -52,6 +46,23 @@ pub async fn recover(fleet: &Arc<Fleet>, issuer: &Issuer) -> usize {
         recover_one(fleet, issuer, record).await;
     }
     interrupted.len()
+}
+
+/// The operations a stopped run left without an outcome, read before this
+/// run serves any request: one an admin starts while recovery runs is
+/// this run's own, never an interrupted one.
+pub struct Interrupted(Vec<OperationRecord>);
+
+/// Reads what the last run left (see [`Interrupted`]). Call it before the
+/// admin API serves.
+pub fn interrupted(fleet: &Fleet) -> Interrupted {
+    match fleet.db().unfinished_operations() {
+        Ok(ops) => Interrupted(ops),
+        Err(e) => {
+            warn!(error = %e, "cannot read the journal; nothing healed");
+            Interrupted(Vec::new())
+        }
+    }
 }
 
 /// What the journal says an interrupted operation had done.
