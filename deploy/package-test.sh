@@ -16,8 +16,8 @@
 # check passes -> coordinator runs, READY=1 -> node add over the admin
 # socket -> agent check fails (not joined) -> join -> agent runs, READY=1 ->
 # the coordinator reaches it -> SIGHUP: the agent applies a new
-# [[certificates]] live, refuses a broken config, the coordinator says
-# what needs a restart -> SIGTERM: both stop cleanly -> dpkg -i again (an
+# [[certificates]] live, refuses a broken config, the coordinator applies
+# a new [placement] live -> SIGTERM: both stop cleanly -> dpkg -i again (an
 # upgrade) keeps the config and the state.
 #
 # Needs root. Leaves the packages installed; the scenario's processes are
@@ -301,7 +301,7 @@ TOML
 
   printf '\n[placement]\nconcurrency = 8\n' >>/etc/certfleet/coordinator.toml
   kill -HUP "$coordinator"
-  wait_for "$WORK/coordinator.log" "config reloaded.*\[placement\]"
+  wait_for "$WORK/coordinator.log" "config reloaded .*applied=\[placement\] needs_restart=nothing"
   kill -0 "$coordinator" || fail "the coordinator died on reload"
 
   step "stop"

@@ -257,8 +257,8 @@ impl Admin for AdminService {
             ),
         );
         let names: Vec<String> = if r.certificates.is_empty() {
-            let configured = &self.fleet.config().certificates;
-            configured.iter().map(|c| c.name.clone()).collect()
+            let config = self.fleet.config();
+            config.certificates.iter().map(|c| c.name.clone()).collect()
         } else {
             r.certificates.clone()
         };
@@ -456,8 +456,9 @@ impl Admin for AdminService {
             domains: r.domains,
         };
         let given = (!r.certificate.is_empty()).then_some(r.certificate.as_str());
-        let spec = crate::import::target(self.fleet.config(), given, &lineage)
-            .map_err(|e| refusal(e.kind(), e))?;
+        let config = self.fleet.config();
+        let spec =
+            crate::import::target(&config, given, &lineage).map_err(|e| refusal(e.kind(), e))?;
         self.audit(
             uid,
             "import",
@@ -647,7 +648,8 @@ impl Admin for AdminService {
             );
             return Ok(Response::new(pb::AddNodeResponse::default()));
         }
-        let enrollment = &self.fleet.config().enrollment;
+        let config = self.fleet.config();
+        let enrollment = &config.enrollment;
         let ttl = match r.token_ttl_seconds {
             0 => enrollment.join_token_ttl,
             s => std::time::Duration::from_secs(s.into()),

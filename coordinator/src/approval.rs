@@ -518,7 +518,7 @@ pub async fn request(
     }
     let spec = fleet.spec(op.certificate())?;
     let nodes: Vec<String> = fleet
-        .nodes(spec)?
+        .nodes(&spec)?
         .into_iter()
         .map(|n| n.node.name)
         .collect();
@@ -531,7 +531,7 @@ pub async fn request(
         vec![nodes]
     };
     let created = now();
-    let expires_after = fleet.config().approval.expires_after.as_secs() as i64;
+    let expires_after = spec.config().approval.expires_after.as_secs() as i64;
     let mut request = Request {
         id: new_id(),
         certificate: stored.name.clone(),
@@ -581,7 +581,7 @@ pub async fn request(
             }
         ),
     );
-    let link = fleet
+    let link = spec
         .config()
         .web
         .as_ref()

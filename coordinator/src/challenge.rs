@@ -734,8 +734,9 @@ mod tests {
     async fn placement_and_cleanup_report_each_node_as_it_answers() {
         let bench = Bench::new();
         let fleet = bench.fleet(4, 1);
-        let nodes = fleet.nodes(fleet.spec("cn").unwrap()).unwrap();
-        let limits = fleet.fan_out();
+        let spec = fleet.spec("cn").unwrap();
+        let nodes = fleet.nodes(&spec).unwrap();
+        let limits = spec.fan_out();
         let slow = Duration::from_secs(3);
         assert!(slow < limits.node_timeout);
         bench.fakes.delay("n0", slow);

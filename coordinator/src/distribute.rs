@@ -81,8 +81,8 @@ pub async fn distribute(
 ) -> Result<Distributed, DistributeError> {
     let name = op.certificate();
     let spec = fleet.spec(name)?;
-    let bundle = read_bundle(fleet, spec, version)?;
-    let nodes = only_nodes(fleet.nodes(spec)?, only)?;
+    let bundle = read_bundle(fleet, &spec, version)?;
+    let nodes = only_nodes(fleet.nodes(&spec)?, only)?;
     let journal = op.journal();
     journal.version(bundle.version)?;
     let what = format!("version {}", bundle.version);
@@ -94,7 +94,7 @@ pub async fn distribute(
     );
     let start = Instant::now();
     let (mut ok, mut failed) =
-        install_all(fleet.fan_out(), &nodes, &bundle, journal, progress).await;
+        install_all(spec.fan_out(), &nodes, &bundle, journal, progress).await;
     let records: Vec<(String, u32, String)> = ok
         .iter()
         .map(|(n, i)| (n.clone(), i.version, i.leaf_sha256.clone()))
@@ -363,7 +363,7 @@ mod tests {
     async fn a_node_slower_than_the_timeout_is_failed_at_the_timeout() {
         let bench = Bench::new();
         let fleet = bench.fleet(3, 1);
-        let timeout = fleet.fan_out().node_timeout;
+        let timeout = fleet.spec("cn").unwrap().fan_out().node_timeout;
         bench.fakes.delay("n0", timeout * 6);
         let (result, events) = run_timed(&fleet).await;
         let err = result.unwrap_err();

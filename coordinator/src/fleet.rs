@@ -2,6 +2,13 @@
 //! the certificate store, a transport to each node, and one lock per
 //! certificate.
 //!
+//! The config is a snapshot that [`Fleet::reload`] swaps (SIGHUP): an
+//! operation reads it once, through [`Fleet::spec`] or [`Fleet::config`],
+//! and keeps that [`Arc`] to its end, so a reload never changes a setting
+//! under a flow in progress; the next operation sees the new one. Sections
+//! bound at start (listeners, the ACME account, the state directory…) stay
+//! as they were until a restart ([`Reloaded::needs_restart`]).
+//!
 //! [`Fleet::nodes`] turns a certificate's spec into the nodes that serve
 //! it, each with its transport. Transports come from a [`Connect`], so the
 //! flows in `distribute`, `rollout` and `issue` never know whether they
@@ -15,14 +22,15 @@
 //! request (`admin::stream_operation`).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::ops::Deref;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use certfleet_proto::clock;
 use tokio::sync::Notify;
 
 use crate::challenge::{FanOut, FleetNode};
-use crate::config::{CertificateSpec, Config, Node};
+use crate::config::{CertificateSpec, Config, Node, RenewalConfig};
 use crate::db::{Db, DbError, NodeState};
 use crate::error::ErrorKind;
 use crate::journal::Journal;
@@ -87,7 +95,8 @@ struct Cached {
 
 /// The cluster's shared state. One per coordinator.
 pub struct Fleet {
-    config: Arc<Config>,
+    /// The running config; swapped whole by [`Fleet::reload`].
+    config: RwLock<Arc<Config>>,
     db: Arc<Db>,
     store: Arc<Store>,
     connect: Box<dyn Connect>,
@@ -104,7 +113,7 @@ impl Fleet {
     pub fn new(config: Arc<Config>, db: Arc<Db>, store: Store, connect: Box<dyn Connect>) -> Self {
         Self {
             notifier: Notifier::new(&config, Arc::clone(&db)),
-            config,
+            config: RwLock::new(config),
             locks: OperationLocks::journaled(Arc::clone(&db)),
             db,
             store: Arc::new(store),
@@ -113,8 +122,11 @@ impl Fleet {
         }
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The running config, as a snapshot: a caller that reads several
+    /// settings binds it once, so they all come from the same config.
+    pub fn config(&self) -> Arc<Config> {
+        // Only ever replaced whole: a panic elsewhere cannot leave it torn.
+        Arc::clone(&self.config.read().unwrap_or_else(PoisonError::into_inner))
     }
 
     pub fn db(&self) -> &Arc<Db> {
@@ -134,30 +146,20 @@ impl Fleet {
         &self.notifier
     }
 
-    /// The config, for a context that keeps its own handle (the issuer).
-    pub(crate) fn shared_config(&self) -> &Arc<Config> {
-        &self.config
-    }
-
     /// The store, for a context that keeps its own handle (the issuer).
     pub(crate) fn shared_store(&self) -> &Arc<Store> {
         &self.store
     }
 
-    /// The fan-out limits every operation uses.
-    pub(crate) fn fan_out(&self) -> FanOut {
-        let p = &self.config.placement;
-        FanOut {
-            concurrency: p.concurrency,
-            node_timeout: p.node_timeout,
-        }
-    }
-
-    /// The configured certificate `name`.
-    pub fn spec(&self, name: &str) -> Result<&CertificateSpec, FleetError> {
-        self.config
-            .certificate(name)
-            .ok_or_else(|| FleetError::UnknownCertificate(name.to_owned()))
+    /// The configured certificate `name`, with the config it was read from.
+    pub fn spec(&self, name: &str) -> Result<Spec, FleetError> {
+        let config = self.config();
+        let index = config
+            .certificates
+            .iter()
+            .position(|c| c.name == name)
+            .ok_or_else(|| FleetError::UnknownCertificate(name.to_owned()))?;
+        Ok(Spec { config, index })
     }
 
     /// The version of certificate `name` that `live/` points at, if one
@@ -188,10 +190,11 @@ impl Fleet {
     }
 
     /// Closes idle connections (`close_idle`) every half of
-    /// `placement.idle_connection` until `stop`.
+    /// `placement.idle_connection` (as the config says at each pass) until
+    /// `stop`.
     pub async fn close_idle_until(&self, stop: tokio_util::sync::CancellationToken) {
-        let idle = self.config.placement.idle_connection;
         loop {
+            let idle = self.config().placement.idle_connection;
             tokio::select! {
                 () = tokio::time::sleep(idle / 2) => {}
                 () = stop.cancelled() => return,
@@ -201,6 +204,29 @@ impl Fleet {
                 tracing::debug!(closed, "closed idle node connections");
             }
         }
+    }
+
+    /// Puts `new` in force for every operation that starts from now on:
+    /// its live sections, with the running config's sections that are
+    /// bound at start ([`sections`]). An operation in progress keeps the
+    /// snapshot it took. Says which changed sections were applied and
+    /// which wait for a restart.
+    pub fn reload(&self, new: Config) -> Reloaded {
+        let mut running = self.config.write().unwrap_or_else(PoisonError::into_inner);
+        let mut reloaded = Reloaded::default();
+        for (name, takes, changed) in sections(&running, &new) {
+            match (changed, takes) {
+                (false, _) => {}
+                (true, Takes::Live) => reloaded.applied.push(name),
+                (true, Takes::AtRestart) => reloaded.needs_restart.push(name),
+            }
+        }
+        if !reloaded.applied.is_empty() {
+            let merged = merge(&running, new);
+            self.notifier.set_certificates(&merged.certificates);
+            *running = Arc::new(merged);
+        }
+        reloaded
     }
 
     /// Stops using `node`'s transport (the node was removed or re-added).
@@ -285,6 +311,146 @@ impl Fleet {
             fleet.push(fleet_node);
         }
         Ok(fleet)
+    }
+}
+
+/// A configured certificate and the config snapshot it was read from. A
+/// flow reads its certificate and every setting it uses through one of
+/// these, so a reload while it runs never mixes two configs.
+#[derive(Clone)]
+pub struct Spec {
+    config: Arc<Config>,
+    /// Its place in `config.certificates`.
+    index: usize,
+}
+
+impl Spec {
+    /// The config this certificate was read from.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The fan-out limits of `[placement]`.
+    pub fn fan_out(&self) -> FanOut {
+        let p = &self.config.placement;
+        FanOut {
+            concurrency: p.concurrency,
+            node_timeout: p.node_timeout,
+        }
+    }
+}
+
+impl Deref for Spec {
+    type Target = CertificateSpec;
+
+    fn deref(&self) -> &CertificateSpec {
+        &self.config.certificates[self.index]
+    }
+}
+
+impl std::fmt::Debug for Spec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, f)
+    }
+}
+
+/// What [`Fleet::reload`] did with the sections that changed, named as the
+/// file names them (`[placement]`, `[[certificates]]`).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    /// In force for every operation that starts from now on.
+    pub applied: Vec<&'static str>,
+    /// Kept as they were: a restart applies them.
+    pub needs_restart: Vec<&'static str>,
+}
+
+/// Whether a reload applies a section, or only a restart does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Takes {
+    /// Read by each operation or each pass of a loop.
+    Live,
+    /// Bound at start: a listener, the ACME account, a task that was
+    /// spawned (or not) for it, a directory prepared for it.
+    AtRestart,
+}
+
+/// Every section of the config, how a reload takes it, and whether it
+/// differs between `old` and `new`. Compared through `Debug`, which every
+/// section derives and which shows every field (secrets redacted); nothing
+/// here is printed. [`merge`] must agree with the `Takes` column.
+fn sections(old: &Config, new: &Config) -> [(&'static str, Takes, bool); 14] {
+    use Takes::{AtRestart, Live};
+    let differ =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    [
+        ("state_dir", AtRestart, old.state_dir != new.state_dir),
+        (
+            "admin_socket",
+            AtRestart,
+            old.admin_socket != new.admin_socket,
+        ),
+        ("[acme]", AtRestart, differ(&old.acme, &new.acme)),
+        ("[placement]", Live, differ(&old.placement, &new.placement)),
+        (
+            "[enrollment]",
+            AtRestart,
+            differ(&old.enrollment, &new.enrollment),
+        ),
+        // The scheduler reads its policy at each pass; whether it runs at
+        // all is decided at start.
+        ("[renewal]", Live, old.renewal.policy != new.renewal.policy),
+        (
+            "renewal.enabled",
+            AtRestart,
+            old.renewal.enabled != new.renewal.enabled,
+        ),
+        // Read when the coordinator starts, so applied means: used by the
+        // next start's recovery.
+        ("[recovery]", Live, old.recovery != new.recovery),
+        (
+            "[[certificates]]",
+            Live,
+            differ(&old.certificates, &new.certificates),
+        ),
+        ("[approval]", Live, differ(&old.approval, &new.approval)),
+        ("[web]", AtRestart, differ(&old.web, &new.web)),
+        // The SMTP client and the delivery and expiry tasks are made at
+        // start; each certificate's own recipients are live.
+        ("[mail]", AtRestart, differ(&old.mail, &new.mail)),
+        ("[ssh]", AtRestart, differ(&old.ssh, &new.ssh)),
+        ("[metrics]", AtRestart, differ(&old.metrics, &new.metrics)),
+    ]
+}
+
+/// `new`'s live sections over `running`'s restart-only ones ([`sections`]).
+/// `new` is taken apart whole, so a section added to [`Config`] does not
+/// compile until it is sorted here.
+fn merge(running: &Config, new: Config) -> Config {
+    let Config {
+        state_dir: _,
+        admin_socket: _,
+        acme: _,
+        placement,
+        enrollment: _,
+        renewal,
+        recovery,
+        certificates,
+        approval,
+        web: _,
+        mail: _,
+        ssh: _,
+        metrics: _,
+    } = new;
+    Config {
+        placement,
+        renewal: RenewalConfig {
+            enabled: running.renewal.enabled,
+            policy: renewal.policy,
+        },
+        recovery,
+        certificates,
+        approval,
+        ..running.clone()
     }
 }
 
@@ -652,8 +818,8 @@ mod tests {
         let bench = testing::Bench::new();
         let fleet = bench.fleet(3, 1);
         let spec = fleet.spec("cn").unwrap();
-        let held = fleet.nodes(spec).unwrap();
-        let again = fleet.nodes(spec).unwrap();
+        let held = fleet.nodes(&spec).unwrap();
+        let again = fleet.nodes(&spec).unwrap();
         assert!(
             Arc::ptr_eq(&held[0].transport, &again[0].transport),
             "reused"
@@ -676,7 +842,7 @@ mod tests {
             weak.upgrade().is_none(),
             "nothing holds it: its connection closes"
         );
-        let fresh = fleet.nodes(spec).unwrap();
+        let fresh = fleet.nodes(&spec).unwrap();
         assert_eq!(fresh.len(), 3, "connected again when needed");
         assert_eq!(fleet.close_idle(Duration::ZERO), 0);
     }
@@ -775,5 +941,144 @@ mod tests {
         });
         assert!(task.await.unwrap_err().is_panic());
         locks.try_acquire(holder(Operation::Issue, "cn")).unwrap();
+    }
+
+    /// A config unlike the bench's in every section, with "cn" changed
+    /// and a certificate "web" added.
+    fn every_section_changed() -> Config {
+        Config::from_toml_str(
+            r#"
+state_dir = "/var/lib/certfleet-elsewhere"
+admin_socket = "/run/elsewhere/admin.sock"
+[acme]
+directory = "https://acme.example.org/directory"
+[placement]
+concurrency = 3
+[enrollment]
+listen = "127.0.0.1:7445"
+[renewal]
+enabled = false
+share_left = 0.5
+[recovery]
+rollout = "rollback"
+[[certificates]]
+name = "cn"
+sans = ["cn.example.org"]
+restart_batch = 2
+[[certificates]]
+name = "web"
+sans = ["web.example.org"]
+[approval]
+expires_after_secs = 600
+[web]
+listen = "127.0.0.1:8443"
+base_url = "https://certfleet.example.org:8443"
+[mail]
+smtp = "smtp://127.0.0.1:25"
+from = "certfleet@example.org"
+admins = ["admins@example.org"]
+[ssh]
+connect_timeout_secs = 3
+[metrics]
+listen = "127.0.0.1:9464"
+"#,
+            "reloaded.toml",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_reload_applies_what_operations_read_and_keeps_what_is_bound_at_start() {
+        let bench = testing::Bench::new();
+        let fleet = bench.fleet(3, 1);
+        let before = fleet.config();
+        let new = every_section_changed();
+        let reloaded = fleet.reload(new.clone());
+        assert_eq!(
+            reloaded,
+            Reloaded {
+                applied: vec![
+                    "[placement]",
+                    "[renewal]",
+                    "[recovery]",
+                    "[[certificates]]",
+                    "[approval]"
+                ],
+                needs_restart: vec![
+                    "state_dir",
+                    "admin_socket",
+                    "[acme]",
+                    "[enrollment]",
+                    "renewal.enabled",
+                    "[web]",
+                    "[mail]",
+                    "[ssh]",
+                    "[metrics]"
+                ],
+            }
+        );
+        // What runs now: the new file's applied sections, the running
+        // config's others, exactly as `reloaded` says.
+        let running = fleet.config();
+        for (name, _, changed) in sections(&running, &new) {
+            assert_eq!(
+                changed,
+                reloaded.needs_restart.contains(&name),
+                "{name} against the file"
+            );
+        }
+        for (name, _, changed) in sections(&before, &running) {
+            assert_eq!(
+                changed,
+                reloaded.applied.contains(&name),
+                "{name} against the old config"
+            );
+        }
+        assert_eq!(fleet.spec("web").unwrap().sans, ["web.example.org"]);
+        assert_eq!(fleet.spec("cn").unwrap().fan_out().concurrency, 3);
+    }
+
+    #[test]
+    fn a_snapshot_taken_before_a_reload_stays_as_it_was() {
+        let bench = testing::Bench::new();
+        let fleet = bench.fleet(3, 1);
+        let spec = fleet.spec("cn").unwrap();
+        let config = fleet.config();
+        let (batch, concurrency) = (spec.restart_batch, spec.fan_out().concurrency);
+        fleet.reload(every_section_changed());
+        assert_eq!(
+            (spec.restart_batch, spec.fan_out().concurrency),
+            (batch, concurrency)
+        );
+        assert!(config.certificate("web").is_none());
+        // The next operation reads the new config.
+        assert_eq!(fleet.spec("cn").unwrap().restart_batch, 2);
+        // Taken out of the file: gone for the next operation.
+        let mut without = every_section_changed();
+        without.certificates.retain(|c| c.name != "cn");
+        fleet.reload(without);
+        assert!(matches!(
+            fleet.spec("cn"),
+            Err(FleetError::UnknownCertificate(_))
+        ));
+        assert_eq!(spec.name, "cn", "the flow in progress keeps it");
+    }
+
+    #[test]
+    fn a_reload_that_changes_nothing_or_only_what_needs_a_restart_swaps_nothing() {
+        let bench = testing::Bench::new();
+        let fleet = bench.fleet(3, 1);
+        let before = fleet.config();
+        assert_eq!(fleet.reload((*before).clone()), Reloaded::default());
+        let mut new = (*before).clone();
+        new.enrollment.advertise = "elsewhere.example.org:7444".into();
+        assert_eq!(
+            fleet.reload(new),
+            Reloaded {
+                applied: Vec::new(),
+                needs_restart: vec!["[enrollment]"],
+            }
+        );
+        assert!(Arc::ptr_eq(&before, &fleet.config()));
     }
 }

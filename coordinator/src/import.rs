@@ -302,7 +302,7 @@ sans = ["web.example.org"]
     #[test]
     fn the_target_is_the_certificate_with_the_same_names() {
         let b = bench();
-        let config = b.fleet.config();
+        let config = &b.fleet.config();
         let l = lineage(&["A.example.org", "cn.example.org"], false);
         assert_eq!(target(config, None, &l).unwrap().name, "cn");
         assert_eq!(target(config, Some("web"), &l).unwrap().name, "web");

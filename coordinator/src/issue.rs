@@ -25,8 +25,8 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::acme::{self, AcmeAccount, AcmeSetupError, nonce_retry};
 use crate::challenge::{self, FanOut, FleetNode, NodeError, PendingChallenge, SelfCheckClient};
-use crate::config::{CertificateSpec, Config, KeyType};
-use crate::fleet::{Fleet, FleetError, OperationGuard};
+use crate::config::KeyType;
+use crate::fleet::{Fleet, FleetError, OperationGuard, Spec};
 use crate::journal::{Journal, JournalError, step};
 use crate::progress::{Progress, Stage};
 use crate::store::{Store, StoreError, Stored};
@@ -217,8 +217,8 @@ pub struct Issued {
 pub struct Issuer {
     /// The nodes, their transports and the certificate locks.
     fleet: Arc<Fleet>,
-    /// The fleet's own config and store, which every step of an order reads.
-    config: Arc<Config>,
+    /// The fleet's own store, which every step of an order reads. (Each
+    /// order reads the config once, with its certificate: `OrderRun::spec`.)
     store: Arc<Store>,
     acme: AcmeAccount,
     /// The dry runs' account at `acme.staging_directory`, set up on the
@@ -230,7 +230,6 @@ pub struct Issuer {
 impl Issuer {
     pub fn new(fleet: Arc<Fleet>, acme: AcmeAccount) -> Self {
         Self {
-            config: Arc::clone(fleet.shared_config()),
             store: Arc::clone(fleet.shared_store()),
             fleet,
             acme,
@@ -256,7 +255,7 @@ impl Issuer {
         if !options.dry_run {
             return Ok(&self.acme);
         }
-        let config = &self.config;
+        let config = self.fleet.config();
         let staging = self
             .staging
             .get_or_try_init(|| async { AcmeAccount::staging(&config.acme, &config.state_dir) })
@@ -308,12 +307,12 @@ impl Issuer {
             order_url: None,
         };
         let spec = self.fleet.spec(name).map_err(|e| failed(e.into()))?;
-        let nodes = self.fleet.nodes(spec).map_err(|e| failed(e.into()))?;
+        let nodes = self.fleet.nodes(&spec).map_err(|e| failed(e.into()))?;
         let acme = self.account_for(options).await.map_err(failed)?;
         let span = info_span!("issue", cert = %name, sans = spec.sans.len(), nodes = nodes.len());
         let mut order = OrderRun {
             issuer: self,
-            spec,
+            spec: &spec,
             nodes: &nodes,
             progress,
             journal: op.journal(),
@@ -334,7 +333,7 @@ impl Issuer {
         // the rescue directory, or of no use: only a crash leaves it for
         // recovery.
         if let Some(id) = op.journal().id() {
-            let _ = std::fs::remove_file(pending_key_path(&self.config.state_dir, id));
+            let _ = std::fs::remove_file(pending_key_path(&spec.config().state_dir, id));
         }
         let _enter = span.enter();
         match result {
@@ -442,7 +441,8 @@ struct Authorized {
 
 struct OrderRun<'a> {
     issuer: &'a Issuer,
-    spec: &'a CertificateSpec,
+    /// The certificate, and the config every step of this order reads.
+    spec: &'a Spec,
     nodes: &'a [FleetNode],
     progress: &'a Progress,
     /// Each step is journaled before it is taken (`recovery` reads it).
@@ -456,13 +456,13 @@ struct OrderRun<'a> {
 
 impl OrderRun<'_> {
     fn limits(&self) -> FanOut {
-        self.issuer.fleet.fan_out()
+        self.spec.fan_out()
     }
 
     /// When a step that talks to the CA gives up: its requests, their
     /// `badNonce` retries and its polls all share this budget.
     fn ca_deadline(&self) -> Instant {
-        Instant::now() + self.issuer.config.acme.ca_timeout
+        Instant::now() + self.spec.config().acme.ca_timeout
     }
 
     async fn run(
@@ -658,7 +658,7 @@ impl OrderRun<'_> {
     /// back from each node. A miss ends the order before the CA is told
     /// anything.
     async fn place_and_check(&mut self, pending: &[PendingChallenge]) -> Result<(), IssueError> {
-        let config = &self.issuer.config;
+        let config = self.spec.config();
         let limits = self.limits();
         self.placed = pending.iter().map(|p| p.response.token().clone()).collect();
         let tokens: Vec<&str> = self.placed.iter().map(Token::as_str).collect();
@@ -741,7 +741,7 @@ impl OrderRun<'_> {
     /// it as the next version (or into the rescue directory when the store
     /// cannot take it), and make it live.
     fn store(&self, chain: &str, key_pem: &str) -> Result<Stored, IssueError> {
-        let (config, store, name) = (&self.issuer.config, &self.issuer.store, &self.spec.name);
+        let (config, store, name) = (self.spec.config(), &self.issuer.store, &self.spec.name);
         let bundle = Bundle::parse(chain, Some(key_pem), &self.spec.sans)?;
         let (version, _) = store.save_or_rescue(name, &bundle, key_pem, &config.rescue_dir())?;
         let stored = store
@@ -768,7 +768,7 @@ impl OrderRun<'_> {
     /// Stores the certificate an earlier order got but could not store,
     /// instead of ordering a new one (the CA counted that one already).
     fn store_rescued(&self) -> Result<Option<Stored>, IssueError> {
-        let rescue = self.issuer.config.rescue_dir();
+        let rescue = self.spec.config().rescue_dir();
         let name = &self.spec.name;
         let Some((version, bundle)) =
             self.issuer
@@ -802,7 +802,7 @@ impl OrderRun<'_> {
             self.journal.step(step::FINALIZING, "", "")?;
             return Ok(None);
         };
-        let path = pending_key_path(&self.issuer.config.state_dir, id);
+        let path = pending_key_path(&self.spec.config().state_dir, id);
         let save = |path: &std::path::Path| {
             if let Some(dir) = path.parent() {
                 certfleet_proto::fsio::create_private_dir(dir)?;

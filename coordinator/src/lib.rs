@@ -312,7 +312,8 @@ pub async fn run(
         (Some(sender), Some(wake)) => {
             let db = Arc::clone(coordinator.fleet.db());
             let delivery = tokio::spawn(mail::deliver_until(db, sender, wake, stop.clone()));
-            let expiry = coordinator.fleet.config().mail.as_ref().map(|m| {
+            let config = coordinator.fleet.config();
+            let expiry = config.mail.as_ref().map(|m| {
                 tokio::spawn(mail::warn_expiry_until(
                     Arc::clone(&coordinator.fleet),
                     m.expiry_check,

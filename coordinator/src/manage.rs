@@ -166,11 +166,12 @@ pub async fn revoke(
         certificate: &leaf,
         reason,
     };
-    let deadline = Instant::now() + fleet.config().acme.ca_timeout;
+    let config = fleet.config();
+    let deadline = Instant::now() + config.acme.ca_timeout;
     nonce_retry!(deadline, account.revoke(&request).await).map_err(|source| {
         failed(AccountError::Ca {
             url: account.id().to_owned(),
-            directory: fleet.config().acme.directory.clone(),
+            directory: config.acme.directory.clone(),
             action: "revoking",
             source: Box::new(source),
         })
@@ -259,7 +260,7 @@ async fn remove_from_nodes(
     progress: &Progress,
 ) -> Result<Vec<(String, NodeRemoval)>, ManageError> {
     let spec = fleet.spec(name)?;
-    let nodes = fleet.nodes(spec)?;
+    let nodes = fleet.nodes(&spec)?;
     progress.begin(
         Stage::Cleanup,
         nodes.len(),
@@ -267,8 +268,7 @@ async fn remove_from_nodes(
     );
     let mut removed = Vec::new();
     let mut failed = Vec::new();
-    fleet
-        .fan_out()
+    spec.fan_out()
         .run_each(
             &nodes,
             |n| n.transport.remove_certificate(name),

@@ -17,13 +17,13 @@
 //! [`rolled_out`], [`rollout_failed`], [`expiring`].
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use certfleet_proto::clock;
 use tokio::sync::Notify;
 
-use crate::config::Config;
+use crate::config::{CertificateSpec, Config};
 use crate::db::{Db, NewMail};
 use crate::fleet::{Fleet, Operation};
 use crate::issue::{Failed, IssueError};
@@ -57,8 +57,9 @@ struct Outbox {
     db: Arc<Db>,
     cluster: String,
     admins: Vec<String>,
-    /// Each certificate's own extra recipients (`certificates[].mail`).
-    extra: HashMap<String, Vec<String>>,
+    /// Each certificate's own extra recipients (`certificates[].mail`);
+    /// replaced when a reload changes `[[certificates]]`.
+    extra: RwLock<HashMap<String, Vec<String>>>,
     /// The domain of `Message-ID`s: the `From:` address's.
     domain: String,
     /// Wakes the delivery loop when a mail is queued.
@@ -79,11 +80,7 @@ impl Notifier {
                     .clone()
                     .unwrap_or_else(|| config.enrollment.advertise.clone()),
                 admins: mail.admins.clone(),
-                extra: config
-                    .certificates
-                    .iter()
-                    .map(|c| (c.name.clone(), c.mail.clone()))
-                    .collect(),
+                extra: RwLock::new(recipients(&config.certificates)),
                 domain: mail
                     .from
                     .rsplit_once('@')
@@ -91,6 +88,14 @@ impl Notifier {
                     .unwrap_or_else(|| "certfleet.invalid".into()),
                 wake: Arc::new(Notify::new()),
             }),
+        }
+    }
+
+    /// From now on, mail about a certificate also goes to its own
+    /// recipients in `certificates` (a reloaded config's).
+    pub fn set_certificates(&self, certificates: &[CertificateSpec]) {
+        if let Some(o) = &self.outbox {
+            *o.extra.write().unwrap_or_else(PoisonError::into_inner) = recipients(certificates);
         }
     }
 
@@ -156,11 +161,13 @@ impl Notifier {
             return;
         };
         let mut recipients = o.admins.clone();
-        for r in o.extra.get(&mail.certificate).into_iter().flatten() {
+        let extra = o.extra.read().unwrap_or_else(PoisonError::into_inner);
+        for r in extra.get(&mail.certificate).into_iter().flatten() {
             if !recipients.contains(r) {
                 recipients.push(r.clone());
             }
         }
+        drop(extra);
         if recipients.is_empty() {
             tracing::warn!(
                 certificate = mail.certificate,
@@ -194,6 +201,14 @@ impl Notifier {
             ),
         }
     }
+}
+
+/// Each certificate's own extra recipients, by name.
+fn recipients(certificates: &[CertificateSpec]) -> HashMap<String, Vec<String>> {
+    certificates
+        .iter()
+        .map(|c| (c.name.clone(), c.mail.clone()))
+        .collect()
 }
 
 impl std::fmt::Debug for Outbox {
@@ -660,5 +675,23 @@ mail = ["web@example.org", "cn-owner@example.org"]
         n.send_once(n.compose("cn", "x", "T", &[], &[]), "k");
         n.send_once(n.compose("cn", "x", "T", &[], &[]), "k");
         assert_eq!(db.outbox(0).unwrap().len(), 2);
+        // A reloaded config's recipients get the next mail.
+        let mut certificates = config.certificates.clone();
+        certificates[0].mail = vec!["new-owner@example.org".into()];
+        n.set_certificates(&certificates);
+        n.send(n.compose("cn", "after", "T", &[], &[]));
+        let queued = db.outbox(0).unwrap();
+        let after = queued
+            .iter()
+            .find(|m| m.subject.ends_with("after"))
+            .unwrap();
+        assert_eq!(
+            after.recipients,
+            [
+                "ops@example.org",
+                "web@example.org",
+                "new-owner@example.org"
+            ]
+        );
     }
 }

@@ -192,18 +192,12 @@ impl Healer<'_> {
             new_version = self.finish_order().await?;
         }
         let renewal = kind == Operation::Renew.to_string();
-        let after = self
-            .fleet
-            .spec(&r.certificate)
-            .map(|s| s.after_issue)
-            .unwrap_or_default();
+        let spec = self.fleet.spec(&r.certificate).ok();
+        let after = spec.as_ref().map(|s| s.after_issue).unwrap_or_default();
         // A renewal whose certificate needs a person's approval stops
         // where the policy says, as it would have without the crash.
         let held = if renewal {
-            self.fleet
-                .spec(&r.certificate)
-                .ok()
-                .and_then(crate::approval::held_back)
+            spec.as_deref().and_then(crate::approval::held_back)
         } else {
             None
         };
@@ -238,8 +232,8 @@ impl Healer<'_> {
             .fleet
             .spec(&self.record.certificate)
             .map_err(|e| e.to_string())?;
-        let nodes = self.fleet.nodes(spec).map_err(|e| e.to_string())?;
-        crate::challenge::remove_all(&nodes, &tokens, self.fleet.fan_out(), self.progress).await;
+        let nodes = self.fleet.nodes(&spec).map_err(|e| e.to_string())?;
+        crate::challenge::remove_all(&nodes, &tokens, spec.fan_out(), self.progress).await;
         self.op
             .journal()
             .step(

@@ -21,6 +21,10 @@
 //!   that finds a certificate's renewal already running does nothing, so two
 //!   timers never renew it twice. (The fleet's operation lock also keeps a
 //!   renewal and an admin's `issue` apart.)
+//! - Each pass reads the configured certificates and policy afresh
+//!   ([`Renew::names`], [`Renew::policy`]), so a reloaded config is followed
+//!   from the next pass: an added certificate is tracked once issued, a
+//!   removed one is dropped, due times move with a new policy.
 //!
 //! The scheduler only decides *when*; *what* a renewal does (the same order
 //! as `certfleet issue`, then the certificate's `after_issue` policy) is the
@@ -223,6 +227,12 @@ pub trait Renew: Send + Sync + 'static {
     fn past_failures(&self, _name: &str) -> Option<PastFailures> {
         None
     }
+
+    /// The policy as configured now, read at every pass (a reloaded config
+    /// changes it); `None`: the one the scheduler was made with stays.
+    fn policy(&self) -> Option<Policy> {
+        None
+    }
 }
 
 /// Renewals of one certificate that failed in a row, as a restarted
@@ -253,7 +263,8 @@ impl Clock for SystemClock {
 pub struct Scheduler<R: Renew, C: Clock> {
     renewer: Arc<R>,
     clock: C,
-    policy: Policy,
+    /// The renewer's latest [`Renew::policy`] (`adopt_policy`).
+    policy: Mutex<Policy>,
     entries: Mutex<BTreeMap<String, Entry>>,
     changed: Notify,
     jitter: Box<dyn Fn() -> f64 + Send + Sync>,
@@ -272,7 +283,7 @@ impl<R: Renew, C: Clock> Scheduler<R, C> {
         Self {
             renewer,
             clock,
-            policy,
+            policy: Mutex::new(policy),
             entries: Mutex::new(BTreeMap::new()),
             changed: Notify::new(),
             jitter: Box::new(jitter),
@@ -284,7 +295,7 @@ impl<R: Renew, C: Clock> Scheduler<R, C> {
     /// has none yet, so it is due now).
     pub fn track(&self, name: &str, validity: Option<Validity>, ari: Option<Window>) {
         let next = match validity {
-            Some(v) => self.policy.due_at(v, ari, (self.jitter)()),
+            Some(v) => self.policy().due_at(v, ari, (self.jitter)()),
             None => self.clock.now(),
         };
         let mut entries = self.entries.lock().expect("renewal entries poisoned");
@@ -310,6 +321,7 @@ impl<R: Renew, C: Clock> Scheduler<R, C> {
     /// time if a version was issued by hand in the meantime. [`Self::run`]
     /// does this at every wake-up; public so a benchmark can time one pass.
     pub fn refresh(&self) {
+        self.adopt_policy();
         for name in self.renewer.names() {
             let tracked = self
                 .entries
@@ -344,13 +356,43 @@ impl<R: Renew, C: Clock> Scheduler<R, C> {
             // A version issued by hand since: due by its lifetime, and a
             // pending retry of a failed renewal is no longer needed.
             if e.validity != Some(v) && !e.running {
-                e.next = self.policy.due_at(v, None, (self.jitter)());
+                e.next = self.policy().due_at(v, None, (self.jitter)());
                 e.failures = 0;
                 // The window was the old certificate's: ask for the new one's.
                 e.ari = None;
                 e.ari_next_check = 0;
             }
             e.validity = Some(v);
+        }
+    }
+
+    fn policy(&self) -> Policy {
+        *self.policy.lock().expect("renewal policy poisoned")
+    }
+
+    /// Takes the renewer's policy if it changed (a reload), and moves the
+    /// due time of every certificate that is neither renewing nor waiting
+    /// out a failure's backoff to where the new policy puts it.
+    fn adopt_policy(&self) {
+        let Some(new) = self.renewer.policy() else {
+            return;
+        };
+        {
+            let mut policy = self.policy.lock().expect("renewal policy poisoned");
+            if *policy == new {
+                return;
+            }
+            *policy = new;
+        }
+        tracing::info!(share_left = new.share_left, max_jitter = ?new.max_jitter, "renewal policy changed: due times moved");
+        let mut entries = self.entries.lock().expect("renewal entries poisoned");
+        for e in entries.values_mut() {
+            if let Some(v) = e.validity
+                && !e.running
+                && e.failures == 0
+            {
+                e.next = new.due_at(v, e.ari, (self.jitter)());
+            }
         }
     }
 
@@ -417,7 +459,7 @@ impl<R: Renew, C: Clock> Scheduler<R, C> {
                         && e.failures == 0
                         && let Some(v) = e.validity
                     {
-                        e.next = self.policy.due_at(v, Some(window), (self.jitter)());
+                        e.next = self.policy().due_at(v, Some(window), (self.jitter)());
                         tracing::info!(
                             certificate = name,
                             start = window.start,
@@ -506,7 +548,7 @@ impl<R: Renew, C: Clock> Scheduler<R, C> {
                 // as soon as it is issued.
                 let soonest = now + RETRY_DELAYS[0].as_secs() as i64;
                 entry.next = self
-                    .policy
+                    .policy()
                     .due_at(renewed.validity, None, (self.jitter)())
                     .max(soonest);
                 entry.ari = None;
@@ -634,18 +676,11 @@ impl FleetRenewer {
             }
         };
         crate::notify::issued(&self.fleet, Operation::Renew, &issued.stored);
-        let after = self
-            .fleet
-            .spec(name)
-            .map(|s| s.after_issue)
-            .unwrap_or_default();
+        let spec = self.fleet.spec(name).ok();
+        let after = spec.as_ref().map(|s| s.after_issue).unwrap_or_default();
         // A certificate with an approval policy stops here, at the step
         // its policy holds back, until a person decides (`approval`).
-        let held = self
-            .fleet
-            .spec(name)
-            .ok()
-            .and_then(crate::approval::held_back);
+        let held = spec.as_deref().and_then(crate::approval::held_back);
         let problem = match (held, after) {
             (Some(step), _) => {
                 crate::approval::request(&self.fleet, op, progress, &issued.stored, step)
@@ -759,11 +794,14 @@ impl Renew for FleetRenewer {
     }
 
     fn names(&self) -> Vec<String> {
-        let certificates = &self.fleet.config().certificates;
-        certificates.iter().map(|c| c.name.clone()).collect()
+        let config = self.fleet.config();
+        config.certificates.iter().map(|c| c.name.clone()).collect()
     }
 
+    /// `None` also for a certificate a reload took out of the config: it
+    /// is no longer renewed, though its versions stay in the store.
     fn current(&self, name: &str) -> Option<Validity> {
+        self.fleet.spec(name).ok()?;
         let live = self.fleet.live(name).ok()??;
         Some(Validity {
             not_before: live.bundle.not_before,
@@ -793,6 +831,10 @@ impl Renew for FleetRenewer {
                 Err(e) => Ari::Failed(e.to_string()),
             }
         })
+    }
+
+    fn policy(&self) -> Option<Policy> {
+        Some(self.fleet.config().renewal.policy)
     }
 }
 
@@ -1091,6 +1133,50 @@ mod tests {
         assert!(s.entries().is_empty(), "{:?}", s.entries());
         tokio::time::advance(Duration::from_secs(3600)).await;
         assert_eq!(s.start_due(), 0);
+    }
+
+    /// A certificate whose configured policy a reload changes.
+    struct Reconfigured {
+        policy: Mutex<Policy>,
+    }
+
+    impl Renew for Reconfigured {
+        fn renew<'a>(&'a self, _name: &'a str) -> BoxFuture<'a, Result<Renewed, String>> {
+            Box::pin(async { Err("never due in this test".to_owned()) })
+        }
+
+        fn names(&self) -> Vec<String> {
+            vec!["cn".to_owned()]
+        }
+
+        fn current(&self, _name: &str) -> Option<Validity> {
+            Some(ninety_days())
+        }
+
+        fn policy(&self) -> Option<Policy> {
+            Some(*self.policy.lock().unwrap())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reloaded_policy_moves_the_due_times_at_the_next_pass() {
+        let fake = Arc::new(Reconfigured {
+            policy: Mutex::new(Policy::default()),
+        });
+        let clock = PausedClock {
+            start_unix: 1_000_000,
+            start: tokio::time::Instant::now(),
+        };
+        let s = Scheduler::new(Arc::clone(&fake), clock, Policy::default(), || 0.0);
+        s.refresh();
+        assert_eq!(s.entries()[0].next, 1_000_000 + 60 * DAY);
+        let half = Policy {
+            share_left: 0.5,
+            ..Policy::default()
+        };
+        *fake.policy.lock().unwrap() = half;
+        s.refresh();
+        assert_eq!(s.entries()[0].next, 1_000_000 + 45 * DAY);
     }
 
     #[tokio::test(start_paused = true)]

@@ -548,7 +548,7 @@ pub async fn restart_except(
     let name = op.certificate();
     let spec = fleet.spec(name)?;
     let live = fleet.issued(name)?;
-    let mut nodes = fleet.nodes(spec)?;
+    let mut nodes = fleet.nodes(&spec)?;
     nodes.retain(|n| !verified.contains(&n.node.name));
     let journal = op.journal();
     journal.version(live.version)?;
@@ -604,7 +604,7 @@ pub async fn roll_back_nodes(
 ) -> Result<String, RolloutError> {
     let name = op.certificate();
     let spec = fleet.spec(name)?;
-    let nodes = fleet.nodes(spec)?;
+    let nodes = fleet.nodes(&spec)?;
     let (back, untouched): (Vec<FleetNode>, Vec<FleetNode>) = nodes
         .into_iter()
         .partition(|n| restarted.contains(&n.node.name));
@@ -633,7 +633,10 @@ pub async fn roll_back_nodes(
     progress.begin(
         Stage::Restart,
         back.len(),
-        format!("rolling {} nodes back onto version {version}", back.len()),
+        match back.len() {
+            1 => format!("rolling 1 node back onto version {version}"),
+            n => format!("rolling {n} nodes back onto version {version}"),
+        },
     );
     let mut done = Vec::new();
     if let Err((halt, _)) = run.batches(&[&back], &mut done).await {

@@ -63,8 +63,8 @@ pub async fn status(fleet: &Fleet, name: &str) -> Result<FleetStatus, StatusErro
     let live = fleet
         .live(name)?
         .map(|s| (s.version, s.bundle.leaf_sha256_hex()));
-    let nodes = fleet.nodes(spec)?;
-    let results = fleet
+    let nodes = fleet.nodes(&spec)?;
+    let results = spec
         .fan_out()
         .run(&nodes, |n| n.transport.certificate_status(name, true))
         .await;

@@ -565,6 +565,22 @@ listen = "{enrollment}"
         Ok(())
     }
 
+    /// Rewrites the coordinator's config with `edit` and sends the
+    /// coordinator SIGHUP, as `systemctl reload` does. Returns at once:
+    /// the reload's outcome is in the coordinator's log.
+    pub fn reload_coordinator(&self, edit: impl FnOnce(String) -> String) -> anyhow::Result<()> {
+        use nix::sys::signal::{Signal, kill};
+        let config = std::fs::read_to_string(&self.config_path)?;
+        std::fs::write(&self.config_path, edit(config))?;
+        let pid = self
+            .coordinator
+            .as_ref()
+            .and_then(Proc::pid)
+            .context("the coordinator is not running")?;
+        kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGHUP)?;
+        Ok(())
+    }
+
     /// Runs the `certfleet` CLI against this cluster's coordinator.
     pub async fn ctl(&self, args: &[&str]) -> anyhow::Result<CtlOutput> {
         let out = tokio::process::Command::new(bin("certfleet"))

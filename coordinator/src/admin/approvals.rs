@@ -82,7 +82,8 @@ pub(super) async fn after_issue(
     progress: &Progress,
     stored: &Stored,
 ) -> Option<pb::IssueEvent> {
-    let step = approval::held_back(fleet.spec(op.certificate()).ok()?)?;
+    let spec = fleet.spec(op.certificate()).ok()?;
+    let step = approval::held_back(&spec)?;
     let e = approval::request(fleet, op, progress, stored, step)
         .await
         .err()?;

@@ -4,7 +4,8 @@
 //!
 //! Under systemd (`Type=notify`) it reports READY=1 once the admin socket
 //! and enrollment listen and recovery has started, and on SIGHUP re-reads
-//! and validates the config (see [`reload_until`]).
+//! the config and applies what operations read as they start, such as
+//! `[[certificates]]` (see [`reload_until`]).
 
 /// jemalloc, so that memory freed after an operation goes back to the
 /// kernel (see [`return_freed_memory`]).
@@ -16,7 +17,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use certfleet_coordinator::config::Config;
-use certfleet_coordinator::fleet::Fleet;
+use certfleet_coordinator::fleet::{Fleet, Reloaded};
 use certfleet_coordinator::pki::{self, PkiError};
 use certfleet_coordinator::{Listeners, SetupError, admin, build, run};
 use certfleet_proto::cause_chain::Chain;
@@ -254,13 +255,18 @@ fn notify(states: &[sd_notify::NotifyState]) {
 }
 
 /// On each SIGHUP (`systemctl reload`): re-reads and validates the config
-/// at `path` and says which sections changed.
+/// at `path` as a start would, and puts it in force ([`Fleet::reload`]).
 ///
-/// Nothing is applied live: the running config is one `Arc<Config>`
-/// shared by every flow through [`Fleet`], and a flow in progress must
-/// not see it change under it. A config that does not validate is refused
-/// and logged; a valid one is logged with what changed and that a restart
-/// applies it (`systemctl restart`, which heals anything in flight).
+/// What operations read as they start is applied: `[[certificates]]` (an
+/// added certificate can be issued at once, a removed one is no longer
+/// renewed), `[placement]`, `[renewal]`'s policy, `[approval]` and
+/// `[recovery]`. An operation already running finishes with the config it
+/// started with. What is bound at start (the state directory, the admin
+/// socket, `[acme]`'s account, the listeners of `[enrollment]`, `[web]` and
+/// `[metrics]`, `[mail]`'s SMTP client, `[ssh]`, whether renewal runs at
+/// all) keeps its running value and is logged as needing a restart. A
+/// config that does not validate is refused and logged; the running one
+/// stays.
 async fn reload_until(mut hangups: tokio::signal::unix::Signal, path: PathBuf, fleet: Arc<Fleet>) {
     while hangups.recv().await.is_some() {
         notify(&[sd_notify::NotifyState::Reloading]);
@@ -270,51 +276,31 @@ async fn reload_until(mut hangups: tokio::signal::unix::Signal, path: PathBuf, f
                 error = %Chain(&e),
                 "config reload refused: the running config stays"
             ),
-            Ok(new) => {
-                let changed = changed_sections(fleet.config(), &new);
-                if changed.is_empty() {
-                    tracing::info!(config = %path.display(), "config reloaded: valid, nothing changed");
-                } else {
-                    tracing::warn!(
-                        config = %path.display(),
-                        applied = "nothing",
-                        needs_restart = %changed.join(", "),
-                        "config reloaded: valid; the coordinator applies its config only at start: run `systemctl restart certfleet-coordinator`"
-                    );
-                }
-            }
+            Ok(new) => log_reloaded(&path, &fleet.reload(new)),
         }
         notify(&[sd_notify::NotifyState::Ready]);
     }
 }
 
-/// The config sections (file keys) that differ between `old` and `new`.
-/// Compared through `Debug`, which every section derives and which shows
-/// every field; nothing here is ever printed.
-fn changed_sections(old: &Config, new: &Config) -> Vec<&'static str> {
-    let differ =
-        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
-    let sections: [(&'static str, bool); 12] = [
-        ("state_dir", old.state_dir != new.state_dir),
-        ("admin_socket", old.admin_socket != new.admin_socket),
-        ("[acme]", differ(&old.acme, &new.acme)),
-        ("[placement]", differ(&old.placement, &new.placement)),
-        ("[enrollment]", differ(&old.enrollment, &new.enrollment)),
-        ("[renewal]", differ(&old.renewal, &new.renewal)),
-        ("[recovery]", differ(&old.recovery, &new.recovery)),
-        (
-            "[[certificates]]",
-            differ(&old.certificates, &new.certificates),
-        ),
-        ("[approval]", differ(&old.approval, &new.approval)),
-        ("[web]", differ(&old.web, &new.web)),
-        ("[mail]", differ(&old.mail, &new.mail)),
-        ("[ssh]", differ(&old.ssh, &new.ssh)),
-    ];
-    sections
-        .into_iter()
-        .filter_map(|(name, changed)| changed.then_some(name))
-        .collect()
+/// One line: which changed sections were applied, which need a restart.
+fn log_reloaded(path: &Path, reloaded: &Reloaded) {
+    let listed = |sections: &[&str]| match sections {
+        [] => "nothing".to_owned(),
+        _ => sections.join(", "),
+    };
+    let (applied, needs_restart) = (listed(&reloaded.applied), listed(&reloaded.needs_restart));
+    if reloaded.needs_restart.is_empty() && reloaded.applied.is_empty() {
+        tracing::info!(config = %path.display(), "config reloaded: valid, nothing changed");
+    } else if reloaded.needs_restart.is_empty() {
+        tracing::info!(config = %path.display(), %applied, %needs_restart, "config reloaded");
+    } else {
+        tracing::warn!(
+            config = %path.display(),
+            %applied,
+            %needs_restart,
+            "config reloaded; what needs_restart names keeps its running value until `systemctl restart certfleet-coordinator`"
+        );
+    }
 }
 
 /// `check`: the config at `path` loaded as `run` loads it (done by the
