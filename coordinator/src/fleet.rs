@@ -107,6 +107,8 @@ pub struct Fleet {
     locks: OperationLocks,
     /// Where mail to the administrators goes.
     notifier: Notifier,
+    /// Notified by each [`Fleet::reload`] that applied something.
+    reloaded: Notify,
 }
 
 impl Fleet {
@@ -119,6 +121,7 @@ impl Fleet {
             store: Arc::new(store),
             connect,
             transports: Mutex::default(),
+            reloaded: Notify::new(),
         }
     }
 
@@ -225,8 +228,16 @@ impl Fleet {
             let merged = merge(&running, new);
             self.notifier.set_certificates(&merged.certificates);
             *running = Arc::new(merged);
+            self.reloaded.notify_one();
         }
         reloaded
+    }
+
+    /// Returns after the next reload that applied something (or at once if
+    /// one did since the last call), so the renewal scheduler looks at the
+    /// certificates and the policy again without waiting for its next pass.
+    pub async fn reloaded(&self) {
+        self.reloaded.notified().await;
     }
 
     /// Stops using `node`'s transport (the node was removed or re-added).

@@ -293,13 +293,24 @@ pub async fn run(
     let renewals = {
         let scheduler = scheduler.clone();
         let stop = stop.clone();
+        let fleet = Arc::clone(&coordinator.fleet);
         tokio::spawn(async move {
             tokio::select! {
                 () = recovered => {}
                 () = stop.cancelled() => return,
             }
-            if let Some(s) = scheduler {
-                s.run(stop.cancelled_owned()).await;
+            let Some(s) = scheduler else { return };
+            // A reload may add, remove or reschedule certificates.
+            let waker = s.clone();
+            let wake_on_reload = async {
+                loop {
+                    fleet.reloaded().await;
+                    waker.wake();
+                }
+            };
+            tokio::select! {
+                () = s.run(stop.cancelled_owned()) => {}
+                () = wake_on_reload => {}
             }
         })
     };

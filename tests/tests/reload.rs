@@ -160,6 +160,35 @@ async fn a_certificate_added_on_reload_is_issued_and_distributed_without_a_resta
             && !join.contains(ADVERTISED),
         "{join}"
     );
+
+    // A new renewal policy moves the next renewal at once: the reload
+    // wakes the scheduler, which otherwise sleeps up to 10 minutes.
+    let before = next_renewal(&cluster).await.expect("cn has a next renewal");
+    let line = reload(&mut cluster, |config| {
+        config + "\n[renewal]\nshare_left = 0.9\nmax_jitter_secs = 0\n"
+    })
+    .await;
+    assert!(line.contains("applied=[renewal]"), "{line}");
+    let year = 365 * 24 * 3600;
+    eventually(
+        "the next renewal moved by the new policy",
+        RELOAD,
+        || async {
+            next_renewal(&cluster)
+                .await
+                .filter(|at| *at < before - year)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: it was {before}\n{}", cluster.logs()));
+}
+
+/// When `certfleet certificates` says [`CERT`] renews next.
+async fn next_renewal(cluster: &Cluster) -> Option<i64> {
+    let out = cluster.ctl(&["--json", "certificates"]).await.ok()?;
+    let listed = out.last_json();
+    let cn = listed.as_array()?.iter().find(|c| c["name"] == CERT)?;
+    cn["next_renewal_unix"].as_i64().filter(|at| *at > 0)
 }
 
 #[tokio::test(flavor = "multi_thread")]
