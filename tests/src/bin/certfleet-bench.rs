@@ -26,6 +26,9 @@
 //! distribute and restart, through the agents, then with every node made
 //! SSH-only (a real sshd each, strict host keys, one master per node).
 //!
+//! With `--installs N` it measures only the agents' share of a distribute
+//! on this disk: N of the agent's installers writing a version at once.
+//!
 //! With `--peers` it measures only `certfleet issue` against certbot,
 //! dehydrated, lego and acme-tiny on one 4-node webroot cluster (see
 //! `peers`); with `--scale`, certfleet alone from 1 to 1,000 nodes and 1 to
@@ -43,6 +46,8 @@ use clap::Parser;
 // The crate root of a binary looks for modules beside it, where cargo would
 // take each file for a binary of its own: these live in a directory named
 // after the binary instead.
+#[path = "certfleet-bench/installs.rs"]
+mod installs;
 #[path = "certfleet-bench/peers.rs"]
 mod peers;
 #[path = "certfleet-bench/plot.rs"]
@@ -91,6 +96,11 @@ struct Args {
     /// Seconds `--scheduler` leaves the scheduler running idle.
     #[arg(long, default_value_t = 10)]
     idle_secs: u64,
+    /// Measure only the agent's file work of a distribute: this many of
+    /// its installers on this disk install a new version at once (see
+    /// `installs`).
+    #[arg(long)]
+    installs: Option<usize>,
     /// Measure only `certfleet issue` against certbot, dehydrated, lego
     /// and acme-tiny on the same 4-node cluster (each `--runs` times).
     #[arg(long)]
@@ -191,6 +201,9 @@ async fn main() -> anyhow::Result<()> {
             args.perf.as_deref(),
         )
         .await;
+    }
+    if let Some(n) = args.installs {
+        return installs::bench(n);
     }
     if let Some(certificates) = args.scheduler {
         return scheduler::bench(certificates, Duration::from_secs(args.idle_secs)).await;
