@@ -563,66 +563,27 @@ async fn check_expiry(fleet: &Fleet, days: u32) {
     }
 }
 
-/// Each node's served leaves, with the notAfter of each: from the node's
-/// installed version when it serves that, else from the store's version
-/// with that leaf. A leaf certfleet never stored is left out (its expiry
-/// is not known here).
+/// Each node's served leaves, each with the endpoints serving it and its
+/// notAfter (`FleetStatus::served_leaves`).
 fn served(fleet: &Fleet, name: &str, status: &crate::status::FleetStatus) -> Vec<Serving> {
-    let mut known: Vec<(String, u32, i64)> = Vec::new();
     let mut out: Vec<Serving> = Vec::new();
-    for node in &status.nodes {
-        let Ok(answer) = &node.result else { continue };
-        for endpoint in &answer.served {
-            let Ok(sha) = &endpoint.result else { continue };
-            let found = if *sha == answer.leaf_sha256 {
-                Some((answer.version, answer.not_after))
-            } else {
-                stored_expiry(fleet, name, sha, &mut known)
-            };
-            let Some((version, not_after)) = found else {
-                continue;
-            };
-            let where_ = format!("{} {}", endpoint.service, endpoint.address);
-            match out
-                .iter_mut()
-                .find(|s| s.node == node.node && s.leaf_sha256 == *sha)
-            {
-                Some(s) => s.endpoints.push(where_),
-                None => out.push(Serving {
-                    node: node.node.clone(),
-                    endpoints: vec![where_],
-                    leaf_sha256: sha.clone(),
-                    version: Some(version),
-                    not_after,
-                }),
-            }
+    for leaf in status.served_leaves(fleet, name) {
+        let where_ = format!("{} {}", leaf.endpoint.service, leaf.endpoint.address);
+        match out
+            .iter_mut()
+            .find(|s| s.node == leaf.node && s.leaf_sha256 == leaf.leaf_sha256)
+        {
+            Some(s) => s.endpoints.push(where_),
+            None => out.push(Serving {
+                node: leaf.node.to_owned(),
+                endpoints: vec![where_],
+                leaf_sha256: leaf.leaf_sha256.to_owned(),
+                version: Some(leaf.version),
+                not_after: leaf.not_after,
+            }),
         }
     }
     out
-}
-
-/// The version of `name` whose leaf is `sha`, and its notAfter, from the
-/// store (remembered in `known`).
-fn stored_expiry(
-    fleet: &Fleet,
-    name: &str,
-    sha: &str,
-    known: &mut Vec<(String, u32, i64)>,
-) -> Option<(u32, i64)> {
-    if known.is_empty() {
-        let latest = fleet.store().latest_version(name).ok()?;
-        for version in 1..=latest {
-            if let Ok(Some((fullchain, _))) = fleet.store().read_version(name, version)
-                && let Ok(b) = certfleet_proto::bundle::Bundle::parse(&fullchain, None, &[])
-            {
-                known.push((b.leaf_sha256_hex(), version, b.not_after));
-            }
-        }
-    }
-    known
-        .iter()
-        .find(|(s, _, _)| s == sha)
-        .map(|(_, v, n)| (*v, *n))
 }
 
 #[cfg(test)]

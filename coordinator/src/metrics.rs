@@ -393,59 +393,26 @@ async fn probe(fleet: &Fleet) -> Probed {
                 continue;
             }
         };
-        let mut expiry = StoredExpiry::default();
-        for node in &status.nodes {
-            let answer = node.result.as_ref().ok();
-            out.nodes.push(NodeProbe {
-                certificate: name.clone(),
-                node: node.node.clone(),
-                version: answer.map(|a| a.version),
-            });
-            let Some(answer) = answer else { continue };
-            for endpoint in &answer.served {
-                let Ok(sha) = &endpoint.result else { continue };
-                let not_after = if *sha == answer.leaf_sha256 {
-                    Some(answer.not_after)
-                } else {
-                    expiry.of(fleet, &name, sha)
-                };
-                // A leaf certfleet never stored: its expiry is not known here.
-                let Some(not_after) = not_after else { continue };
-                out.served.push(Served {
+        out.nodes.extend(status.nodes.iter().map(|node| NodeProbe {
+            certificate: name.clone(),
+            node: node.node.clone(),
+            version: node.result.as_ref().ok().map(|a| a.version),
+        }));
+        out.served.extend(
+            status
+                .served_leaves(fleet, &name)
+                .into_iter()
+                .map(|leaf| Served {
                     certificate: name.clone(),
-                    node: node.node.clone(),
-                    service: endpoint.service.clone(),
-                    endpoint: endpoint.address.clone(),
-                    not_after,
-                });
-            }
-        }
+                    node: leaf.node.to_owned(),
+                    service: leaf.endpoint.service.clone(),
+                    endpoint: leaf.endpoint.address.clone(),
+                    not_after: leaf.not_after,
+                }),
+        );
     }
     out.at = Some(clock::now());
     out
-}
-
-/// The notAfter of each stored version of one certificate by leaf
-/// SHA-256, read from the store the first time a node serves a leaf other
-/// than the one it has installed (mid-rollout, or rolled back).
-#[derive(Default)]
-struct StoredExpiry(Option<Vec<(String, i64)>>);
-
-impl StoredExpiry {
-    fn of(&mut self, fleet: &Fleet, name: &str, sha: &str) -> Option<i64> {
-        let known = self.0.get_or_insert_with(|| {
-            let store = fleet.store();
-            let latest = store.latest_version(name).unwrap_or(0);
-            (1..=latest)
-                .filter_map(|v| store.read_version(name, v).ok().flatten())
-                .filter_map(|(chain, _)| {
-                    certfleet_proto::bundle::Bundle::parse(&chain, None, &[]).ok()
-                })
-                .map(|b| (b.leaf_sha256_hex(), b.not_after))
-                .collect()
-        });
-        known.iter().find(|(s, _)| s == sha).map(|(_, n)| *n)
-    }
 }
 
 /// Serves `/metrics` on `listener` and probes the nodes every

@@ -7,7 +7,7 @@
 use crate::db::{DbError, Installed, RolloutStep, RolloutSummary};
 use crate::error::ErrorKind;
 use crate::fleet::{Fleet, FleetError};
-use crate::transport::NodeCertificate;
+use crate::transport::{NodeCertificate, ServedReport};
 
 /// Why a certificate's status could not be gathered.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +54,68 @@ pub struct NodeStatus {
 pub struct LastRollout {
     pub summary: RolloutSummary,
     pub steps: Vec<RolloutStep>,
+}
+
+/// One endpoint serving a leaf whose expiry is known, from a status.
+#[derive(Debug)]
+pub struct ServedLeaf<'a> {
+    pub node: &'a str,
+    pub endpoint: &'a ServedReport,
+    pub leaf_sha256: &'a str,
+    pub version: u32,
+    pub not_after: i64,
+}
+
+impl FleetStatus {
+    /// Every endpoint the nodes of certificate `name` serve a leaf on, with
+    /// that leaf's version and notAfter: the node's installed version when
+    /// it serves that, else the store's version with that leaf (read once,
+    /// the first time a node serves another: mid-rollout, or rolled back).
+    /// A leaf certfleet never stored is left out: its expiry is not known
+    /// here.
+    pub fn served_leaves(&self, fleet: &Fleet, name: &str) -> Vec<ServedLeaf<'_>> {
+        let mut stored: Option<Vec<(String, u32, i64)>> = None;
+        let mut out = Vec::new();
+        for node in &self.nodes {
+            let Ok(answer) = &node.result else { continue };
+            for endpoint in &answer.served {
+                let Ok(sha) = &endpoint.result else { continue };
+                let found = if *sha == answer.leaf_sha256 {
+                    Some((answer.version, answer.not_after))
+                } else {
+                    stored
+                        .get_or_insert_with(|| stored_leaves(fleet, name))
+                        .iter()
+                        .find(|(s, _, _)| s == sha)
+                        .map(|(_, version, not_after)| (*version, *not_after))
+                };
+                let Some((version, not_after)) = found else {
+                    continue;
+                };
+                out.push(ServedLeaf {
+                    node: &node.node,
+                    endpoint,
+                    leaf_sha256: sha,
+                    version,
+                    not_after,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// Each stored version of `name`: its leaf SHA-256, number and notAfter.
+fn stored_leaves(fleet: &Fleet, name: &str) -> Vec<(String, u32, i64)> {
+    let store = fleet.store();
+    let latest = store.latest_version(name).unwrap_or(0);
+    (1..=latest)
+        .filter_map(|version| {
+            let (chain, _) = store.read_version(name, version).ok().flatten()?;
+            let bundle = certfleet_proto::bundle::Bundle::parse(&chain, None, &[]).ok()?;
+            Some((bundle.leaf_sha256_hex(), version, bundle.not_after))
+        })
+        .collect()
 }
 
 /// Asks every node serving `name` what it has and serves, and reads what
@@ -185,6 +247,65 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "no certificate named \"web\" in the config"
+        );
+    }
+
+    #[test]
+    fn a_served_leaf_has_its_installed_or_its_stored_expiry_and_an_unknown_one_none() {
+        let bench = Bench::new();
+        let fleet = bench.fleet(1, 1);
+        let stored = |version| {
+            let (chain, _) = fleet.store().read_version("cn", version).unwrap().unwrap();
+            certfleet_proto::bundle::Bundle::parse(&chain, None, &[])
+                .unwrap()
+                .not_after
+        };
+        let endpoint = |address: &str, result: Result<&str, &str>| ServedReport {
+            service: "web".into(),
+            address: address.into(),
+            result: result.map(str::to_owned).map_err(str::to_owned),
+        };
+        let node = |name: &str, served| NodeStatus {
+            node: name.into(),
+            result: Ok(NodeCertificate {
+                version: 2,
+                leaf_sha256: bench.v2.1.clone(),
+                intact: true,
+                problem: String::new(),
+                // Not version 2's own: shows which source was used.
+                not_after: 42,
+                served,
+            }),
+            recorded: None,
+        };
+        let status = FleetStatus {
+            live: Some(bench.v2.clone()),
+            nodes: vec![
+                node(
+                    "n0",
+                    vec![
+                        endpoint("a:443", Ok(&bench.v2.1)),
+                        endpoint("b:443", Ok(&bench.v1.1)),
+                        endpoint("c:443", Ok("someone else's leaf")),
+                        endpoint("d:443", Err("connection refused")),
+                    ],
+                ),
+                NodeStatus {
+                    node: "n1".into(),
+                    result: Err("(127.0.0.3:7443): unreachable".into()),
+                    recorded: None,
+                },
+            ],
+            last_rollout: None,
+        };
+        let leaves: Vec<_> = status
+            .served_leaves(&fleet, "cn")
+            .into_iter()
+            .map(|l| (l.node, l.endpoint.address.as_str(), l.version, l.not_after))
+            .collect();
+        assert_eq!(
+            leaves,
+            [("n0", "a:443", 2, 42), ("n0", "b:443", 1, stored(1))]
         );
     }
 }
