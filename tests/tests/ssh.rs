@@ -255,17 +255,22 @@ async fn a_mixed_cluster_issues_distributes_and_rolls_out_over_agents_and_ssh() 
 /// Node 2 as an SSH-only node of its own cluster, its host key not yet
 /// trusted.
 async fn ssh_only_untrusted() -> (Cluster, Sshd) {
+    ssh_only_untrusted_with(NGINX_TARGETS).await
+}
+
+/// [`ssh_only_untrusted`], with `targets` on every node.
+async fn ssh_only_untrusted_with(targets: &str) -> (Cluster, Sshd) {
     certfleet_tests::cluster::ensure_ssl_cert_group().unwrap();
     let mut c = Cluster::start(ClusterSpec {
         nodes: 3,
         http01: Http01::WebrootNginx,
-        agent_certificates: NGINX_TARGETS.to_owned(),
+        agent_certificates: targets.to_owned(),
         ..Default::default()
     })
     .await
     .unwrap();
     let sshd = c.start_sshd(2).await.unwrap();
-    c.write_node_spec(2, NGINX_TARGETS).unwrap();
+    c.write_node_spec(2, targets).unwrap();
     make_ssh_only(&mut c, 2, &sshd.destination()).await;
     (c, sshd)
 }
@@ -458,7 +463,17 @@ fn masters_under(dir: &Path) -> Vec<u32> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_coordinator_killed_mid_rollout_leaves_no_ssh_master_after_restart() {
-    let (mut c, sshd) = ssh_only_untrusted().await;
+    // Services that restart without a web server, so the rollout gets past
+    // the agent nodes to the SSH node's slow one.
+    let (files, _) = NGINX_TARGETS
+        .split_once("[[certificates.services]]")
+        .unwrap();
+    let service = |restart: &str, timeout: u32| {
+        format!(
+            "{files}[[certificates.services]]\nname = \"web\"\ncheck = [\"true\"]\nrestart = {restart}\ntimeout_secs = {timeout}\n"
+        )
+    };
+    let (mut c, sshd) = ssh_only_untrusted_with(&service(r#"["true"]"#, 5)).await;
     let name = c.nodes[2].name.clone();
     ctl_ok(
         &c,
@@ -472,13 +487,8 @@ async fn a_coordinator_killed_mid_rollout_leaves_no_ssh_master_after_restart() {
     )
     .await;
     // A slow restart on the SSH node keeps the rollout in flight.
-    let slow = NGINX_TARGETS
-        .replace("timeout_secs = 5", "timeout_secs = 60")
-        .replace(
-            "restart = [\"nginx\", \"-s\", \"reload\"",
-            "restart = [\"sh\", \"-c\", \"sleep 30\", \"nginx\", \"-s\", \"reload\"",
-        );
-    c.write_node_spec(2, &slow).unwrap();
+    c.write_node_spec(2, &service(r#"["sleep", "30"]"#, 60))
+        .unwrap();
     let out = c.issue().await.unwrap();
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
     let ctl = bin_ctl(&c, &["rollout", CERT]);
@@ -490,7 +500,16 @@ async fn a_coordinator_killed_mid_rollout_leaves_no_ssh_master_after_restart() {
     .await
     .unwrap();
     // Mid-rollout: the SSH node's restart is running.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    eventually(
+        "the SSH node's slow restart",
+        Duration::from_secs(60),
+        || {
+            let running = slow_restarts();
+            async move { (!running.is_empty()).then_some(()) }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     let pid = c.coordinator.as_ref().unwrap().pid().unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
@@ -529,6 +548,19 @@ async fn a_coordinator_killed_mid_rollout_leaves_no_ssh_master_after_restart() {
         "{}",
         c.logs()
     );
+}
+
+/// The processes running the slow restart command (`sleep 30`).
+fn slow_restarts() -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"sleep\x0030\x00")
+        })
+        .collect()
 }
 
 /// Starts `certfleet ARGS` against `c` in the background.
