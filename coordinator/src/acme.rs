@@ -58,11 +58,13 @@ pub enum AcmeSetupError {
 }
 
 /// The file `certfleet-coordinator init --agree-tos` leaves under
-/// `<state>/acme/`: the operator accepted the CA's terms of service there.
+/// `<state>/acme/`: one line per CA directory whose terms of service the
+/// operator accepted there.
 pub const TOS_AGREED_FILE: &str = "terms-of-service-agreed";
 
 /// Records that the operator accepted the terms of service of the CA that
-/// `config` names (`certfleet-coordinator init --agree-tos`).
+/// `config` names, and of its staging CA if it names one (`certfleet-
+/// coordinator init --agree-tos`). Directories accepted before stay.
 pub fn record_tos_agreement(config: &crate::config::Config) -> Result<(), AcmeSetupError> {
     let dir = config.state_dir.join("acme");
     let path = dir.join(TOS_AGREED_FILE);
@@ -71,8 +73,30 @@ pub fn record_tos_agreement(config: &crate::config::Config) -> Result<(), AcmeSe
         reason: e.to_string(),
     };
     fsio::create_private_dir(&dir).map_err(err)?;
-    let note = format!("accepted for {}\n", config.acme.directory);
+    let mut note = match std::fs::read_to_string(&path) {
+        Ok(note) => note,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(err(e)),
+    };
+    let acme = &config.acme;
+    for directory in std::iter::once(&acme.directory).chain(&acme.staging_directory) {
+        if !tos_agreed_in(&note, directory) {
+            note.push_str(&tos_line(directory));
+        }
+    }
     fsio::write_atomic(&path, note.as_bytes(), 0o600).map_err(err)
+}
+
+fn tos_line(directory: &str) -> String {
+    format!("accepted for {directory}\n")
+}
+
+/// Whether the marker `note` records the terms of the CA at `directory`:
+/// accepting one CA's terms accepts no other's, so pointing `[acme]` at
+/// another CA asks again.
+fn tos_agreed_in(note: &str, directory: &str) -> bool {
+    note.lines()
+        .any(|l| l.strip_prefix("accepted for ") == Some(directory))
 }
 
 /// instant-acme's HTTP client: hyper with rustls (aws-lc-rs).
@@ -271,7 +295,9 @@ impl AcmeAccount {
                 Ok(account)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if !self.config.agree_tos && !self.dir.join(TOS_AGREED_FILE).exists() {
+                let note = std::fs::read_to_string(self.dir.join(TOS_AGREED_FILE));
+                let agreed = note.is_ok_and(|n| tos_agreed_in(&n, &self.config.directory));
+                if !self.config.agree_tos && !agreed {
                     return Err(AcmeSetupError::TermsNotAgreed {
                         terms: self.terms_url().await,
                     });
@@ -874,6 +900,37 @@ mod tests {
     use instant_acme::Problem;
 
     use super::*;
+
+    #[test]
+    fn the_terms_are_accepted_per_ca_directory() {
+        let state = tempfile::tempdir().unwrap();
+        let toml = |extra: &str| {
+            format!(
+                "state_dir = \"{}\"\n[acme]\ndirectory = \"https://ca.example/dir\"\n{extra}[enrollment]\nlisten = \"127.0.0.1:7444\"\n",
+                state.path().display()
+            )
+        };
+        let config = crate::config::Config::from_toml_str(&toml(""), "t.toml").unwrap();
+        record_tos_agreement(&config).unwrap();
+        let note =
+            std::fs::read_to_string(state.path().join("acme").join(TOS_AGREED_FILE)).unwrap();
+        assert!(tos_agreed_in(&note, "https://ca.example/dir"), "{note}");
+        // Another CA (or one whose URL merely starts the same) asks again.
+        assert!(!tos_agreed_in(&note, "https://other.example/dir"));
+        assert!(!tos_agreed_in(&note, "https://ca.example/dir2"));
+
+        // Accepting again with a staging CA adds it and keeps the first.
+        let staging = "staging_directory = \"https://staging.example/dir\"\n";
+        let config = crate::config::Config::from_toml_str(&toml(staging), "t.toml").unwrap();
+        record_tos_agreement(&config).unwrap();
+        record_tos_agreement(&config).unwrap();
+        let note =
+            std::fs::read_to_string(state.path().join("acme").join(TOS_AGREED_FILE)).unwrap();
+        assert_eq!(
+            note,
+            "accepted for https://ca.example/dir\naccepted for https://staging.example/dir\n"
+        );
+    }
 
     /// A failed handshake as hyper-rustls hands it on: rustls' error in
     /// tokio-rustls' io::Error in its own.

@@ -386,6 +386,22 @@ async fn no_account_is_made_until_the_operator_accepts_the_terms() {
                 .count()
                 == 0
     );
+    // Terms accepted for another CA's directory are not these.
+    let acme = cluster.state_dir.join("acme");
+    std::fs::create_dir_all(&acme).unwrap();
+    let marker = acme.join("terms-of-service-agreed");
+    std::fs::write(
+        &marker,
+        "accepted for https://acme-staging.example/directory\n",
+    )
+    .unwrap();
+    let out = cluster.issue().await.unwrap();
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    let said = format!("{}{}", out.stdout, out.stderr);
+    assert!(
+        said.contains("terms of service have not been accepted"),
+        "{said}"
+    );
     // `init --agree-tos` records the choice; the next issue makes the account.
     let init = std::process::Command::new(certfleet_tests::process::bin("certfleet-coordinator"))
         .arg("--config")
@@ -393,15 +409,20 @@ async fn no_account_is_made_until_the_operator_accepts_the_terms() {
         .args(["init", "--agree-tos"])
         .output()
         .unwrap();
-    // On a cluster that has its CA, init only records the agreement.
+    // On a cluster that has its CA, init only records the agreement, for
+    // this CA's directory, beside the one recorded before.
     assert!(
-        init.status.success()
-            && cluster
-                .state_dir
-                .join("acme/terms-of-service-agreed")
-                .exists(),
+        init.status.success(),
         "{}",
         String::from_utf8_lossy(&init.stderr)
+    );
+    let recorded = std::fs::read_to_string(&marker).unwrap();
+    assert_eq!(
+        recorded,
+        format!(
+            "accepted for https://acme-staging.example/directory\naccepted for {}\n",
+            cluster.pebble.directory_url()
+        )
     );
     let out = cluster.issue().await.unwrap();
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);

@@ -140,8 +140,14 @@ fn init(config: &Config, force: bool, agree_tos: bool) -> ExitCode {
         }
         // Run again only to accept the terms: the CA stays as it is.
         Err(PkiError::Exists(_)) if agree_tos && !force => {
+            let staging = config
+                .acme
+                .staging_directory
+                .as_ref()
+                .map(|s| format!(" and of {s}"))
+                .unwrap_or_default();
             println!(
-                "recorded that you accept the terms of service of {}; the cluster CA already exists and is kept",
+                "recorded that you accept the terms of service of {}{staging}; the cluster CA already exists and is kept",
                 config.acme.directory
             );
             ExitCode::SUCCESS
