@@ -35,6 +35,24 @@ impl LogFormat {
     pub const NAMES: [&'static str; 2] = ["text", "json"];
 }
 
+/// `--log-format`, as both daemons take it (`#[command(flatten)]`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// How to write logs to stderr: text (coloured only on a terminal) or
+    /// json (one object per line).
+    #[arg(
+        long,
+        global = true,
+        value_name = "FORMAT",
+        default_value = "text",
+        value_parser = clap::builder::TypedValueParser::map(
+            clap::builder::PossibleValuesParser::new(LogFormat::NAMES),
+            |name| name.parse::<LogFormat>().expect("one of LogFormat::NAMES"),
+        ),
+    )]
+    pub log_format: LogFormat,
+}
+
 impl fmt::Display for LogFormat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

@@ -20,7 +20,7 @@ use certfleet_agent::snippet::{Listen, Snippet, WebServer};
 use certfleet_agent::{Listeners, run_with_installer};
 use certfleet_proto::cause_chain::Chain;
 use certfleet_proto::clock;
-use certfleet_proto::logging::{self, LogFormat};
+use certfleet_proto::logging::{self, LogArgs};
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{ArgGroup, Parser, Subcommand};
 use tokio::net::TcpListener;
@@ -39,17 +39,8 @@ struct Args {
     /// Path of the agent's config file.
     #[arg(long, global = true, default_value = "/etc/certfleet/agent.toml")]
     config: PathBuf,
-    /// How to write logs to stderr: text (coloured only on a terminal) or
-    /// json (one object per line).
-    #[arg(
-        long,
-        global = true,
-        value_name = "FORMAT",
-        default_value = "text",
-        value_parser = PossibleValuesParser::new(LogFormat::NAMES)
-            .map(|name| name.parse::<LogFormat>().expect("one of LogFormat::NAMES")),
-    )]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -123,7 +114,7 @@ fn main() -> ExitCode {
         };
     }
     certfleet_proto::restrict_umask();
-    logging::init(args.log_format);
+    logging::init(args.log.log_format);
     let config = match Config::load(&args.config) {
         Ok(config) => config,
         Err(e) => {

@@ -21,8 +21,7 @@ use certfleet_coordinator::fleet::{Fleet, Reloaded};
 use certfleet_coordinator::pki::{self, PkiError};
 use certfleet_coordinator::{Listeners, SetupError, admin, build, run};
 use certfleet_proto::cause_chain::Chain;
-use certfleet_proto::logging::{self, LogFormat};
-use clap::builder::{PossibleValuesParser, TypedValueParser};
+use certfleet_proto::logging::{self, LogArgs};
 use clap::{Parser, Subcommand};
 
 /// How this program names itself in messages.
@@ -35,17 +34,8 @@ struct Args {
     /// Path of the coordinator's config file.
     #[arg(long, global = true, default_value = "/etc/certfleet/coordinator.toml")]
     config: PathBuf,
-    /// How to write logs to stderr: text (coloured only on a terminal) or
-    /// json (one object per line).
-    #[arg(
-        long,
-        global = true,
-        value_name = "FORMAT",
-        default_value = "text",
-        value_parser = PossibleValuesParser::new(LogFormat::NAMES)
-            .map(|name| name.parse::<LogFormat>().expect("one of LogFormat::NAMES")),
-    )]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -86,7 +76,7 @@ fn main() -> ExitCode {
         };
     }
     certfleet_proto::restrict_umask();
-    logging::init(args.log_format);
+    logging::init(args.log.log_format);
     let config = match Config::load(&args.config) {
         Ok(config) => config,
         Err(e) => {
