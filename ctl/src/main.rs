@@ -512,13 +512,9 @@ async fn import(
         privkey_pem: read.privkey_pem,
         domains: read.domains,
     };
-    match client.import(request).await {
-        Ok(r) => {
-            render::imported(&read.name, &domains_from, r.into_inner().imported, json);
-            Outcome::Ok
-        }
-        Err(status) => refused(&status),
-    }
+    answered(client.import(request).await, |r| {
+        render::imported(&read.name, &domains_from, r.imported, json);
+    })
 }
 
 /// `certfleet revoke`.
@@ -529,13 +525,9 @@ async fn revoke(
 ) -> Outcome {
     let name = request.certificate.clone();
     let reason = request.reason.clone();
-    match client.revoke(request).await {
-        Ok(r) => {
-            render::revoked(&name, &reason, &r.into_inner(), json);
-            Outcome::Ok
-        }
-        Err(status) => refused(&status),
-    }
+    answered(client.revoke(request).await, |r| {
+        render::revoked(&name, &reason, &r, json);
+    })
 }
 
 /// Asks on the terminal whether to delete `certificate`; `false` (after
@@ -590,24 +582,14 @@ async fn account(
             Some("rolled the key over; the new credentials are stored"),
         ),
     };
-    match answer {
-        Ok(r) => {
-            render::account(&r.into_inner(), done, json);
-            Outcome::Ok
-        }
-        Err(status) => refused(&status),
-    }
+    answered(answer, |r| render::account(&r, done, json))
 }
 
 /// `certfleet outbox`.
 async fn outbox(mut client: AdminClient<Channel>, json: bool) -> Outcome {
-    match client.outbox(pb::OutboxRequest {}).await {
-        Ok(r) => {
-            render::outbox(&r.into_inner(), json);
-            Outcome::Ok
-        }
-        Err(status) => refused(&status),
-    }
+    answered(client.outbox(pb::OutboxRequest {}).await, |r| {
+        render::outbox(&r, json);
+    })
 }
 
 /// `certfleet history`.
@@ -621,13 +603,9 @@ async fn history(
         certificate: certificate.to_owned(),
         limit,
     };
-    match client.history(request).await {
-        Ok(r) => {
-            render::history(certificate, &r.into_inner().operations, json);
-            Outcome::Ok
-        }
-        Err(status) => refused(&status),
-    }
+    answered(client.history(request).await, |r| {
+        render::history(certificate, &r.operations, json);
+    })
 }
 
 /// `certfleet renew`: one stream for every certificate, each part ending
@@ -672,16 +650,10 @@ async fn renew(
 
 /// `certfleet approvals`.
 async fn approvals(mut client: AdminClient<Channel>, recent: u32, json: bool) -> Outcome {
-    match client
+    let answer = client
         .list_approvals(pb::ListApprovalsRequest { recent })
-        .await
-    {
-        Ok(r) => {
-            render::approvals(&r.into_inner().approvals, json);
-            Outcome::Ok
-        }
-        Err(status) => refused(&status),
-    }
+        .await;
+    answered(answer, |r| render::approvals(&r.approvals, json))
 }
 
 /// `certfleet reject`.
@@ -690,29 +662,19 @@ async fn reject(mut client: AdminClient<Channel>, id: &str, comment: &str, json:
         id: id.to_owned(),
         comment: comment.to_owned(),
     };
-    match client.reject(request).await {
-        Ok(r) => {
-            if let Some(a) = r.into_inner().approval {
-                render::rejected(&a, json);
-            }
-            Outcome::Ok
+    answered(client.reject(request).await, |r| {
+        if let Some(a) = r.approval {
+            render::rejected(&a, json);
         }
-        Err(status) => refused(&status),
-    }
+    })
 }
 
 /// `certfleet certificates`.
 async fn certificates(mut client: AdminClient<Channel>, json: bool) -> Outcome {
-    match client
+    let answer = client
         .list_certificates(pb::ListCertificatesRequest {})
-        .await
-    {
-        Ok(r) => {
-            render::certificates(&r.into_inner().certificates, json);
-            Outcome::Ok
-        }
-        Err(status) => refused(&status),
-    }
+        .await;
+    answered(answer, |r| render::certificates(&r.certificates, json))
 }
 
 /// `certfleet distribute`.
@@ -772,13 +734,9 @@ async fn node_add(
     json: bool,
 ) -> Outcome {
     let name = request.name.clone();
-    match client.add_node(request).await {
-        Ok(r) => {
-            render::node_added(&name, &r.into_inner(), json);
-            Outcome::Ok
-        }
-        Err(status) => refused(&status),
-    }
+    answered(client.add_node(request).await, |r| {
+        render::node_added(&name, &r, json);
+    })
 }
 
 /// `certfleet node set`.
@@ -787,15 +745,11 @@ async fn node_set(
     request: pb::SetNodeRequest,
     json: bool,
 ) -> Outcome {
-    match client.set_node(request).await {
-        Ok(r) => {
-            if let Some(node) = r.into_inner().node {
-                render::node_set(&node, json);
-            }
-            Outcome::Ok
+    answered(client.set_node(request).await, |r| {
+        if let Some(node) = r.node {
+            render::node_set(&node, json);
         }
-        Err(status) => refused(&status),
-    }
+    })
 }
 
 /// `certfleet node trust-host`: reads the key, shows its fingerprint, and
@@ -830,13 +784,9 @@ async fn node_trust_host(
             first.fingerprint.clone()
         }
     };
-    match client.trust_host(ask(&wanted)).await {
-        Ok(r) => {
-            render::host_trusted(name, &r.into_inner(), &wanted, json);
-            Outcome::Ok
-        }
-        Err(status) => refused(&status),
-    }
+    answered(client.trust_host(ask(&wanted)).await, |r| {
+        render::host_trusted(name, &r, &wanted, json);
+    })
 }
 
 /// Asks on the terminal whether the key with `fingerprint` is `name`'s.
@@ -864,28 +814,20 @@ async fn node_remove(mut client: AdminClient<Channel>, name: &str, json: bool) -
     let request = pb::RemoveNodeRequest {
         name: name.to_owned(),
     };
-    match client.remove_node(request).await {
-        Ok(_) => {
-            if json {
-                outln!("{}", serde_json::json!({ "removed": name }));
-            } else {
-                outln!("removed node {name}: its certificate is refused from now on");
-            }
-            Outcome::Ok
+    answered(client.remove_node(request).await, |_| {
+        if json {
+            outln!("{}", serde_json::json!({ "removed": name }));
+        } else {
+            outln!("removed node {name}: its certificate is refused from now on");
         }
-        Err(status) => refused(&status),
-    }
+    })
 }
 
 /// `certfleet nodes`.
 async fn nodes(mut client: AdminClient<Channel>, json: bool) -> Outcome {
-    match client.list_nodes(pb::ListNodesRequest {}).await {
-        Ok(r) => {
-            render::nodes(&r.into_inner().nodes, json);
-            Outcome::Ok
-        }
-        Err(status) => refused(&status),
-    }
+    answered(client.list_nodes(pb::ListNodesRequest {}).await, |r| {
+        render::nodes(&r.nodes, json);
+    })
 }
 
 /// The admin socket the options, the environment or the coordinator's
@@ -912,6 +854,18 @@ fn admin_socket(cli: &Cli, matches: &ArgMatches) -> Result<AdminSocket, socket::
         None => ConfigFile::Usual(socket::DEFAULT_CONFIG.into()),
     };
     socket::locate(given, &config)
+}
+
+/// Shows a unary call's answer with `show`, or why the coordinator
+/// refused the request.
+fn answered<T>(answer: Result<tonic::Response<T>, tonic::Status>, show: impl FnOnce(T)) -> Outcome {
+    match answer {
+        Ok(r) => {
+            show(r.into_inner());
+            Outcome::Ok
+        }
+        Err(status) => refused(&status),
+    }
 }
 
 /// Maps a refusal of the request itself to an exit code.
