@@ -20,6 +20,9 @@
 //!    rollout cut off is resumed after the last verified node, or, with
 //!    `recovery.rollout = "rollback"`, every node is put back on the
 //!    version the nodes it had not restarted still serve.
+//!
+//! A recovery the coordinator was stopped in is healed as the operation it
+//! was healing, with the steps of both ([`what_to_heal`]).
 
 use std::sync::Arc;
 
@@ -107,10 +110,9 @@ impl Trail<'_> {
 async fn recover_one(fleet: &Arc<Fleet>, issuer: &Issuer, record: &OperationRecord) {
     let db = fleet.db();
     let steps = db.operation_steps(record.id).unwrap_or_default();
-    let trail = Trail(&steps);
     let interrupted = format!(
         "interrupted after step \"{}\": the coordinator stopped",
-        trail.last()
+        Trail(&steps).last()
     );
     if let Err(e) = db.finish_operation(record.id, &interrupted, certfleet_proto::clock::now()) {
         warn!(error = %e, operation = record.id, "cannot close the interrupted operation");
@@ -130,13 +132,14 @@ async fn recover_one(fleet: &Arc<Fleet>, issuer: &Issuer, record: &OperationReco
             );
         }
     });
+    let (healed, steps) = what_to_heal(db, record, steps);
     let healer = Healer {
         fleet,
         issuer,
         op: &op,
         progress: &progress,
-        record,
-        trail,
+        record: &healed,
+        trail: Trail(&steps),
     };
     let outcome = match healer.heal().await {
         Ok(what) => {
@@ -152,7 +155,56 @@ async fn recover_one(fleet: &Arc<Fleet>, issuer: &Issuer, record: &OperationReco
     drop(progress);
     let _ = log.await;
     // The key saved for the interrupted order is stored or useless now.
-    let _ = std::fs::remove_file(pending_key_path(&fleet.config().state_dir, record.id));
+    let _ = std::fs::remove_file(pending_key_path(&fleet.config().state_dir, healed.id));
+}
+
+/// Recoveries followed back at most, in [`what_to_heal`].
+const MAX_RECOVERIES: usize = 16;
+
+/// What healing `record` means: `record` and its `steps`; or, for a
+/// recovery the coordinator was stopped in, the operation that recovery
+/// was healing (followed back through recoveries of recoveries), with
+/// every step journaled for it since, oldest first. So a rollout whose
+/// resumption was cut off in its turn is resumed again, after the nodes
+/// either run verified, rather than only distributed.
+fn what_to_heal(
+    db: &crate::db::Db,
+    record: &OperationRecord,
+    mut steps: Vec<JournalStep>,
+) -> (OperationRecord, Vec<JournalStep>) {
+    let mut record = record.clone();
+    for _ in 0..MAX_RECOVERIES {
+        if record.kind != Operation::Recover.to_string() {
+            break;
+        }
+        let Some(earlier) = healed_id(&steps).and_then(|id| db.operation(id).ok().flatten()) else {
+            break;
+        };
+        let mut trail = db.operation_steps(earlier.id).unwrap_or_default();
+        trail.append(&mut steps);
+        (record, steps) = (earlier, trail);
+    }
+    (record, steps)
+}
+
+/// The operation a recovery healed, from the note it journals first
+/// ([`healing_note`]).
+fn healed_id(steps: &[JournalStep]) -> Option<i64> {
+    let first = steps.iter().find(|s| s.step == step::RECOVERED)?;
+    let rest = first.detail.strip_prefix("operation #")?;
+    rest.split(' ').next()?.parse().ok()
+}
+
+/// A recovery's first note: which operation it heals, and where that one
+/// stopped.
+fn healing_note(r: &OperationRecord, last: &str) -> String {
+    format!(
+        "operation #{} ({} by {}, started {}) was interrupted after \"{last}\"",
+        r.id,
+        r.kind,
+        r.by,
+        certfleet_proto::clock::rfc3339(r.started),
+    )
 }
 
 struct Healer<'a> {
@@ -175,14 +227,7 @@ impl Healer<'_> {
 
     async fn heal(&self) -> Result<String, String> {
         let r = self.record;
-        self.note(&format!(
-            "operation #{} ({} by {}, started {}) was interrupted after \"{}\"",
-            r.id,
-            r.kind,
-            r.by,
-            certfleet_proto::clock::rfc3339(r.started),
-            self.trail.last()
-        ))?;
+        self.note(&healing_note(r, self.trail.last()))?;
         self.remove_tokens().await?;
         let kind = r.kind.as_str();
         let mut done = Vec::new();

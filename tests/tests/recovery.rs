@@ -80,10 +80,7 @@ fn archived(cluster: &Cluster) -> usize {
 /// waits until the coordinator says it paused, and kills it with SIGKILL.
 async fn kill_at(cluster: &mut Cluster, point: &str, command: Command) {
     cluster.coordinator.as_mut().unwrap().kill();
-    cluster.coordinator_env = vec![(PAUSE_ENV.to_owned(), point.to_owned())];
-    let before = cluster.coordinator_log().len();
-    cluster.start_coordinator().await.unwrap();
-    cluster.coordinator_env.clear();
+    let before = start_paused_at(cluster, point).await;
     let mut ctl = tokio::process::Command::new(certfleet_tests::process::bin("certfleet"))
         .arg("--socket")
         .arg(&cluster.socket)
@@ -92,6 +89,25 @@ async fn kill_at(cluster: &mut Cluster, point: &str, command: Command) {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    kill_when_paused(cluster, before, point).await;
+    // The admin's command loses its coordinator and ends.
+    let _ = tokio::time::timeout(Duration::from_secs(10), ctl.wait()).await;
+    let _ = ctl.kill().await;
+}
+
+/// Starts the (stopped) coordinator with the pause at `point`; returns
+/// where its log stood before.
+async fn start_paused_at(cluster: &mut Cluster, point: &str) -> usize {
+    cluster.coordinator_env = vec![(PAUSE_ENV.to_owned(), point.to_owned())];
+    let before = cluster.coordinator_log().len();
+    cluster.start_coordinator().await.unwrap();
+    cluster.coordinator_env.clear();
+    before
+}
+
+/// Waits until the coordinator logs, after `before`, that it paused at
+/// `point`, and kills it with SIGKILL.
+async fn kill_when_paused(cluster: &mut Cluster, before: usize, point: &str) {
     eventually(
         &format!("the coordinator to pause at {point}"),
         Duration::from_secs(60),
@@ -105,9 +121,6 @@ async fn kill_at(cluster: &mut Cluster, point: &str, command: Command) {
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", cluster.coordinator_log()));
     cluster.coordinator.as_mut().unwrap().kill();
-    // The admin's command loses its coordinator and ends.
-    let _ = tokio::time::timeout(Duration::from_secs(10), ctl.wait()).await;
-    let _ = ctl.kill().await;
 }
 
 /// The id of the newest operation in the history (0: none).
@@ -296,6 +309,65 @@ async fn a_rollout_killed_mid_way_is_resumed_at_restart() {
             "{context}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollout_whose_resumption_is_killed_too_is_resumed_again() {
+    let mut cluster = cluster("").await;
+    // Killed after the first node is verified; the recovery resumes with
+    // the second node and is killed once that one is verified.
+    let out = cluster.issue().await.unwrap();
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    kill_at(&mut cluster, "verified", Command::Rollout).await;
+    let before = start_paused_at(&mut cluster, "verified").await;
+    kill_when_paused(&mut cluster, before, "verified").await;
+    // Two nodes were restarted onto the new version, one was not.
+    let mut served = BTreeSet::new();
+    for node in &cluster.nodes {
+        let addr = std::net::SocketAddr::new(node.ip, cluster.tls_port);
+        served.insert(served_leaf_sha256(addr, &shared_name()).await.unwrap());
+    }
+    assert_eq!(served.len(), 2, "the test needs a node left behind");
+
+    // The killed recovery is closed as interrupted first: wait for the
+    // one healing it to end.
+    cluster.start_coordinator().await.unwrap();
+    let history = eventually(
+        "the second recovery to end",
+        Duration::from_secs(120),
+        || async {
+            let out = cluster.ctl(&["--json", "history", CERT]).await.ok()?;
+            let ops = out.last_json().as_array()?.clone();
+            let newest = ops.first()?;
+            let outcome = newest["outcome"].as_str()?;
+            let ended = newest["kind"] == "recovery"
+                && outcome != "running"
+                && !outcome.starts_with("interrupted");
+            ended.then_some(ops)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.coordinator_log()));
+    let context = format!("{history:#?}");
+    // Newest first: this recovery, the one killed, the rollout.
+    assert_eq!(history[0]["kind"], "recovery", "{context}");
+    assert_eq!(history[0]["outcome"], "ok", "{context}");
+    assert_eq!(history[1]["kind"], "recovery", "{context}");
+    assert_eq!(history[2]["kind"], "rollout", "{context}");
+    let text = cluster.ctl(&["history", CERT]).await.unwrap().stdout;
+    assert!(
+        text.contains(&format!("operation #{} (rollout", history[2]["id"])),
+        "{text}"
+    );
+    assert!(text.contains("resumed the rollout"), "{text}");
+    let s = status(&cluster).await;
+    assert_eq!(s["all_serving_live"], true, "{context}\n{s:#}");
+    assert_eq!(
+        one_served_leaf(&cluster).await,
+        s["live_sha256"],
+        "{context}"
+    );
+    no_tokens_left(&cluster).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
