@@ -795,7 +795,12 @@ pub fn spawn_approved(fleet: Arc<Fleet>, request: Request, decider: &Decider) {
     tokio::spawn(async move {
         let op = fleet.locks().acquire(holder, |_| {}).await;
         let progress = Progress::discard();
-        match run_approved(&fleet, &op, &progress, &request).await {
+        let ran = crate::ssh::record_fallbacks(
+            op.journal().clone(),
+            progress.clone(),
+            run_approved(&fleet, &op, &progress, &request),
+        );
+        match ran.await {
             Ok(_) => op.journal().finish("ok"),
             Err(e) => {
                 tracing::warn!(id = request.id, certificate = request.certificate, error = %e, "the approved step failed");

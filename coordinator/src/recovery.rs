@@ -141,7 +141,11 @@ async fn recover_one(fleet: &Arc<Fleet>, issuer: &Issuer, record: &OperationReco
         record: &healed,
         trail: Trail(&steps),
     };
-    let outcome = match healer.heal().await {
+    // A node reached over SSH because its agent was down is journaled in
+    // this recovery, as in an operation an admin runs.
+    let healed_run =
+        crate::ssh::record_fallbacks(op.journal().clone(), progress.clone(), healer.heal());
+    let outcome = match healed_run.await {
         Ok(what) => {
             info!(certificate = record.certificate, operation = record.id, %what, "recovered");
             "ok".to_owned()

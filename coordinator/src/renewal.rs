@@ -730,7 +730,14 @@ impl FleetRenewer {
             .try_acquire(Holder::new(Operation::Renew, name, None))
             .map_err(|busy| busy.to_string())?;
         let options = crate::issue::IssueOptions::default();
-        let run = self.renew_under(&op, &progress, options).await;
+        // A node reached over SSH because its agent was down is journaled
+        // in this renewal, as in one an admin runs.
+        let run = crate::ssh::record_fallbacks(
+            op.journal().clone(),
+            progress.clone(),
+            self.renew_under(&op, &progress, options),
+        )
+        .await;
         let problem = run.problem();
         match run {
             RenewRun::Failed(failed) => {

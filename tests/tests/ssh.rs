@@ -252,6 +252,57 @@ async fn a_mixed_cluster_issues_distributes_and_rolls_out_over_agents_and_ssh() 
     assert!(c.coordinator_log().contains("over SSH"));
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_renewal_by_the_scheduler_journals_its_fallback_to_ssh() {
+    certfleet_tests::cluster::ensure_ssl_cert_group().unwrap();
+    // Due as soon as it is issued; the renewal distributes.
+    let renew_soon =
+        "after_issue = \"distribute\"\n\n[renewal]\nshare_left = 0.9999999\nmax_jitter_secs = 0\n";
+    let mut c = Cluster::start(ClusterSpec {
+        nodes: 2,
+        http01: Http01::WebrootNginx,
+        agent_certificates: NGINX_TARGETS.to_owned(),
+        coordinator_extra: renew_soon.to_owned(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let sshd = c.start_sshd(1).await.unwrap();
+    c.write_node_spec(1, NGINX_TARGETS).unwrap();
+    make_auto_with_agent_down(&mut c, 1, &sshd).await;
+    let name = c.nodes[1].name.clone();
+    ctl_ok(&c, &["node", "trust-host", &name, "--yes"]).await;
+    let out = c.issue().await.unwrap();
+    assert_eq!(out.code, 0, "{}{}\n{}", out.stdout, out.stderr, c.logs());
+
+    let renewal = eventually(
+        "a renewal by the scheduler",
+        Duration::from_secs(90),
+        || async {
+            let out = c.ctl(&["--json", "history", CERT]).await.ok()?;
+            let ops = out.last_json().as_array()?.clone();
+            ops.into_iter().find(|o| {
+                o["by"] == "renewal scheduler"
+                    && o["outcome"].as_str().is_some_and(|r| r != "running")
+            })
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    assert_eq!(renewal["outcome"], "ok", "{renewal:#}");
+    let fallback = renewal["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "fallback")
+        .unwrap_or_else(|| panic!("no fallback step: {renewal:#}"));
+    assert_eq!(fallback["node"], name.as_str(), "{renewal:#}");
+    assert!(
+        fallback["detail"].as_str().unwrap().contains("over SSH"),
+        "{renewal:#}"
+    );
+}
+
 /// Node 2 as an SSH-only node of its own cluster, its host key not yet
 /// trusted.
 async fn ssh_only_untrusted() -> (Cluster, Sshd) {
