@@ -212,7 +212,14 @@ async fn install_all(
                         ok.push((name, install));
                     }
                     Err(e) => {
-                        let reason = format!("({}): {e}", n.node.agent);
+                        let mut reason = format!("({}): {e}", n.node.agent);
+                        // The agent goes on with an install it started.
+                        if matches!(e, TransportError::Timeout(_)) {
+                            let cert = &bundle.certificate;
+                            reason.push_str(&format!(
+                                "; it may still finish installing: `certfleet status {cert}` shows what it has, and `certfleet distribute {cert}` again completes it"
+                            ));
+                        }
                         let line = format!("node {name} {reason}");
                         progress.node(Stage::Distribute, &name, false, line);
                         failed.push((name, reason));
@@ -375,7 +382,9 @@ mod tests {
             failed,
             &[(
                 "n0".to_owned(),
-                format!("(127.0.0.2:7443): no answer within {timeout:?}")
+                format!(
+                    "(127.0.0.2:7443): no answer within {timeout:?}; it may still finish installing: `certfleet status cn` shows what it has, and `certfleet distribute cn` again completes it"
+                )
             )]
         );
         let (at, last) = events.last().unwrap();
