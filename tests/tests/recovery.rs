@@ -173,6 +173,18 @@ async fn one_served_leaf(cluster: &Cluster) -> String {
     seen.into_iter().next().unwrap()
 }
 
+/// Every node serves the live version: `certfleet status` says so, and
+/// handshakes with every node find that one leaf.
+async fn every_node_serves_live(cluster: &Cluster, context: &str) {
+    let s = status(cluster).await;
+    assert_eq!(s["all_serving_live"], true, "{context}\n{s:#}");
+    assert_eq!(
+        one_served_leaf(cluster).await,
+        s["live_sha256"],
+        "{context}"
+    );
+}
+
 /// The leaf SHA-256 of the live version, and of the version on each node's
 /// disk, from `certfleet status`.
 async fn status(cluster: &Cluster) -> Value {
@@ -300,14 +312,7 @@ async fn a_rollout_killed_mid_way_is_resumed_at_restart() {
         assert_eq!(interrupted(&history)["kind"], "rollout", "{context}");
         let text = cluster.ctl(&["history", CERT]).await.unwrap().stdout;
         assert!(text.contains("resumed the rollout"), "{text}");
-        // Every node serves the live version.
-        let s = status(&cluster).await;
-        assert_eq!(s["all_serving_live"], true, "{context}\n{s:#}");
-        assert_eq!(
-            one_served_leaf(&cluster).await,
-            s["live_sha256"],
-            "{context}"
-        );
+        every_node_serves_live(&cluster, &context).await;
     }
 }
 
@@ -360,13 +365,7 @@ async fn a_rollout_whose_resumption_is_killed_too_is_resumed_again() {
         "{text}"
     );
     assert!(text.contains("resumed the rollout"), "{text}");
-    let s = status(&cluster).await;
-    assert_eq!(s["all_serving_live"], true, "{context}\n{s:#}");
-    assert_eq!(
-        one_served_leaf(&cluster).await,
-        s["live_sha256"],
-        "{context}"
-    );
+    every_node_serves_live(&cluster, &context).await;
     no_tokens_left(&cluster).await;
 }
 
