@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -200,6 +201,37 @@ pub struct Config {
     pub ssh: crate::ssh::SshConfig,
     /// `[metrics]`: the Prometheus endpoint; `None`: not served.
     pub metrics: Option<crate::metrics::MetricsConfig>,
+}
+
+/// The running config, shared by everything that reads it as it goes (the
+/// fleet, the notifier) and replaced whole by a reload: a reader takes a
+/// snapshot ([`Running::get`]) and keeps it for as long as it needs one
+/// consistent config.
+#[derive(Debug, Clone)]
+pub struct Running(Arc<RwLock<Arc<Config>>>);
+
+impl Running {
+    pub fn new(config: Arc<Config>) -> Self {
+        Self(Arc::new(RwLock::new(config)))
+    }
+
+    /// The config in force now.
+    pub fn get(&self) -> Arc<Config> {
+        // Only ever replaced whole: a panic elsewhere cannot leave it torn.
+        let config = self.0.read().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(&config)
+    }
+
+    /// Replaces the config with what `next` makes of the one in force,
+    /// if anything (no reader sees a change between the two).
+    pub fn update<T>(&self, next: impl FnOnce(&Config) -> (Option<Config>, T)) -> T {
+        let mut config = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        let (new, out) = next(&config);
+        if let Some(new) = new {
+            *config = Arc::new(new);
+        }
+        out
+    }
 }
 
 /// Where nodes join and renew their identities.

@@ -23,14 +23,14 @@
 
 use std::collections::HashMap;
 use std::ops::Deref;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use certfleet_proto::clock;
 use tokio::sync::Notify;
 
 use crate::challenge::{FanOut, FleetNode};
-use crate::config::{CertificateSpec, Config, Node, RenewalConfig};
+use crate::config::{CertificateSpec, Config, Node, RenewalConfig, Running};
 use crate::db::{Db, DbError, NodeState};
 use crate::error::ErrorKind;
 use crate::journal::Journal;
@@ -96,7 +96,7 @@ struct Cached {
 /// The cluster's shared state. One per coordinator.
 pub struct Fleet {
     /// The running config; swapped whole by [`Fleet::reload`].
-    config: RwLock<Arc<Config>>,
+    config: Running,
     db: Arc<Db>,
     store: Arc<Store>,
     connect: Box<dyn Connect>,
@@ -113,9 +113,10 @@ pub struct Fleet {
 
 impl Fleet {
     pub fn new(config: Arc<Config>, db: Arc<Db>, store: Store, connect: Box<dyn Connect>) -> Self {
+        let config = Running::new(config);
         Self {
             notifier: Notifier::new(&config, Arc::clone(&db)),
-            config: RwLock::new(config),
+            config,
             locks: OperationLocks::journaled(Arc::clone(&db)),
             db,
             store: Arc::new(store),
@@ -128,8 +129,7 @@ impl Fleet {
     /// The running config, as a snapshot: a caller that reads several
     /// settings binds it once, so they all come from the same config.
     pub fn config(&self) -> Arc<Config> {
-        // Only ever replaced whole: a panic elsewhere cannot leave it torn.
-        Arc::clone(&self.config.read().unwrap_or_else(PoisonError::into_inner))
+        self.config.get()
     }
 
     pub fn db(&self) -> &Arc<Db> {
@@ -215,19 +215,19 @@ impl Fleet {
     /// snapshot it took. Says which changed sections were applied and
     /// which wait for a restart.
     pub fn reload(&self, new: Config) -> Reloaded {
-        let mut running = self.config.write().unwrap_or_else(PoisonError::into_inner);
-        let mut reloaded = Reloaded::default();
-        for (name, takes, changed) in sections(&running, &new) {
-            match (changed, takes) {
-                (false, _) => {}
-                (true, Takes::Live) => reloaded.applied.push(name),
-                (true, Takes::AtRestart) => reloaded.needs_restart.push(name),
+        let reloaded = self.config.update(|running| {
+            let mut reloaded = Reloaded::default();
+            for (name, takes, changed) in sections(running, &new) {
+                match (changed, takes) {
+                    (false, _) => {}
+                    (true, Takes::Live) => reloaded.applied.push(name),
+                    (true, Takes::AtRestart) => reloaded.needs_restart.push(name),
+                }
             }
-        }
+            let merged = (!reloaded.applied.is_empty()).then(|| merge(running, new));
+            (merged, reloaded)
+        });
         if !reloaded.applied.is_empty() {
-            let merged = merge(&running, new);
-            self.notifier.set_certificates(&merged.certificates);
-            *running = Arc::new(merged);
             self.reloaded.notify_one();
         }
         reloaded

@@ -16,14 +16,13 @@
 //! hook in a flow is one line: [`issued`], [`issue_failed`],
 //! [`rolled_out`], [`rollout_failed`], [`expiring`].
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
 
 use certfleet_proto::clock;
 use tokio::sync::Notify;
 
-use crate::config::{CertificateSpec, Config};
+use crate::config::Running;
 use crate::db::{Db, NewMail};
 use crate::fleet::{Fleet, Operation};
 use crate::issue::{Failed, IssueError};
@@ -57,9 +56,9 @@ struct Outbox {
     db: Arc<Db>,
     cluster: String,
     admins: Vec<String>,
-    /// Each certificate's own extra recipients (`certificates[].mail`);
-    /// replaced when a reload changes `[[certificates]]`.
-    extra: RwLock<HashMap<String, Vec<String>>>,
+    /// Where each certificate's own recipients (`certificates[].mail`)
+    /// are read at each mail, so a reload's are used from the next one.
+    config: Running,
     /// The domain of `Message-ID`s: the `From:` address's.
     domain: String,
     /// Wakes the delivery loop when a mail is queued.
@@ -67,8 +66,10 @@ struct Outbox {
 }
 
 impl Notifier {
-    /// The notifier `config` asks for; mail is queued in `db`.
-    pub fn new(config: &Config, db: Arc<Db>) -> Self {
+    /// The notifier the running `config` asks for; mail is queued in `db`.
+    /// (`[mail]` itself is read once: a reload does not change it.)
+    pub fn new(running: &Running, db: Arc<Db>) -> Self {
+        let config = running.get();
         let Some(mail) = &config.mail else {
             return Self::default();
         };
@@ -80,7 +81,7 @@ impl Notifier {
                     .clone()
                     .unwrap_or_else(|| config.enrollment.advertise.clone()),
                 admins: mail.admins.clone(),
-                extra: RwLock::new(recipients(&config.certificates)),
+                config: running.clone(),
                 domain: mail
                     .from
                     .rsplit_once('@')
@@ -88,14 +89,6 @@ impl Notifier {
                     .unwrap_or_else(|| "certfleet.invalid".into()),
                 wake: Arc::new(Notify::new()),
             }),
-        }
-    }
-
-    /// From now on, mail about a certificate also goes to its own
-    /// recipients in `certificates` (a reloaded config's).
-    pub fn set_certificates(&self, certificates: &[CertificateSpec]) {
-        if let Some(o) = &self.outbox {
-            *o.extra.write().unwrap_or_else(PoisonError::into_inner) = recipients(certificates);
         }
     }
 
@@ -161,13 +154,15 @@ impl Notifier {
             return;
         };
         let mut recipients = o.admins.clone();
-        let extra = o.extra.read().unwrap_or_else(PoisonError::into_inner);
-        for r in extra.get(&mail.certificate).into_iter().flatten() {
+        let config = o.config.get();
+        let own = config
+            .certificate(&mail.certificate)
+            .map(|c| c.mail.as_slice());
+        for r in own.unwrap_or_default() {
             if !recipients.contains(r) {
                 recipients.push(r.clone());
             }
         }
-        drop(extra);
         if recipients.is_empty() {
             tracing::warn!(
                 certificate = mail.certificate,
@@ -201,14 +196,6 @@ impl Notifier {
             ),
         }
     }
-}
-
-/// Each certificate's own extra recipients, by name.
-fn recipients(certificates: &[CertificateSpec]) -> HashMap<String, Vec<String>> {
-    certificates
-        .iter()
-        .map(|c| (c.name.clone(), c.mail.clone()))
-        .collect()
 }
 
 impl std::fmt::Debug for Outbox {
@@ -607,6 +594,7 @@ pub fn expiring(fleet: &Fleet, name: &str, days: u32, serving: &[Serving]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     #[test]
     fn text_and_html_carry_the_same_facts_and_html_is_escaped() {
@@ -661,7 +649,8 @@ mail = ["web@example.org", "cn-owner@example.org"]
         )
         .unwrap();
         let db = Arc::new(Db::in_memory().unwrap());
-        let n = Notifier::new(&config, Arc::clone(&db));
+        let running = Running::new(Arc::new(config.clone()));
+        let n = Notifier::new(&running, Arc::clone(&db));
         assert_eq!(n.cluster(), Some("dataone"));
         n.send(n.compose("cn", "hello", "T", &[], &[]));
         let queued = db.outbox(0).unwrap();
@@ -676,9 +665,9 @@ mail = ["web@example.org", "cn-owner@example.org"]
         n.send_once(n.compose("cn", "x", "T", &[], &[]), "k");
         assert_eq!(db.outbox(0).unwrap().len(), 2);
         // A reloaded config's recipients get the next mail.
-        let mut certificates = config.certificates.clone();
-        certificates[0].mail = vec!["new-owner@example.org".into()];
-        n.set_certificates(&certificates);
+        let mut reloaded = config.clone();
+        reloaded.certificates[0].mail = vec!["new-owner@example.org".into()];
+        running.update(|_| (Some(reloaded), ()));
         n.send(n.compose("cn", "after", "T", &[], &[]));
         let queued = db.outbox(0).unwrap();
         let after = queued
