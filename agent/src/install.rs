@@ -3,9 +3,9 @@
 //!
 //! 1. The bundle is validated (chain in order, key matches leaf, names
 //!    covered) before anything is written.
-//! 2. It is kept in the agent's own archive,
-//!    `<state>/certs/<name>/<version>/{fullchain,privkey}.pem`, the last
-//!    [`KEEP_VERSIONS`] of them, for rollback.
+//! 2. It is kept in the agent's own archive, one file per version,
+//!    `<state>/certs/<name>/<version>.json`, the last [`KEEP_VERSIONS`] of
+//!    them, for rollback.
 //! 3. Every target is written as a temp file beside it (owner, group, mode
 //!    set, fsynced). Then a journal naming every rename is written and
 //!    fsynced, and only then are the temps renamed over the targets. Each
@@ -16,6 +16,16 @@
 //!    forward when it starts again, before it serves anything: the targets
 //!    hold the old set or the new set, never a mix. Dying before the journal
 //!    exists leaves only temp files, which are removed.
+//! 5. Once every rename is synced, the journal is renamed to `current.json`,
+//!    the record of what is installed.
+//!
+//! Each file an install creates costs the file system a new inode, and each
+//! one it replaces frees one; on a busy node (or a thousand agents sharing a
+//! disk) that allocation is most of an install's cost. So an install makes
+//! only what the steps above need: a temp per target, one archive file and
+//! the journal. Agents before this layout kept a directory per version
+//! (`<version>/{fullchain,privkey}.pem`) and the version alone in `current`;
+//! both are still read, and pruned or replaced as new versions come.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -114,6 +124,60 @@ pub struct Removed {
 struct Journal {
     version: u32,
     renames: Vec<(PathBuf, PathBuf)>,
+}
+
+/// One archived version, `<version>.json`.
+#[derive(Serialize, Deserialize)]
+struct Archived {
+    fullchain_pem: String,
+    key_pem: String,
+}
+
+/// An install in progress: the renames still to finish.
+const JOURNAL: &str = "journal.json";
+/// The last install finished: its journal, renamed.
+const CURRENT: &str = "current.json";
+/// What older agents kept instead of [`CURRENT`]: the version as text.
+const LEGACY_CURRENT: &str = "current";
+
+/// An archived version's entry in a certificate's directory.
+enum ArchiveEntry {
+    /// `<version>.json`.
+    File(u32),
+    /// `<version>/{fullchain,privkey}.pem`, as older agents kept it.
+    Legacy(u32),
+}
+
+impl ArchiveEntry {
+    fn parse(name: &OsStr) -> Option<Self> {
+        let name = name.to_str()?;
+        match name.strip_suffix(".json") {
+            Some(version) => version.parse().ok().map(Self::File),
+            None => name.parse().ok().map(Self::Legacy),
+        }
+    }
+
+    fn version(&self) -> u32 {
+        match self {
+            Self::File(v) | Self::Legacy(v) => *v,
+        }
+    }
+
+    fn path(&self, dir: &Path) -> PathBuf {
+        match self {
+            Self::File(v) => dir.join(format!("{v}.json")),
+            Self::Legacy(v) => dir.join(v.to_string()),
+        }
+    }
+
+    fn remove(&self, dir: &Path) -> Result<(), InstallError> {
+        let path = self.path(dir);
+        match self {
+            Self::File(_) => std::fs::remove_file(&path),
+            Self::Legacy(_) => std::fs::remove_dir_all(&path),
+        }
+        .map_err(io(&path))
+    }
 }
 
 /// Installs certificates; one install at a time on this node.
@@ -235,10 +299,10 @@ impl Installer {
         let (current, previous) = {
             let _guard = self.lock.lock().expect("install lock poisoned");
             let current = self.current(name)?;
-            let dir = self.dir(name);
-            let previous = std::fs::read_dir(&dir)
-                .map_err(io(&dir))?
-                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            let previous = self
+                .archived(name)?
+                .iter()
+                .map(ArchiveEntry::version)
                 .filter(|v| *v < current)
                 .max();
             (current, previous)
@@ -318,29 +382,39 @@ impl Installer {
     /// Drops `name`'s `current` record and archived versions: the next
     /// install starts as on a fresh node, whatever version it names.
     fn forget(&self, name: &str) -> Result<(), InstallError> {
-        let dir = self.dir(name);
-        let current = dir.join("current");
-        match std::fs::remove_file(&current) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&current)(e)),
-            _ => {}
+        let dir = Dir::open(&self.dir(name), Trust::default(), false)?;
+        dir.remove(OsStr::new(CURRENT))?;
+        dir.remove(OsStr::new(LEGACY_CURRENT))?;
+        dir.sync()?;
+        for entry in self.archived(name)? {
+            entry.remove(dir.path())?;
         }
-        sync_dir(&dir)?;
-        for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
-            let entry = entry.map_err(io(&dir))?;
-            if entry
-                .file_name()
-                .to_str()
-                .is_some_and(|n| n.parse::<u32>().is_ok())
-            {
-                let path = entry.path();
-                std::fs::remove_dir_all(&path).map_err(io(&path))?;
-            }
-        }
-        sync_dir(&dir)
+        Ok(dir.sync()?)
     }
 
+    /// The archived versions of `name`, in either layout.
+    fn archived(&self, name: &str) -> Result<Vec<ArchiveEntry>, InstallError> {
+        let dir = self.dir(name);
+        Ok(std::fs::read_dir(&dir)
+            .map_err(io(&dir))?
+            .filter_map(|e| ArchiveEntry::parse(&e.ok()?.file_name()))
+            .collect())
+    }
+
+    /// The chain and key of an archived version.
     fn read_archived(&self, name: &str, version: u32) -> Result<(String, String), InstallError> {
-        let dir = self.dir(name).join(version.to_string());
+        let path = ArchiveEntry::File(version).path(&self.dir(name));
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let archived: Archived = serde_json::from_slice(&bytes).map_err(|e| {
+                    io(&path)(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+                })?;
+                return Ok((archived.fullchain_pem, archived.key_pem));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&path)(e)),
+        }
+        let dir = ArchiveEntry::Legacy(version).path(&self.dir(name));
         let read = |file: &str| {
             let path = dir.join(file);
             std::fs::read_to_string(&path).map_err(io(&path))
@@ -373,8 +447,18 @@ impl Installer {
         })
     }
 
+    /// The installed version: [`CURRENT`]'s, else (an agent upgraded
+    /// before its first install) [`LEGACY_CURRENT`]'s; 0 for none.
     fn current(&self, name: &str) -> Result<u32, InstallError> {
-        let path = self.dir(name).join("current");
+        let path = self.dir(name).join(CURRENT);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                return Ok(serde_json::from_slice::<Journal>(&bytes).map_or(0, |j| j.version));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&path)(e)),
+        }
+        let path = self.dir(name).join(LEGACY_CURRENT);
         match std::fs::read_to_string(&path) {
             Ok(text) => Ok(text.trim().parse().unwrap_or(0)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
@@ -416,34 +500,30 @@ impl Installer {
         fullchain: &str,
         key: &str,
     ) -> Result<(), InstallError> {
-        let dir = self.dir(name).join(version.to_string());
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io(&dir))?;
-        // Both files, then one sync of their directory; the version
-        // directory's own entry is synced with the journal, beside it.
-        let archive = Dir::open(&dir, Trust::default(), false)?;
-        archive.replace(
-            OsStr::new("fullchain.pem"),
-            fullchain.as_bytes(),
+        let archived = Archived {
+            fullchain_pem: fullchain.to_owned(),
+            key_pem: key.to_owned(),
+        };
+        let json = serde_json::to_vec(&archived).expect("an archived version serializes");
+        // Its directory entry is synced with the journal's, beside it,
+        // before any target changes.
+        Dir::open(&self.dir(name), Trust::default(), false)?.replace(
+            OsStr::new(&format!("{version}.json")),
+            &json,
             None,
             0o600,
         )?;
-        archive.replace(OsStr::new("privkey.pem"), key.as_bytes(), None, 0o600)?;
-        archive.sync()?;
         self.prune(name, version)
     }
 
     /// Keeps the newest [`KEEP_VERSIONS`] archived versions.
     fn prune(&self, name: &str, keep_at_least: u32) -> Result<(), InstallError> {
         let dir = self.dir(name);
-        let mut versions: Vec<u32> = std::fs::read_dir(&dir)
-            .map_err(io(&dir))?
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .collect();
-        versions.sort_unstable_by(|a, b| b.cmp(a));
+        let mut versions = self.archived(name)?;
+        versions.sort_unstable_by_key(|e| std::cmp::Reverse(e.version()));
         for old in versions.into_iter().skip(KEEP_VERSIONS) {
-            if old != keep_at_least {
-                let _ = std::fs::remove_dir_all(dir.join(old.to_string()));
+            if old.version() != keep_at_least {
+                let _ = old.remove(&dir);
             }
         }
         Ok(())
@@ -477,7 +557,7 @@ impl Installer {
             .iter()
             .map(|(dir, temp, target)| (dir.path().join(temp), target.path.clone()))
             .collect();
-        let journal_path = self.dir(name).join("journal.json");
+        let journal_path = self.dir(name).join(JOURNAL);
         let journal = Journal { version, renames };
         let json = serde_json::to_vec(&journal).expect("a journal serializes");
         if let Err(e) = write_file(&journal_path, &json, 0o600) {
@@ -502,8 +582,8 @@ impl Installer {
             .unwrap_or_default()
     }
 
-    /// Finishes the renames a journal names, records the version, drops
-    /// the journal.
+    /// Finishes the renames a journal names, then makes the journal the
+    /// record of what is installed.
     fn roll_forward(&self, name: &str, journal: &Journal) -> Result<(), InstallError> {
         let mut dirs: Vec<Dir> = Vec::new();
         for (temp, target) in &journal.renames {
@@ -524,15 +604,11 @@ impl Installer {
         for dir in &dirs {
             dir.sync()?;
         }
-        // `current` replaced and the journal removed, then one sync for both.
+        // The journal becomes `current.json` by a rename, which makes no
+        // new file; an older agent's `current` goes in the same sync.
         let dir = Dir::open(&self.dir(name), Trust::default(), false)?;
-        dir.replace(
-            OsStr::new("current"),
-            journal.version.to_string().as_bytes(),
-            None,
-            0o600,
-        )?;
-        dir.remove(OsStr::new("journal.json"))?;
+        dir.rename(OsStr::new(JOURNAL), OsStr::new(CURRENT))?;
+        dir.remove(OsStr::new(LEGACY_CURRENT))?;
         Ok(dir.sync()?)
     }
 
@@ -542,7 +618,7 @@ impl Installer {
         let dir = self.dir(&targets.name);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io(&dir))?;
-        let journal_path = dir.join("journal.json");
+        let journal_path = dir.join(JOURNAL);
         match std::fs::read(&journal_path) {
             Ok(bytes) => match serde_json::from_slice::<Journal>(&bytes) {
                 Ok(journal) => {
@@ -621,10 +697,6 @@ fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), InstallError> {
     let name = path.file_name().expect("archive files have names");
     Dir::open(parent, Trust::default(), false)?.write_atomic(name, data, None, mode)?;
     Ok(())
-}
-
-fn sync_dir(dir: &Path) -> Result<(), InstallError> {
-    Ok(Dir::open(dir, Trust::default(), false)?.sync()?)
 }
 
 #[cfg(test)]
@@ -853,5 +925,52 @@ mod tests {
             installer.targets("web"),
             Err(InstallError::Unknown(_))
         ));
+    }
+
+    #[test]
+    fn an_older_agents_archive_and_current_are_read_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let t = targets(dir.path());
+        let installer = Installer::open(&state, std::slice::from_ref(&t)).unwrap();
+        let (chain, key) = bundle("a.example.org");
+        installer.install("web", 2, &chain, &key, &[]).unwrap();
+        drop(installer);
+        // What an agent before the one-file archive left: a directory per
+        // version and the installed version as text in `current`.
+        let web = state.join("certs/web");
+        let (chain1, key1) = bundle("a.example.org");
+        for (version, chain, key) in [(1, &chain1, &key1), (2, &chain, &key)] {
+            let legacy = web.join(version.to_string());
+            std::fs::create_dir(&legacy).unwrap();
+            std::fs::write(legacy.join("fullchain.pem"), chain).unwrap();
+            std::fs::write(legacy.join("privkey.pem"), key).unwrap();
+        }
+        std::fs::remove_file(web.join("2.json")).unwrap();
+        std::fs::remove_file(web.join(CURRENT)).unwrap();
+        std::fs::write(web.join(LEGACY_CURRENT), "2\n").unwrap();
+
+        let installer = Installer::open(&state, std::slice::from_ref(&t)).unwrap();
+        let status = installer.status("web").unwrap();
+        assert_eq!((status.version, status.intact), (2, true));
+        // Rolled back to a version only the old layout holds.
+        assert_eq!(installer.rollback("web").unwrap().version, 1);
+        let key_path = dir.path().join("private/server.key");
+        assert_eq!(std::fs::read_to_string(&key_path).unwrap(), key1);
+        assert!(!web.join(LEGACY_CURRENT).exists());
+        // New versions push the old layout out of the newest three, which
+        // both layouts count towards.
+        installer.install("web", 3, &chain, &key, &[]).unwrap();
+        installer.install("web", 4, &chain, &key, &[]).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&web)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["2", "3.json", "4.json", CURRENT]);
+        assert_eq!(installer.rollback("web").unwrap().version, 3);
+        assert_eq!(installer.rollback("web").unwrap().version, 2);
+        assert_eq!(std::fs::read_to_string(&key_path).unwrap(), key);
+        assert_eq!(installer.status("web").unwrap().version, 2);
     }
 }
