@@ -366,6 +366,34 @@ impl Dir {
             .map_err(|e| DirError::io(&self.path.join(to), e))
     }
 
+    /// Links `to` to the file `from`, both in this directory (`to` must
+    /// not exist; `from` is not followed if it is a link).
+    pub fn link(&self, from: &OsStr, to: &OsStr) -> Result<(), DirError> {
+        rustix::fs::linkat(&self.fd, from, &self.fd, to, AtFlags::empty())
+            .map_err(|e| DirError::io(&self.path.join(to), e))
+    }
+
+    /// fsyncs the regular file `name` (its data and inode, such as a link
+    /// count just changed); never follows a link or opens anything else.
+    pub fn sync_entry(&self, name: &OsStr) -> Result<(), DirError> {
+        let path = self.path.join(name);
+        let flags = OFlags::RDONLY
+            .union(OFlags::NOFOLLOW)
+            .union(OFlags::NONBLOCK)
+            .union(OFlags::NOCTTY)
+            .union(OFlags::CLOEXEC);
+        let fd = rustix::fs::openat(&self.fd, name, flags, Mode::empty())
+            .map_err(|e| self.classify(name, e))?;
+        let stat = rustix::fs::fstat(&fd).map_err(|e| DirError::io(&path, e))?;
+        if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+            return Err(DirError::NotRegular {
+                path,
+                kind: kind(&stat),
+            });
+        }
+        rustix::fs::fsync(&fd).map_err(|e| DirError::io(&path, e))
+    }
+
     /// Writes `name` atomically: a staged temp renamed over it, then the
     /// directory fsynced.
     pub fn write_atomic(

@@ -3,12 +3,13 @@
 //!
 //! 1. The bundle is validated (chain in order, key matches leaf, names
 //!    covered) before anything is written.
-//! 2. It is kept in the agent's own archive, one file per version,
-//!    `<state>/certs/<name>/<version>.json`, the last [`KEEP_VERSIONS`] of
-//!    them, for rollback.
-//! 3. Every target is written as a temp file beside it (owner, group, mode
-//!    set, fsynced). Then a journal naming every rename is written and
-//!    fsynced, and only then are the temps renamed over the targets. Each
+//! 2. Every target is written as a temp file beside it (owner, group, mode
+//!    set, fsynced).
+//! 3. One record of the version (its chain, key and every temp→target
+//!    rename) is written and fsynced as `<state>/certs/<name>/<version>.json`,
+//!    the agent's own archive (the last [`KEEP_VERSIONS`] kept, for
+//!    rollback), and linked as `journal.json`. Only then are the temps
+//!    renamed over the targets. Each
 //!    target's directory is reached through [`crate::dir`]: no link is
 //!    followed, and every directory on the way must pass the target's
 //!    [`Trust`] rule, so a service user cannot steer these writes.
@@ -16,14 +17,15 @@
 //!    forward when it starts again, before it serves anything: the targets
 //!    hold the old set or the new set, never a mix. Dying before the journal
 //!    exists leaves only temp files, which are removed.
-//! 5. Once every rename is synced, the journal is renamed to `current.json`,
-//!    the record of what is installed.
+//! 5. Once every rename is synced, the journal is renamed to `current.json`:
+//!    the installed version is the record linked there.
 //!
 //! Each file an install creates costs the file system a new inode, and each
 //! one it replaces frees one; on a busy node (or a thousand agents sharing a
 //! disk) that allocation is most of an install's cost. So an install makes
-//! only what the steps above need: a temp per target, one archive file and
-//! the journal. Agents before this layout kept a directory per version
+//! only what the steps above need: a temp per target and one record, which
+//! is the archive, the journal and then `current.json` under three names
+//! (links, not copies). Agents before this layout kept a directory per version
 //! (`<version>/{fullchain,privkey}.pem`) and the version alone in `current`;
 //! both are still read, and pruned or replaced as new versions come.
 
@@ -120,21 +122,23 @@ pub struct Removed {
     pub kept: Vec<String>,
 }
 
+/// A version as the agent keeps it: archived as `<version>.json`, linked
+/// as [`JOURNAL`] while its install renames the targets, then as
+/// [`CURRENT`].
 #[derive(Serialize, Deserialize)]
-struct Journal {
+struct Record {
     version: u32,
+    /// Each staged temp and the target it replaces, as the version was
+    /// last installed.
     renames: Vec<(PathBuf, PathBuf)>,
-}
-
-/// One archived version, `<version>.json`.
-#[derive(Serialize, Deserialize)]
-struct Archived {
     fullchain_pem: String,
     key_pem: String,
 }
 
 /// An install in progress: the renames still to finish.
 const JOURNAL: &str = "journal.json";
+/// Where the next journal is linked before it is renamed over [`JOURNAL`].
+const JOURNAL_NEW: &str = "journal.json.new";
 /// The last install finished: its journal, renamed.
 const CURRENT: &str = "current.json";
 /// What older agents kept instead of [`CURRENT`]: the version as text.
@@ -163,11 +167,15 @@ impl ArchiveEntry {
         }
     }
 
-    fn path(&self, dir: &Path) -> PathBuf {
+    fn name(&self) -> OsString {
         match self {
-            Self::File(v) => dir.join(format!("{v}.json")),
-            Self::Legacy(v) => dir.join(v.to_string()),
+            Self::File(v) => format!("{v}.json").into(),
+            Self::Legacy(v) => v.to_string().into(),
         }
+    }
+
+    fn path(&self, dir: &Path) -> PathBuf {
+        dir.join(self.name())
     }
 
     fn remove(&self, dir: &Path) -> Result<(), InstallError> {
@@ -266,9 +274,11 @@ impl Installer {
         if self.current(name)? == version && self.differs(&contents).is_none() {
             return Ok(self.report(version, &bundle, &contents, false));
         }
-        self.archive(name, version, fullchain_pem, key_pem)?;
-        self.swap(name, version, &contents)?;
+        self.swap(name, version, fullchain_pem, key_pem, &contents)?;
         info!(certificate = name, version, "installed");
+        if let Err(e) = self.prune(name, version) {
+            warn!(certificate = name, error = %e, "cannot prune the archive");
+        }
         Ok(self.report(version, &bundle, &contents, true))
     }
 
@@ -406,10 +416,10 @@ impl Installer {
         let path = ArchiveEntry::File(version).path(&self.dir(name));
         match std::fs::read(&path) {
             Ok(bytes) => {
-                let archived: Archived = serde_json::from_slice(&bytes).map_err(|e| {
+                let record: Record = serde_json::from_slice(&bytes).map_err(|e| {
                     io(&path)(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
                 })?;
-                return Ok((archived.fullchain_pem, archived.key_pem));
+                return Ok((record.fullchain_pem, record.key_pem));
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(&path)(e)),
@@ -453,7 +463,7 @@ impl Installer {
         let path = self.dir(name).join(CURRENT);
         match std::fs::read(&path) {
             Ok(bytes) => {
-                return Ok(serde_json::from_slice::<Journal>(&bytes).map_or(0, |j| j.version));
+                return Ok(serde_json::from_slice::<Record>(&bytes).map_or(0, |r| r.version));
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(&path)(e)),
@@ -493,29 +503,6 @@ impl Installer {
         None
     }
 
-    fn archive(
-        &self,
-        name: &str,
-        version: u32,
-        fullchain: &str,
-        key: &str,
-    ) -> Result<(), InstallError> {
-        let archived = Archived {
-            fullchain_pem: fullchain.to_owned(),
-            key_pem: key.to_owned(),
-        };
-        let json = serde_json::to_vec(&archived).expect("an archived version serializes");
-        // Its directory entry is synced with the journal's, beside it,
-        // before any target changes.
-        Dir::open(&self.dir(name), Trust::default(), false)?.replace(
-            OsStr::new(&format!("{version}.json")),
-            &json,
-            None,
-            0o600,
-        )?;
-        self.prune(name, version)
-    }
-
     /// Keeps the newest [`KEEP_VERSIONS`] archived versions.
     fn prune(&self, name: &str, keep_at_least: u32) -> Result<(), InstallError> {
         let dir = self.dir(name);
@@ -533,6 +520,8 @@ impl Installer {
         &self,
         name: &str,
         version: u32,
+        fullchain: &str,
+        key: &str,
         contents: &[(TargetFile, Vec<u8>)],
     ) -> Result<(), InstallError> {
         // Stage every temp; if any fails (disk full, a refused directory),
@@ -557,16 +546,40 @@ impl Installer {
             .iter()
             .map(|(dir, temp, target)| (dir.path().join(temp), target.path.clone()))
             .collect();
-        let journal_path = self.dir(name).join(JOURNAL);
-        let journal = Journal { version, renames };
-        let json = serde_json::to_vec(&journal).expect("a journal serializes");
-        if let Err(e) = write_file(&journal_path, &json, 0o600) {
+        let record = Record {
+            version,
+            renames,
+            fullchain_pem: fullchain.to_owned(),
+            key_pem: key.to_owned(),
+        };
+        if let Err(e) = self.journal(name, &record) {
             for (dir, temp, _) in &staged {
                 let _ = dir.remove(temp);
             }
             return Err(e);
         }
-        self.roll_forward(name, &journal)
+        self.roll_forward(name, &record)
+    }
+
+    /// Writes `record` as its version's archive and links it as the
+    /// journal, both on the disk before this returns: one new file.
+    fn journal(&self, name: &str, record: &Record) -> Result<(), InstallError> {
+        let dir = Dir::open(&self.dir(name), Trust::default(), false)?;
+        let json = serde_json::to_vec(record).expect("a record serializes");
+        let archived = ArchiveEntry::File(record.version).name();
+        let temp = dir.stage(&json, None, 0o600)?;
+        if let Err(e) = dir.rename(&temp, &archived) {
+            let _ = dir.remove(&temp);
+            return Err(e.into());
+        }
+        // Linked beside it, then renamed over a journal a failed install
+        // left, so there is a journal at every moment from here.
+        dir.remove(OsStr::new(JOURNAL_NEW))?;
+        dir.link(&archived, OsStr::new(JOURNAL_NEW))?;
+        dir.rename(OsStr::new(JOURNAL_NEW), OsStr::new(JOURNAL))?;
+        // The file's link count, then the directory's entries.
+        dir.sync_entry(&archived)?;
+        Ok(dir.sync()?)
     }
 
     /// The trust rule of the configured target at `path` (a journal may
@@ -584,7 +597,7 @@ impl Installer {
 
     /// Finishes the renames a journal names, then makes the journal the
     /// record of what is installed.
-    fn roll_forward(&self, name: &str, journal: &Journal) -> Result<(), InstallError> {
+    fn roll_forward(&self, name: &str, journal: &Record) -> Result<(), InstallError> {
         let mut dirs: Vec<Dir> = Vec::new();
         for (temp, target) in &journal.renames {
             let (Some(dir_path), Some(temp_name), Some(target_name)) =
@@ -605,7 +618,8 @@ impl Installer {
             dir.sync()?;
         }
         // The journal becomes `current.json` by a rename, which makes no
-        // new file; an older agent's `current` goes in the same sync.
+        // new file (the record before it stays as its archive, or goes if
+        // pruned); an older agent's `current` goes in the same sync.
         let dir = Dir::open(&self.dir(name), Trust::default(), false)?;
         dir.rename(OsStr::new(JOURNAL), OsStr::new(CURRENT))?;
         dir.remove(OsStr::new(LEGACY_CURRENT))?;
@@ -618,16 +632,22 @@ impl Installer {
         let dir = self.dir(&targets.name);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io(&dir))?;
+        let own = Dir::open(&dir, Trust::default(), false)?;
+        own.remove(OsStr::new(JOURNAL_NEW))?;
+        for temp in own.names_starting_with(TEMP_PREFIX)? {
+            own.remove(&temp)?;
+        }
         let journal_path = dir.join(JOURNAL);
         match std::fs::read(&journal_path) {
-            Ok(bytes) => match serde_json::from_slice::<Journal>(&bytes) {
+            Ok(bytes) => match serde_json::from_slice::<Record>(&bytes) {
                 Ok(journal) => {
                     warn!(certificate = %targets.name, version = journal.version, "finishing an install a crash interrupted");
                     self.roll_forward(&targets.name, &journal)?;
                 }
                 Err(e) => {
-                    // Written atomically, so a torn journal means it never
-                    // became the journal: the targets were never touched.
+                    // Written and synced before it was linked, so a torn
+                    // journal means it never became the journal: the
+                    // targets were never touched.
                     warn!(certificate = %targets.name, error = %e, "discarding an unreadable journal");
                     std::fs::remove_file(&journal_path).map_err(io(&journal_path))?;
                 }
@@ -691,18 +711,11 @@ fn open_parent(target: &TargetFile, create: bool) -> Result<(Dir, OsString), Dir
     Ok((Dir::open(parent, target.trust(), create)?, name))
 }
 
-/// An atomic write in the agent's own state directory.
-fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), InstallError> {
-    let parent = path.parent().expect("archive files live in a directory");
-    let name = path.file_name().expect("archive files have names");
-    Dir::open(parent, Trust::default(), false)?.write_atomic(name, data, None, mode)?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use rcgen::{CertificateParams, KeyPair};
+    use std::os::unix::fs::MetadataExt;
 
     fn bundle(name: &str) -> (String, String) {
         let key = KeyPair::generate().unwrap();
@@ -854,7 +867,6 @@ mod tests {
         // first rename: the key is new, the chain is old.
         let (chain2, key2) = bundle("a.example.org");
         let b2 = Bundle::parse(&chain2, Some(&key2), &[]).unwrap();
-        installer.archive("web", 2, &chain2, &key2).unwrap();
         let contents = contents(&b2, &key2, &t);
         let renames: Vec<(PathBuf, PathBuf)> = contents
             .iter()
@@ -866,15 +878,17 @@ mod tests {
                 (dir.path().join(temp), target.path.clone())
             })
             .collect();
-        let journal = Journal {
+        let journal = Record {
             version: 2,
             renames,
+            fullchain_pem: chain2.clone(),
+            key_pem: key2.clone(),
         };
-        std::fs::write(
-            state.join("certs/web/journal.json"),
-            serde_json::to_vec(&journal).unwrap(),
-        )
-        .unwrap();
+        installer.journal("web", &journal).unwrap();
+        // A crash's leftovers in the agent's own directory, too.
+        let web = state.join("certs/web");
+        std::fs::write(web.join(JOURNAL_NEW), "torn").unwrap();
+        std::fs::write(web.join(format!("{TEMP_PREFIX}1-2-3")), "torn").unwrap();
         let (temp, target) = &journal.renames[1];
         std::fs::rename(temp, target).unwrap();
         drop(installer);
@@ -886,7 +900,16 @@ mod tests {
         assert_eq!(key, key2);
         let status = installer.status("web").unwrap();
         assert_eq!((status.version, status.intact), (2, true));
-        assert!(!state.join("certs/web/journal.json").exists());
+        let mut left: Vec<String> = std::fs::read_dir(&web)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["1.json", "2.json", CURRENT]);
+        // One record under two names: the archive and what is installed.
+        let ino = |name: &str| std::fs::metadata(web.join(name)).unwrap().ino();
+        assert_eq!(ino("2.json"), ino(CURRENT));
+        assert_ne!(ino("1.json"), ino(CURRENT));
     }
 
     #[test]
