@@ -42,6 +42,12 @@ use throttle::{JoinThrottle, Source, Summary};
 pub const MAX_JOIN_TOKEN_LEN: usize = 128;
 /// Longest any enrollment call may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a connection to the enrollment listener stays open. Anyone who
+/// can reach the listener can finish a TLS handshake (a joining node has
+/// no certificate yet), so a connection that then sends nothing must not
+/// hold a descriptor for ever. A join or a renewal is one call, made as
+/// soon as its connection is up and done within [`REQUEST_TIMEOUT`].
+pub const MAX_CONNECTION_LIFE: Duration = REQUEST_TIMEOUT.saturating_add(Duration::from_secs(5));
 /// Largest enrollment message (a CSR), in bytes.
 pub const MAX_ENROLLMENT_MESSAGE: usize = 64 * 1024;
 /// Random bytes in a join token's id.
@@ -280,6 +286,10 @@ pub async fn serve(
     let summaries = tokio::spawn(summarise_ended_windows(Arc::clone(&service.throttle)));
     let served = tonic::transport::Server::builder()
         .timeout(REQUEST_TIMEOUT)
+        // With a grace set, tonic closes a connection at age + grace, in
+        // whatever state it is (it does not ask it to close at `age`).
+        .max_connection_age(MAX_CONNECTION_LIFE.saturating_sub(REQUEST_TIMEOUT))
+        .max_connection_age_grace(REQUEST_TIMEOUT)
         .add_service(
             EnrollmentServer::new(service)
                 .max_decoding_message_size(MAX_ENROLLMENT_MESSAGE)

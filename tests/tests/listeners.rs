@@ -3,13 +3,18 @@
 //! connections that send nothing, on its HTTP-01 port and on its gRPC
 //! port: the coordinator still reaches it, the CA still validates, and
 //! the agent closes the idle connections within its configured timeouts.
-//! Nor can idle connections keep it from stopping.
+//! Nor can idle connections keep it from stopping. On the coordinator's
+//! enrollment listener, where anyone can finish a TLS handshake, a
+//! connection that then idles is closed too.
 
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use certfleet_agent::SHUTDOWN_GRACE;
+use certfleet_coordinator::enrollment::MAX_CONNECTION_LIFE;
 use certfleet_proto::tls::HANDSHAKE_TIMEOUT;
 use certfleet_tests::cluster::{CERT, Cluster, ClusterSpec, Http01, Node};
 use certfleet_tests::process::eventually;
@@ -266,4 +271,70 @@ async fn idle_connections_do_not_hold_up_shutdown() {
         .await;
     grpc.assert_closed_within(SHUTDOWN_GRACE + MARGIN, "gRPC")
         .await;
+}
+
+/// Connections to the enrollment listener that finish the TLS handshake
+/// (trusting the cluster CA, as a joining node does) and then send nothing
+/// (`preface: false`) or only HTTP/2's connection preface; each watched for
+/// the coordinator closing it.
+async fn idle_enrollment_connections(
+    cluster: &Cluster,
+    count: usize,
+    preface: bool,
+) -> Vec<JoinHandle<Duration>> {
+    use rustls::pki_types::pem::PemObject;
+    let ca = std::fs::read(cluster.state_dir.join("ca/ca.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut tls =
+        rustls::ClientConfig::builder_with_provider(certfleet_proto::identity::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let name = rustls::pki_types::ServerName::try_from(
+        certfleet_proto::identity::COORDINATOR_IDENTITY.to_owned(),
+    )
+    .unwrap();
+    let mut watchers = Vec::with_capacity(count);
+    for i in 0..count {
+        let tcp = TcpStream::connect(cluster.enrollment).await.unwrap();
+        let opened = Instant::now();
+        let mut stream = connector
+            .connect(name.clone(), tcp)
+            .await
+            .unwrap_or_else(|e| panic!("TLS to the enrollment listener, connection {i}: {e}"));
+        if preface {
+            // The client preface and an empty SETTINGS frame.
+            stream
+                .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+                .await
+                .unwrap();
+            stream.flush().await.unwrap();
+        }
+        watchers.push(tokio::spawn(async move {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = stream.read(&mut buf).await
+                && n > 0
+            {}
+            opened.elapsed()
+        }));
+    }
+    watchers
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_to_the_enrollment_listener_are_closed() {
+    let mut cluster = cluster(&timeouts()).await;
+    let mut watchers = idle_enrollment_connections(&cluster, 50, false).await;
+    watchers.extend(idle_enrollment_connections(&cluster, 50, true).await);
+    IdleConnections { watchers }
+        .assert_closed_within(MAX_CONNECTION_LIFE, "enrollment")
+        .await;
+    // The listener still serves: one more node joins through it.
+    cluster.grow().await.unwrap();
 }
