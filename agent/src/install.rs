@@ -131,7 +131,11 @@ struct Record {
     /// Each staged temp and the target it replaces, as the version was
     /// last installed.
     renames: Vec<(PathBuf, PathBuf)>,
+    /// Absent from the journal an older agent wrote (it archived the
+    /// version apart): such a journal is still rolled forward.
+    #[serde(default)]
     fullchain_pem: String,
+    #[serde(default)]
     key_pem: String,
 }
 
@@ -751,6 +755,21 @@ mod tests {
         }
     }
 
+    /// Stages every target of `t` for `bundle`, as an install does before
+    /// its journal: each temp and the target it is for.
+    fn stage_all(t: &CertificateTargets, bundle: &Bundle, key: &str) -> Vec<(PathBuf, PathBuf)> {
+        contents(bundle, key, t)
+            .iter()
+            .map(|(target, data)| {
+                let (dir, _) = open_parent(target, false).unwrap();
+                let temp = dir
+                    .stage(data, Some((target.uid, target.gid)), target.mode)
+                    .unwrap();
+                (dir.path().join(temp), target.path.clone())
+            })
+            .collect()
+    }
+
     #[test]
     fn installs_once_reports_no_op_and_repairs_drift() {
         let dir = tempfile::tempdir().unwrap();
@@ -867,17 +886,7 @@ mod tests {
         // first rename: the key is new, the chain is old.
         let (chain2, key2) = bundle("a.example.org");
         let b2 = Bundle::parse(&chain2, Some(&key2), &[]).unwrap();
-        let contents = contents(&b2, &key2, &t);
-        let renames: Vec<(PathBuf, PathBuf)> = contents
-            .iter()
-            .map(|(target, data)| {
-                let (dir, _) = open_parent(target, false).unwrap();
-                let temp = dir
-                    .stage(data, Some((target.uid, target.gid)), target.mode)
-                    .unwrap();
-                (dir.path().join(temp), target.path.clone())
-            })
-            .collect();
+        let renames = stage_all(&t, &b2, &key2);
         let journal = Record {
             version: 2,
             renames,
@@ -948,6 +957,35 @@ mod tests {
             installer.targets("web"),
             Err(InstallError::Unknown(_))
         ));
+    }
+
+    #[test]
+    fn an_older_agents_interrupted_install_is_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let t = targets(dir.path());
+        let installer = Installer::open(&state, std::slice::from_ref(&t)).unwrap();
+        let (chain1, key1) = bundle("a.example.org");
+        installer.install("web", 1, &chain1, &key1, &[]).unwrap();
+        drop(installer);
+        // An older agent staged version 2, archived it in a directory,
+        // wrote a journal of version and renames only, and was killed.
+        let (chain2, key2) = bundle("a.example.org");
+        let b2 = Bundle::parse(&chain2, Some(&key2), &[]).unwrap();
+        let web = state.join("certs/web");
+        std::fs::create_dir(web.join("2")).unwrap();
+        std::fs::write(web.join("2/fullchain.pem"), &chain2).unwrap();
+        std::fs::write(web.join("2/privkey.pem"), &key2).unwrap();
+        let renames = stage_all(&t, &b2, &key2);
+        let old_journal = serde_json::json!({ "version": 2, "renames": renames });
+        std::fs::write(web.join(JOURNAL), old_journal.to_string()).unwrap();
+
+        let installer = Installer::open(&state, std::slice::from_ref(&t)).unwrap();
+        let status = installer.status("web").unwrap();
+        assert_eq!((status.version, status.intact), (2, true));
+        let key = std::fs::read_to_string(dir.path().join("private/server.key")).unwrap();
+        assert_eq!(key, key2);
+        assert!(!web.join(JOURNAL).exists());
     }
 
     #[test]
