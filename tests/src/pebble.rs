@@ -136,6 +136,16 @@ impl Pebble {
                 return Err(e);
             }
         }
+        // Listening is not enough: another test's server may have bound a
+        // port picked here before Pebble or challtestsrv did (one of them
+        // then failed to start). Each must answer as itself.
+        this.challtestsrv("clear-a", serde_json::json!({ "host": "probe.invalid" }))
+            .await
+            .context("challtestsrv's management port does not answer as challtestsrv")?;
+        https_get(&this.directory_url(), &std::fs::read(&this.listener_ca)?)
+            .await
+            .context("Pebble's ACME port does not answer as Pebble")?;
+        this.root_pem().await?;
         Ok(this)
     }
 
