@@ -959,23 +959,45 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn an_older_agents_interrupted_install_is_finished() {
+    /// A fresh agent's state under a temporary directory with `version`
+    /// installed, the installer closed: (the directory, its state, the
+    /// targets, the version's chain and key).
+    fn installed_once(
+        version: u32,
+    ) -> (
+        tempfile::TempDir,
+        PathBuf,
+        CertificateTargets,
+        (String, String),
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
         let t = targets(dir.path());
         let installer = Installer::open(&state, std::slice::from_ref(&t)).unwrap();
-        let (chain1, key1) = bundle("a.example.org");
-        installer.install("web", 1, &chain1, &key1, &[]).unwrap();
-        drop(installer);
+        let (chain, key) = bundle("a.example.org");
+        installer
+            .install("web", version, &chain, &key, &[])
+            .unwrap();
+        (dir, state, t, (chain, key))
+    }
+
+    /// `version` archived as agents before the one-file archive kept it.
+    fn archive_as_older_agents_did(web: &Path, version: u32, chain: &str, key: &str) {
+        let legacy = web.join(version.to_string());
+        std::fs::create_dir(&legacy).unwrap();
+        std::fs::write(legacy.join("fullchain.pem"), chain).unwrap();
+        std::fs::write(legacy.join("privkey.pem"), key).unwrap();
+    }
+
+    #[test]
+    fn an_older_agents_interrupted_install_is_finished() {
+        let (dir, state, t, _) = installed_once(1);
         // An older agent staged version 2, archived it in a directory,
         // wrote a journal of version and renames only, and was killed.
         let (chain2, key2) = bundle("a.example.org");
         let b2 = Bundle::parse(&chain2, Some(&key2), &[]).unwrap();
         let web = state.join("certs/web");
-        std::fs::create_dir(web.join("2")).unwrap();
-        std::fs::write(web.join("2/fullchain.pem"), &chain2).unwrap();
-        std::fs::write(web.join("2/privkey.pem"), &key2).unwrap();
+        archive_as_older_agents_did(&web, 2, &chain2, &key2);
         let renames = stage_all(&t, &b2, &key2);
         let old_journal = serde_json::json!({ "version": 2, "renames": renames });
         std::fs::write(web.join(JOURNAL), old_journal.to_string()).unwrap();
@@ -990,23 +1012,13 @@ mod tests {
 
     #[test]
     fn an_older_agents_archive_and_current_are_read_and_replaced() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("state");
-        let t = targets(dir.path());
-        let installer = Installer::open(&state, std::slice::from_ref(&t)).unwrap();
-        let (chain, key) = bundle("a.example.org");
-        installer.install("web", 2, &chain, &key, &[]).unwrap();
-        drop(installer);
+        let (dir, state, t, (chain, key)) = installed_once(2);
         // What an agent before the one-file archive left: a directory per
         // version and the installed version as text in `current`.
         let web = state.join("certs/web");
         let (chain1, key1) = bundle("a.example.org");
-        for (version, chain, key) in [(1, &chain1, &key1), (2, &chain, &key)] {
-            let legacy = web.join(version.to_string());
-            std::fs::create_dir(&legacy).unwrap();
-            std::fs::write(legacy.join("fullchain.pem"), chain).unwrap();
-            std::fs::write(legacy.join("privkey.pem"), key).unwrap();
-        }
+        archive_as_older_agents_did(&web, 1, &chain1, &key1);
+        archive_as_older_agents_did(&web, 2, &chain, &key);
         std::fs::remove_file(web.join("2.json")).unwrap();
         std::fs::remove_file(web.join(CURRENT)).unwrap();
         std::fs::write(web.join(LEGACY_CURRENT), "2\n").unwrap();
