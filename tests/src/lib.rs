@@ -24,6 +24,7 @@
 pub mod apache;
 pub mod browser;
 pub mod cluster;
+pub mod crash;
 pub mod hostile;
 pub mod net;
 pub mod nginx;

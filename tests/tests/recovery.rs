@@ -13,13 +13,15 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use certfleet_tests::cluster::{CERT, Cluster, ClusterSpec, NGINX_TARGETS, shared_name};
+use certfleet_tests::crash::{
+    self, kill_when_paused, newest_operation, restart_and_recover, start_paused_at,
+};
 use certfleet_tests::process::eventually;
 use certfleet_tests::verify::served_leaf_sha256;
 use serde_json::Value;
 
 /// Runs of each crash point.
 const RUNS: usize = 3;
-const PAUSE_ENV: &str = "CERTFLEET_CRASH_TEST_PAUSE_AT";
 
 /// What the admin does when the coordinator is killed.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -76,72 +78,9 @@ fn archived(cluster: &Cluster) -> usize {
         .count()
 }
 
-/// Restarts the coordinator with the pause at `point`, runs `command`,
-/// waits until the coordinator says it paused, and kills it with SIGKILL.
+/// [`crash::kill_at`] running `command`.
 async fn kill_at(cluster: &mut Cluster, point: &str, command: Command) {
-    cluster.coordinator.as_mut().unwrap().kill();
-    let before = start_paused_at(cluster, point).await;
-    let mut ctl = tokio::process::Command::new(certfleet_tests::process::bin("certfleet"))
-        .arg("--socket")
-        .arg(&cluster.socket)
-        .args(command.args())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    kill_when_paused(cluster, before, point).await;
-    // The admin's command loses its coordinator and ends.
-    let _ = tokio::time::timeout(Duration::from_secs(10), ctl.wait()).await;
-    let _ = ctl.kill().await;
-}
-
-/// Starts the (stopped) coordinator with the pause at `point`; returns
-/// where its log stood before.
-async fn start_paused_at(cluster: &mut Cluster, point: &str) -> usize {
-    cluster.coordinator_env = vec![(PAUSE_ENV.to_owned(), point.to_owned())];
-    let before = cluster.coordinator_log().len();
-    cluster.start_coordinator().await.unwrap();
-    cluster.coordinator_env.clear();
-    before
-}
-
-/// Waits until the coordinator logs, after `before`, that it paused at
-/// `point`, and kills it with SIGKILL.
-async fn kill_when_paused(cluster: &mut Cluster, before: usize, point: &str) {
-    eventually(
-        &format!("the coordinator to pause at {point}"),
-        Duration::from_secs(60),
-        || async {
-            let log = cluster.coordinator_log();
-            log.get(before..)?
-                .contains("crash test: paused")
-                .then_some(())
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.coordinator_log()));
-    cluster.coordinator.as_mut().unwrap().kill();
-}
-
-/// The id of the newest operation in the history (0: none).
-async fn newest_operation(cluster: &Cluster) -> i64 {
-    let out = cluster.ctl(&["--json", "history", CERT]).await.unwrap();
-    out.last_json()[0]["id"].as_i64().unwrap_or(0)
-}
-
-/// Starts the coordinator again and waits for a recovery newer than
-/// `newest_before` to end; returns the history, newest first.
-async fn restart_and_recover(cluster: &mut Cluster, newest_before: i64) -> Vec<Value> {
-    cluster.start_coordinator().await.unwrap();
-    eventually("the recovery to end", Duration::from_secs(120), || async {
-        let out = cluster.ctl(&["--json", "history", CERT]).await.ok()?;
-        let ops = out.last_json().as_array()?.clone();
-        let recovery = ops.iter().find(|o| o["kind"] == "recovery")?;
-        let new = recovery["id"].as_i64()? > newest_before;
-        (new && recovery["outcome"] != "running").then_some(ops)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.coordinator_log()))
+    crash::kill_at(cluster, point, command.args()).await;
 }
 
 /// No node holds a token, in its agent or in a webroot.

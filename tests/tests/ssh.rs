@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use certfleet_proto::bundle::Bundle;
 use certfleet_tests::cluster::{CERT, Cluster, ClusterSpec, Http01, NGINX_TARGETS, Node};
+use certfleet_tests::crash;
 use certfleet_tests::hostile::{as_user, root_only_dir, snapshot};
 use certfleet_tests::nginx::Nginx;
 use certfleet_tests::process::eventually;
@@ -254,24 +255,10 @@ async fn a_mixed_cluster_issues_distributes_and_rolls_out_over_agents_and_ssh() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_renewal_by_the_scheduler_journals_its_fallback_to_ssh() {
-    certfleet_tests::cluster::ensure_ssl_cert_group().unwrap();
     // Due as soon as it is issued; the renewal distributes.
     let renew_soon =
         "after_issue = \"distribute\"\n\n[renewal]\nshare_left = 0.9999999\nmax_jitter_secs = 0\n";
-    let mut c = Cluster::start(ClusterSpec {
-        nodes: 2,
-        http01: Http01::WebrootNginx,
-        agent_certificates: NGINX_TARGETS.to_owned(),
-        coordinator_extra: renew_soon.to_owned(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let sshd = c.start_sshd(1).await.unwrap();
-    c.write_node_spec(1, NGINX_TARGETS).unwrap();
-    make_auto_with_agent_down(&mut c, 1, &sshd).await;
-    let name = c.nodes[1].name.clone();
-    ctl_ok(&c, &["node", "trust-host", &name, "--yes"]).await;
+    let (c, _sshd, name) = second_node_auto_with_agent_down(renew_soon).await;
     let out = c.issue().await.unwrap();
     assert_eq!(out.code, 0, "{}{}\n{}", out.stdout, out.stderr, c.logs());
 
@@ -301,6 +288,65 @@ async fn a_renewal_by_the_scheduler_journals_its_fallback_to_ssh() {
         fallback["detail"].as_str().unwrap().contains("over SSH"),
         "{renewal:#}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn recovery_takes_an_auto_nodes_tokens_off_over_ssh_and_says_so() {
+    let (mut c, _sshd, name) = second_node_auto_with_agent_down("").await;
+    // Killed with every token placed: node 1's went over SSH, into its
+    // webroot, where no agent will ever drop them.
+    let newest = crash::newest_operation(&c).await;
+    crash::kill_at(&mut c, "placed", &["issue", CERT]).await;
+    assert!(
+        !c.nodes[1].webroot_files().is_empty(),
+        "no token in node 1's webroot after the kill\n{}",
+        c.logs()
+    );
+
+    let history = crash::restart_and_recover(&mut c, newest).await;
+    let recovery = &history[0];
+    assert_eq!(recovery["kind"], "recovery", "{history:#?}");
+    assert_eq!(recovery["outcome"], "ok", "{history:#?}");
+    let fallback = recovery["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "fallback" && s["node"] == name.as_str())
+        .unwrap_or_else(|| panic!("no fallback step for {name}: {recovery:#}"));
+    assert!(
+        fallback["detail"].as_str().unwrap().contains("over SSH"),
+        "{recovery:#}"
+    );
+    for node in &c.nodes {
+        assert!(
+            node.webroot_files().is_empty(),
+            "node {}: webroot files left: {:?}",
+            node.name,
+            node.webroot_files()
+        );
+    }
+}
+
+/// Two webroot nodes behind nginx with `coordinator_extra` in the
+/// coordinator's config; node 1 is `auto`, its agent stopped, its host key
+/// trusted. Returns its sshd and name.
+async fn second_node_auto_with_agent_down(coordinator_extra: &str) -> (Cluster, Sshd, String) {
+    certfleet_tests::cluster::ensure_ssl_cert_group().unwrap();
+    let mut c = Cluster::start(ClusterSpec {
+        nodes: 2,
+        http01: Http01::WebrootNginx,
+        agent_certificates: NGINX_TARGETS.to_owned(),
+        coordinator_extra: coordinator_extra.to_owned(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let sshd = c.start_sshd(1).await.unwrap();
+    c.write_node_spec(1, NGINX_TARGETS).unwrap();
+    make_auto_with_agent_down(&mut c, 1, &sshd).await;
+    let name = c.nodes[1].name.clone();
+    ctl_ok(&c, &["node", "trust-host", &name, "--yes"]).await;
+    (c, sshd, name)
 }
 
 /// Node 2 as an SSH-only node of its own cluster, its host key not yet
