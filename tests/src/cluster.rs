@@ -654,6 +654,36 @@ listen = "{enrollment}"
         self.state_dir.join("live").join(CERT)
     }
 
+    /// A TLS client of the coordinator's listeners as a node or an admin
+    /// reaches them: it trusts only the cluster CA, expects the
+    /// coordinator's identity, offers `alpn` and no client certificate.
+    pub fn coordinator_tls(
+        &self,
+        alpn: &[&[u8]],
+    ) -> (
+        tokio_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    ) {
+        use rustls::pki_types::pem::PemObject;
+        let ca = std::fs::read(self.state_dir.join("ca/ca.pem")).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let mut tls =
+            rustls::ClientConfig::builder_with_provider(certfleet_proto::identity::provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let name = rustls::pki_types::ServerName::try_from(
+            certfleet_proto::identity::COORDINATOR_IDENTITY.to_owned(),
+        )
+        .unwrap();
+        (tokio_rustls::TlsConnector::from(Arc::new(tls)), name)
+    }
+
     pub fn coordinator_log(&self) -> String {
         self.coordinator
             .as_ref()

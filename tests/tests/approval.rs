@@ -7,7 +7,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use certfleet_proto::bundle::Bundle;
@@ -222,24 +221,9 @@ fn link_in(text: &str) -> String {
 /// A GET of `url` over TLS that trusts only the cluster CA and expects the
 /// coordinator's identity: (status, body).
 async fn get_as_cluster_client(c: &Cluster, addr: SocketAddr, path: &str) -> (u16, String) {
-    use rustls::pki_types::pem::PemObject;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let ca = std::fs::read(c.state_dir.join("ca/ca.pem")).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(certfleet_proto::identity::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let (connector, name) = c.coordinator_tls(&[]);
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from(
-        certfleet_proto::identity::COORDINATOR_IDENTITY.to_owned(),
-    )
-    .unwrap();
     let mut stream = connector.connect(name, tcp).await.unwrap();
     stream
         .write_all(

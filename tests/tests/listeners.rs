@@ -11,8 +11,6 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use std::sync::Arc;
-
 use certfleet_agent::SHUTDOWN_GRACE;
 use certfleet_coordinator::enrollment::MAX_CONNECTION_LIFE;
 use certfleet_proto::tls::HANDSHAKE_TIMEOUT;
@@ -282,24 +280,7 @@ async fn idle_enrollment_connections(
     count: usize,
     preface: bool,
 ) -> Vec<JoinHandle<Duration>> {
-    use rustls::pki_types::pem::PemObject;
-    let ca = std::fs::read(cluster.state_dir.join("ca/ca.pem")).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut tls =
-        rustls::ClientConfig::builder_with_provider(certfleet_proto::identity::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-    let name = rustls::pki_types::ServerName::try_from(
-        certfleet_proto::identity::COORDINATOR_IDENTITY.to_owned(),
-    )
-    .unwrap();
+    let (connector, name) = cluster.coordinator_tls(&[b"h2"]);
     let mut watchers = Vec::with_capacity(count);
     for i in 0..count {
         let tcp = TcpStream::connect(cluster.enrollment).await.unwrap();
